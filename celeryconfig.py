@@ -1,0 +1,44 @@
+"""Celery settings for relay's workers; each says why it is set.
+
+Loaded by ``workers.celery_app`` with ``config_from_object``; the broker comes from
+CELERY_BROKER_URL, or REDIS_URL when that is unset.
+"""
+
+from models.settings import Settings
+
+_settings = Settings.from_env()
+
+broker_url = _settings.broker_url
+# Generations report through the Redis log and SQL, never through Celery results.
+task_ignore_result = True
+result_backend = None
+
+# JSON only: tasks take a stream ID, nothing that needs pickle (and pickle runs code).
+task_serializer = "json"
+accept_content = ["json"]
+
+# Acknowledge after the task returns, and give the message back if the worker process dies,
+# so a crashed generation is redelivered. The heartbeat + attempt fence in the log makes a
+# redelivered copy of a still-live stream a no-op (claim answers "busy").
+task_acks_late = True
+task_reject_on_worker_lost = True
+
+# A generation lasts seconds to minutes: a worker must not hoard messages it cannot start.
+worker_prefetch_multiplier = 1
+
+# Redis broker: an unacknowledged message is redelivered after this long. It must exceed the
+# longest generation, or a second copy starts while the first still runs (the claim fences it).
+broker_transport_options = {"visibility_timeout": 3600}
+broker_connection_retry_on_startup = True
+
+# A runaway generation is stopped: the soft limit raises inside the task so it can end the
+# stream with an error event; the hard limit kills it ten seconds later.
+task_soft_time_limit = 1800
+task_time_limit = 1810
+
+task_default_queue = "relay"
+# Events for `celery events` / Flower.
+worker_send_task_events = True
+task_send_sent_event = True
+# Keep tracebacks and stream IDs readable in logs.
+worker_hijack_root_logger = False

@@ -1,0 +1,254 @@
+"""The durable chunk log in Redis: one Redis Stream per stream ID, written through Lua.
+
+Writers (workers) append through ``append``, an atomic script that refuses a stale attempt
+and reports a pending cancel in the same round trip. Readers (web) use ``read``. Entry IDs
+are ``0-<seq>``, so Redis itself refuses an entry that is not above the last one: the
+natural fence against a duplicate writer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, cast
+
+import redis
+
+from models import keys
+from models.events import STATUS_FOR_TERMINAL, Event
+from models.exceptions import StaleAttempt
+
+_NOW_MS = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+"""
+
+_LAST_SEQ = """
+local function last_seq(log)
+  local e = redis.call('XREVRANGE', log, '+', '-', 'COUNT', 1)
+  if e[1] then return tonumber(string.match(e[1][1], '-(%d+)$')) end
+  return 0
+end
+local function finished(status)
+  return status == 'done' or status == 'cancelled' or status == 'failed'
+end
+"""
+
+# KEYS: state, log. ARGV: running ttl.
+_INIT = """
+redis.call('HSET', KEYS[1], 'status', 'queued')
+redis.call('HDEL', KEYS[1], 'cancel', 'hb', 'task')
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+return redis.call('HGET', KEYS[1], 'attempt') or '0'
+"""
+
+# KEYS: state, log. ARGV: task id, stale ms, running ttl.
+_CLAIM = (
+    _NOW_MS
+    + _LAST_SEQ
+    + """
+local st = redis.call('HMGET', KEYS[1], 'status', 'attempt', 'hb', 'cancel')
+if finished(st[1]) then return {'finished', tonumber(st[2] or '0'), 0, 0} end
+if st[1] == 'running' and st[3] and (now - tonumber(st[3])) < tonumber(ARGV[2]) then
+  return {'busy', tonumber(st[2] or '0'), 0, 0}
+end
+local attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
+redis.call('HSET', KEYS[1], 'status', 'running', 'hb', now, 'task', ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+local cancel = 0
+if st[4] == '1' then cancel = 1 end
+return {'claimed', attempt, last_seq(KEYS[2]), cancel}
+"""
+)
+
+# KEYS: state, log. ARGV: attempt, seq, type, data, final status or '', running ttl, retention.
+_APPEND = (
+    _NOW_MS
+    + """
+local st = redis.call('HMGET', KEYS[1], 'attempt', 'status', 'cancel')
+if st[1] ~= ARGV[1] or st[2] ~= 'running' then return {'stale', 0} end
+local added = redis.pcall('XADD', KEYS[2], '0-' .. ARGV[2], 't', ARGV[3], 'd', ARGV[4])
+if type(added) == 'table' and added.err then return {'stale', 0} end
+redis.call('HSET', KEYS[1], 'hb', now, 'seq', ARGV[2])
+local ttl = ARGV[6]
+if ARGV[5] ~= '' then
+  redis.call('HSET', KEYS[1], 'status', ARGV[5])
+  ttl = ARGV[7]
+end
+redis.call('EXPIRE', KEYS[1], ttl)
+redis.call('EXPIRE', KEYS[2], ttl)
+local cancel = 0
+if st[3] == '1' then cancel = 1 end
+return {'ok', cancel}
+"""
+)
+
+# KEYS: state. ARGV: attempt.
+_HEARTBEAT = (
+    _NOW_MS
+    + """
+local st = redis.call('HMGET', KEYS[1], 'attempt', 'status')
+if st[1] ~= ARGV[1] or st[2] ~= 'running' then return 0 end
+redis.call('HSET', KEYS[1], 'hb', now)
+return 1
+"""
+)
+
+# KEYS: state, log. ARGV: stale ms, retention.
+# A running attempt with a live heartbeat gets the cancel flag and ends the stream itself at
+# its next append. Nobody is writing a queued stream (or one whose writer is dead), so the
+# cancel ends it here, bumping the attempt so a late worker is fenced off.
+_CANCEL = (
+    _NOW_MS
+    + _LAST_SEQ
+    + """
+local st = redis.call('HMGET', KEYS[1], 'status', 'hb')
+if finished(st[1]) then return {'finished', 0} end
+redis.call('HSET', KEYS[1], 'cancel', '1')
+if st[1] == 'running' and st[2] and (now - tonumber(st[2])) < tonumber(ARGV[1]) then
+  return {'requested', 0}
+end
+local seq = last_seq(KEYS[2]) + 1
+redis.call('XADD', KEYS[2], '0-' .. seq, 't', 'cancelled', 'd', '')
+redis.call('HINCRBY', KEYS[1], 'attempt', 1)
+redis.call('HSET', KEYS[1], 'status', 'cancelled', 'seq', seq)
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+return {'finalized', seq}
+"""
+)
+
+
+@dataclass(frozen=True)
+class Claim:
+    result: str  # claimed | busy | finished
+    attempt: int
+    last_seq: int
+    cancel_requested: bool
+
+
+@dataclass(frozen=True)
+class LogState:
+    status: str | None
+    attempt: int
+    last_seq: int
+    heartbeat_ms: int | None
+    cancel_requested: bool
+
+
+class ChunkLog:
+    """Append to and read from per-stream logs. Safe to share between threads/greenlets."""
+
+    def __init__(
+        self, client: redis.Redis, *, retention_s: int = 3600, running_ttl_s: int = 86400
+    ) -> None:
+        self.redis = client
+        self.retention_s = retention_s
+        self.running_ttl_s = running_ttl_s
+        self._init = client.register_script(_INIT)
+        self._claim = client.register_script(_CLAIM)
+        self._append = client.register_script(_APPEND)
+        self._heartbeat = client.register_script(_HEARTBEAT)
+        self._cancel = client.register_script(_CANCEL)
+
+    @staticmethod
+    def _keys(stream_id: str) -> list[str]:
+        return [keys.state_key(stream_id), keys.log_key(stream_id)]
+
+    # -- writer side -------------------------------------------------------------------------
+
+    def init(self, stream_id: str) -> None:
+        """Mark a stream queued (new, or about to be retried)."""
+        self._init(keys=self._keys(stream_id), args=[self.running_ttl_s])
+
+    def claim(self, stream_id: str, task_id: str, stale_after_s: float) -> Claim:
+        """Start a new attempt unless the stream is finished or a live attempt owns it."""
+        res = self._claim(
+            keys=self._keys(stream_id),
+            args=[task_id, int(stale_after_s * 1000), self.running_ttl_s],
+        )
+        return Claim(str(res[0]), int(res[1]), int(res[2]), bool(int(res[3])))
+
+    def append(self, stream_id: str, attempt: int, event: Event) -> bool:
+        """Append one event as ``attempt``; return whether a cancel is pending.
+
+        Raises StaleAttempt when this attempt no longer owns the stream.
+        """
+        final = STATUS_FOR_TERMINAL.get(event.type, "")
+        res = self._append(
+            keys=self._keys(stream_id),
+            args=[
+                attempt,
+                event.seq,
+                event.type,
+                event.payload(),
+                final,
+                self.running_ttl_s,
+                self.retention_s,
+            ],
+        )
+        if res[0] == "stale":
+            raise StaleAttempt(f"attempt {attempt} of stream {stream_id} was fenced off")
+        return bool(int(res[1]))
+
+    def heartbeat(self, stream_id: str, attempt: int) -> bool:
+        """Refresh the attempt's heartbeat; False when the attempt was fenced off."""
+        return bool(self._heartbeat(keys=[keys.state_key(stream_id)], args=[attempt]))
+
+    def cancel(self, stream_id: str, stale_after_s: float) -> tuple[str, int]:
+        """Request a cancel: ('requested'|'finalized'|'finished', seq of a cancelled event)."""
+        res = self._cancel(
+            keys=self._keys(stream_id), args=[int(stale_after_s * 1000), self.retention_s]
+        )
+        return str(res[0]), int(res[1])
+
+    # -- reader side -------------------------------------------------------------------------
+
+    def read(self, stream_id: str, after: int, count: int) -> list[Event]:
+        """Events with ``seq > after``, oldest first, at most ``count``."""
+        entries = cast(
+            list[tuple[str, dict[str, str]]],
+            self.redis.xrange(keys.log_key(stream_id), f"0-{after + 1}", "+", count=count),
+        )
+        return [Event.from_entry(eid, fields) for eid, fields in entries]
+
+    def iter_from(self, stream_id: str, after: int, batch: int = 500) -> Iterator[Event]:
+        """Every event with ``seq > after`` present now, read in batches."""
+        while True:
+            events = self.read(stream_id, after, batch)
+            yield from events
+            if len(events) < batch:
+                return
+            after = events[-1].seq
+
+    def exists(self, stream_id: str) -> bool:
+        return bool(self.redis.exists(keys.log_key(stream_id)))
+
+    def last_seq(self, stream_id: str) -> int:
+        entries = cast(
+            list[tuple[str, Any]], self.redis.xrevrange(keys.log_key(stream_id), "+", "-", count=1)
+        )
+        return int(entries[0][0].rsplit("-", 1)[1]) if entries else 0
+
+    def state(self, stream_id: str) -> LogState:
+        raw = cast(dict[str, str], self.redis.hgetall(keys.state_key(stream_id)))
+        return LogState(
+            status=raw.get("status"),
+            attempt=int(raw.get("attempt", 0)),
+            last_seq=int(raw.get("seq", 0)),
+            heartbeat_ms=int(raw["hb"]) if raw.get("hb") else None,
+            cancel_requested=raw.get("cancel") == "1",
+        )
+
+    def text(self, stream_id: str, upto: int) -> tuple[str, list[int]]:
+        """The concatenated chunk text up to ``upto`` and each chunk's end offset."""
+        parts: list[str] = []
+        ends: list[int] = []
+        length = 0
+        for event in self.iter_from(stream_id, 0):
+            if event.seq > upto:
+                break
+            parts.append(event.text)
+            length += len(event.text)
+            ends.append(length)
+        return "".join(parts), ends

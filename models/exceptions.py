@@ -1,0 +1,102 @@
+"""Every error relay raises on purpose, with the HTTP status and code it maps to."""
+
+from __future__ import annotations
+
+
+class RelayError(Exception):
+    """Base class: carries a stable machine code, an HTTP status and a WebSocket close code."""
+
+    code = "internal_error"
+    status = 500
+    ws_close = 1011
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class BadRequest(RelayError):
+    code = "bad_request"
+    status = 400
+    ws_close = 4400
+
+
+class InvalidJSON(BadRequest):
+    code = "invalid_json"
+
+
+class InvalidMessage(BadRequest):
+    code = "invalid_message"
+
+
+class InvalidAfter(BadRequest):
+    code = "invalid_after"
+
+
+class MessageTooLarge(RelayError):
+    code = "message_too_large"
+    status = 413
+    ws_close = 1009
+
+
+class NotFound(RelayError):
+    code = "not_found"
+    status = 404
+    ws_close = 4404
+
+
+class ChatNotFound(NotFound):
+    code = "chat_not_found"
+
+
+class StreamNotFound(NotFound):
+    code = "stream_not_found"
+
+
+class ChatBusy(RelayError):
+    code = "chat_busy"
+    status = 409
+    ws_close = 4409
+
+
+class StreamFinished(RelayError):
+    code = "stream_finished"
+    status = 409
+    ws_close = 4409
+
+
+class ForbiddenOrigin(RelayError):
+    code = "forbidden_origin"
+    status = 403
+    ws_close = 4403
+
+
+class Unauthorized(RelayError):
+    code = "unauthorized"
+    status = 401
+    ws_close = 4401
+
+
+class BrokerUnavailable(RelayError):
+    code = "broker_unavailable"
+    status = 503
+    ws_close = 1013
+
+
+class StaleAttempt(Exception):
+    """This attempt no longer owns the stream: another attempt (or a cancel) fenced it off."""
+
+
+class GenerationError(Exception):
+    """A generator failed; the message is shown to viewers, so it must not carry secrets."""
+
+    code = "generation_failed"
+
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        if code:
+            self.code = code
+
+
+class CannotContinue(GenerationError):
+    code = "cannot_continue"

@@ -1,0 +1,29 @@
+"""Redis clients: a blocking pool (never raises past its size) shared per process."""
+
+from __future__ import annotations
+
+import redis
+
+
+def make_redis(url: str, max_connections: int = 200) -> redis.Redis:
+    """A client whose pool waits for a free connection instead of raising."""
+    pool = redis.BlockingConnectionPool.from_url(
+        url,
+        max_connections=max_connections,
+        timeout=20,
+        decode_responses=True,
+        health_check_interval=30,
+        socket_connect_timeout=5,
+    )
+    return redis.Redis(connection_pool=pool)
+
+
+def make_blocking_client(url: str, block_s: float) -> redis.Redis:
+    """A single-connection client for long ``XREAD BLOCK`` calls (socket timeout above BLOCK)."""
+    return redis.Redis.from_url(
+        url,
+        decode_responses=True,
+        single_connection_client=True,
+        socket_timeout=block_s + 10,
+        socket_connect_timeout=5,
+    )

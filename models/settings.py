@@ -1,0 +1,99 @@
+"""Settings shared by the web tier and the workers, read once from the environment."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+VAR_DIR = PROJECT_ROOT / "var"
+
+
+def _default_database_url() -> str:
+    return f"sqlite:///{VAR_DIR / 'relay.db'}"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every knob relay has; each maps to one environment variable (see README)."""
+
+    database_url: str = ""
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    broker_url: str = ""
+    secret_key: str = ""
+    # Finished logs stay in Redis this long; afterwards the text is served from SQL.
+    log_retention_s: int = 3600
+    # Safety TTL on a log that is still being written (refreshed on every append).
+    running_log_ttl_s: int = 86400
+    # GET /api/v1/chat falls back to the last answer if it finished this recently.
+    resume_fallback_s: float = 15.0
+    max_message_chars: int = 32_000
+    max_request_bytes: int = 256 * 1024
+    # The worker copies the partial answer to SQL this often.
+    checkpoint_interval_s: float = 2.0
+    heartbeat_interval_s: float = 2.0
+    # A running attempt whose heartbeat is older than this is presumed dead.
+    heartbeat_stale_s: float = 15.0
+    generator: str = "demo"
+    demo_chunks_per_second: float = 30.0
+    demo_directives: bool = True
+    # Viewers wake at least this often to notice a closed client or a lost stream.
+    idle_tick_s: float = 0.5
+    catchup_batch: int = 500
+    viewer_queue_size: int = 2048
+    redis_max_connections: int = 200
+    allowed_origins: tuple[str, ...] = ()
+    chat_busy_policy: str = "reject"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Build settings from environment variables, falling back to defaults."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = env.get(_env_name(f.name))
+            if raw is not None and raw != "":
+                values[f.name] = _coerce(f.name, raw, getattr(cls, f.name))
+        settings = cls(**values)
+        if not settings.database_url:
+            settings = replace(settings, database_url=_default_database_url())
+        if not settings.broker_url:
+            settings = replace(settings, broker_url=settings.redis_url)
+        return settings
+
+    def override(self, overrides: Mapping[str, Any] | None) -> Settings:
+        """Return a copy with the given lower-case field overrides applied."""
+        if not overrides:
+            return self
+        known = {f.name for f in fields(self)}
+        picked = {k: v for k, v in overrides.items() if k in known}
+        updated = replace(self, **picked)
+        if "redis_url" in picked and "broker_url" not in picked:
+            updated = replace(updated, broker_url=updated.redis_url)
+        return updated
+
+
+_UNPREFIXED = {"database_url", "redis_url", "secret_key"}
+
+
+def _env_name(field_name: str) -> str:
+    if field_name in _UNPREFIXED:
+        return field_name.upper()
+    if field_name == "broker_url":
+        return "CELERY_BROKER_URL"
+    return "RELAY_" + field_name.upper()
+
+
+def _coerce(name: str, raw: str, default: Any) -> Any:
+    if isinstance(default, bool):
+        return raw.strip().lower() in {"1", "true", "yes", "on"}
+    if isinstance(default, int):
+        return int(raw)
+    if isinstance(default, float):
+        return float(raw)
+    if isinstance(default, tuple):
+        return tuple(part.strip() for part in raw.split(",") if part.strip())
+    return raw

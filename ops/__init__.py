@@ -1,0 +1,1 @@
+"""Running relay: the embedded Redis and the ``make run`` launcher."""

@@ -1,0 +1,75 @@
+"""relay's web tier: ``create_app`` builds the Flask app (gunicorn: ``web:create_app()``)."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Mapping
+from datetime import timedelta
+from typing import Any
+
+import click
+from flask import Flask, send_from_directory
+from flask.typing import ResponseReturnValue
+
+from models.settings import VAR_DIR, Settings
+from web import api, errors, runtime, streaming
+
+
+def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
+    """Build the app: defaults, then the environment, then ``test_config`` overrides.
+
+    Lower-case keys of ``test_config`` override Settings fields (``redis_url``, ...);
+    upper-case keys go to Flask's config (``SECRET_KEY``, ``TESTING``, ...).
+    """
+    overrides = dict(test_config or {})
+    settings = Settings.from_env().override(overrides)
+    app = Flask(__name__, static_folder="static", static_url_path="/static")
+    app.config.from_mapping(
+        SECRET_KEY=settings.secret_key or _local_secret_key(),
+        MAX_CONTENT_LENGTH=settings.max_request_bytes,
+        SESSION_COOKIE_HTTPONLY=True,
+        SESSION_COOKIE_SAMESITE="Lax",
+        PERMANENT_SESSION_LIFETIME=timedelta(days=365),
+        # Keepalive pings find dead peers; the size cap bounds what a client can send.
+        SOCK_SERVER_OPTIONS={"ping_interval": 25, "max_message_size": 64 * 1024},
+        RELAY_SETTINGS=settings,
+    )
+    app.config.from_mapping({k: v for k, v in overrides.items() if k.isupper()})
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    runtime.init_app(app, settings)
+    errors.init_app(app)
+    api.init_app(app)
+    streaming.init_app(app)
+    _register_pages(app)
+    _register_cli(app)
+    return app
+
+
+def _local_secret_key() -> str:
+    """For a single machine without SECRET_KEY: a key kept in var/ so restarts keep sessions."""
+    path = VAR_DIR / "secret_key"
+    if not path.exists():
+        VAR_DIR.mkdir(parents=True, exist_ok=True)
+        path.write_text(secrets.token_hex(32))
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
+def _register_pages(app: Flask) -> None:
+    @app.get("/")
+    def index() -> ResponseReturnValue:
+        assert app.static_folder is not None
+        return send_from_directory(app.static_folder, "index.html")
+
+
+def _register_cli(app: Flask) -> None:
+    @app.cli.command("create-token")
+    @click.argument("name")
+    def create_token(name: str) -> None:
+        """Create an API user NAME and print its bearer token (shown once)."""
+        from web.auth import create_api_user
+
+        with runtime.get_runtime().sessions() as db:
+            uid, token = create_api_user(db, name)
+        click.echo(f"user {uid}\ntoken {token}")

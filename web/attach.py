@@ -1,0 +1,124 @@
+"""Attach a viewer to a stream: catch-up from the log, then the live tail through the hub.
+
+``follow`` yields the events with ``seq > after`` exactly once each, in order, ending with the
+terminal event; it yields ``None`` on idle ticks so the caller can notice a closed client,
+read client messages or send keepalives. It never yields a duplicate or skips a seq: every
+event from the hub is checked against the viewer's cursor, and any gap is filled from the log.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator, Iterator
+from dataclasses import dataclass
+
+from sqlalchemy.orm import Session
+
+from models import store
+from models.chunklog import ChunkLog
+from models.events import Event
+from models.tables import TERMINAL_STREAM_STATUSES, Message, Stream
+from web.hub import Hub, Subscription
+
+# Drain result: (new cursor, whether the terminal event was yielded).
+Drain = Generator[Event, None, tuple[int, bool]]
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What SQL says about a stream, enough to replay it once the log has expired."""
+
+    stream: Stream
+    content: str
+
+    @property
+    def finished(self) -> bool:
+        return self.stream.status in TERMINAL_STREAM_STATUSES
+
+    def events(self, after: int) -> list[Event]:
+        return store.events_from_sql(self.stream, self.content, after)
+
+
+SnapshotLoader = Callable[[], Snapshot]
+
+
+def load_snapshot(db: Session, stream_id: str) -> Snapshot | None:
+    """Read a stream row and its message's content."""
+    stream = db.get(Stream, stream_id)
+    if stream is None:
+        return None
+    message = db.get(Message, stream.message_id)
+    return Snapshot(stream, message.content if message else "")
+
+
+@dataclass
+class Follower:
+    log: ChunkLog
+    hub: Hub
+    stream_id: str
+    snapshot: SnapshotLoader
+    idle_s: float = 0.5
+    batch: int = 500
+    recheck_ticks: int = 20  # safety re-read of the log every recheck_ticks idle ticks
+
+    def follow(self, after: int, initial: Snapshot) -> Generator[Event | None, None, None]:
+        if initial.finished and not self.log.exists(self.stream_id):
+            yield from initial.events(after)  # the log expired: SQL has it all
+            return
+        cursor, ended = yield from self._drain(after)
+        if ended:
+            return
+        sub = self.hub.subscribe(self.stream_id, cursor)
+        try:
+            yield from self._tail(sub, cursor)
+        finally:
+            self.hub.unsubscribe(sub)
+
+    def _tail(self, sub: Subscription, cursor: int) -> Iterator[Event | None]:
+        # Entries written between the catch-up and the subscription: read them now.
+        cursor, ended = yield from self._drain(cursor)
+        ticks = 0
+        while not ended:
+            event = sub.get(self.idle_s)
+            if event is None:
+                ticks += 1
+                if sub.lagged or ticks % self.recheck_ticks == 0:
+                    sub.lagged = False
+                    cursor, ended = yield from self._recheck(cursor)
+                if not ended:
+                    yield None
+                continue
+            if event.seq <= cursor:
+                continue  # already delivered by a catch-up read
+            if event.seq > cursor + 1:
+                cursor, ended = yield from self._drain(cursor)  # a gap: the log fills it
+                continue
+            yield event
+            cursor, ended = event.seq, event.terminal
+
+    def _drain(self, cursor: int) -> Drain:
+        for event in self.log.iter_from(self.stream_id, cursor, self.batch):
+            if event.seq != cursor + 1:
+                continue
+            yield event
+            cursor = event.seq
+            if event.terminal:
+                return cursor, True
+        return cursor, False
+
+    def _recheck(self, cursor: int) -> Drain:
+        """Re-read the log; if it has nothing new and the stream ended in SQL, finish from SQL
+        (the log expired, or the writer died between its SQL commit and its terminal event)."""
+        before = cursor
+        cursor, ended = yield from self._drain(cursor)
+        if ended or cursor != before:
+            return cursor, ended
+        state = self.log.state(self.stream_id)
+        if state.status == "running" or state.status == "queued":
+            return cursor, False
+        snap = self.snapshot()
+        if not snap.finished:
+            return cursor, False
+        for event in snap.events(cursor):
+            yield event
+            cursor = event.seq
+        return cursor, True

@@ -1,0 +1,189 @@
+"""Chats, messages and streams as the API sees them: lookups scoped to their owner, the
+new-turn transaction, cancel, and the JSON shapes."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from datetime import datetime
+from typing import Any
+
+from redis.exceptions import RedisError
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from models import store
+from models.exceptions import BrokerUnavailable, ChatBusy, ChatNotFound, StreamNotFound
+from models.tables import ACTIVE_STREAM_STATUSES, Chat, Message, Stream, utcnow
+from web.runtime import Runtime
+from workers.celery_app import GENERATE
+
+log = logging.getLogger("relay.web")
+
+
+def get_chat(db: Session, uid: str, chat_id: str) -> Chat:
+    chat = db.get(Chat, chat_id)
+    if chat is None or chat.user_id != uid:
+        raise ChatNotFound(f"no chat {chat_id!r} for this user")
+    return chat
+
+
+def get_stream(db: Session, uid: str, stream_id: str) -> Stream:
+    stream = db.scalar(select(Stream).join(Chat).where(Stream.id == stream_id, Chat.user_id == uid))
+    if stream is None:
+        raise StreamNotFound(f"no stream {stream_id!r} for this user")
+    return stream
+
+
+def latest_stream(db: Session, chat_id: str) -> Stream | None:
+    return db.scalar(
+        select(Stream).where(Stream.chat_id == chat_id).order_by(Stream.created_at.desc()).limit(1)
+    )
+
+
+def active_stream(db: Session, chat_id: str) -> Stream | None:
+    stream = latest_stream(db, chat_id)
+    return stream if stream is not None and stream.status in ACTIVE_STREAM_STATUSES else None
+
+
+def add_turn(db: Session, uid: str, chat_id: str | None, text: str) -> tuple[Chat, Stream]:
+    """Create the user message, the pending answer and its stream (not yet committed)."""
+    if chat_id is None:
+        chat = Chat(user_id=uid, title=_title(text))
+        db.add(chat)
+        db.flush()
+        position = 0
+    else:
+        chat = get_chat(db, uid, chat_id)
+        last = db.scalar(select(func.max(Message.position)).where(Message.chat_id == chat.id))
+        position = -1 if last is None else last
+        position += 1
+    now = utcnow()
+    chat.updated_at = now
+    db.add(Message(chat_id=chat.id, position=position, role="user", content=text))
+    answer = Message(chat_id=chat.id, position=position + 1, role="assistant", status="pending")
+    db.add(answer)
+    db.flush()
+    stream = Stream(chat_id=chat.id, message_id=answer.id, status="queued")
+    db.add(stream)
+    return chat, stream
+
+
+def commit_turn(db: Session) -> None:
+    """Commit the new turn; a concurrent post to the same chat loses with 409."""
+    try:
+        db.commit()
+    except IntegrityError as exc:
+        db.rollback()
+        raise ChatBusy("another message was posted to this chat at the same time") from exc
+
+
+def enqueue(rt: Runtime, db: Session, stream: Stream) -> None:
+    """Hand the committed stream to a worker; the first attempt's task id is the stream ID."""
+    rt.log.init(stream.id)
+    try:
+        rt.celery.send_task(GENERATE, args=[stream.id], task_id=stream.id)
+    except Exception as exc:
+        log.exception("stream=%s could not be enqueued", stream.id)
+        with contextlib.suppress(RedisError):  # end the log too, so no viewer waits
+            rt.log.cancel(stream.id, rt.settings.heartbeat_stale_s)
+        store.finalize(
+            db,
+            stream.id,
+            status="failed",
+            text="",
+            ends=[],
+            seq=1,
+            attempt=None,
+            error=store.ErrorInfo("broker_unavailable", "the task queue is unreachable"),
+        )
+        raise BrokerUnavailable("the task queue is unreachable; try again shortly") from exc
+
+
+def check_not_busy(rt: Runtime, db: Session, chat_id: str | None, interrupt: bool) -> None:
+    """Reject (409) or interrupt a post to a chat whose answer is still streaming."""
+    if chat_id is None:
+        return
+    busy = active_stream(db, chat_id)
+    if busy is None:
+        return
+    if not interrupt and rt.settings.chat_busy_policy != "interrupt":
+        raise ChatBusy(
+            f"the answer in stream {busy.id} is still being generated; wait for it, cancel it, "
+            'or post with "interrupt": true'
+        )
+    cancel_stream(rt, db, busy)
+
+
+def cancel_stream(rt: Runtime, db: Session, stream: Stream) -> str:
+    """Ask the stream to stop; when nobody is writing it, end it here and save its text."""
+    result, seq = rt.log.cancel(stream.id, rt.settings.heartbeat_stale_s)
+    if result == "finalized":
+        text, ends = rt.log.text(stream.id, seq - 1)
+        store.finalize(
+            db, stream.id, status="cancelled", text=text, ends=ends, seq=seq, attempt=None
+        )
+        db.refresh(stream)
+    return result
+
+
+def _title(text: str) -> str:
+    line = " ".join(text.split())
+    return line if len(line) <= 80 else line[:77] + "..."
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat().replace("+00:00", "Z") if value else None
+
+
+def chat_json(chat: Chat) -> dict[str, Any]:
+    return {
+        "id": chat.id,
+        "title": chat.title,
+        "createdAt": _iso(chat.created_at),
+        "updatedAt": _iso(chat.updated_at),
+    }
+
+
+def chat_detail_json(db: Session, chat: Chat) -> dict[str, Any]:
+    streams = {s.message_id: s for s in db.scalars(select(Stream).where(Stream.chat_id == chat.id))}
+    messages = []
+    for m in chat.messages:
+        stream = streams.get(m.id)
+        messages.append(
+            {
+                "id": m.id,
+                "role": m.role,
+                "content": m.content,
+                "status": m.status,
+                "streamId": stream.id if stream else None,
+                # The seq of the last chunk included in ``content``: attach with after=<this>.
+                "streamSeq": store.chunk_count(stream) if stream else None,
+                "createdAt": _iso(m.created_at),
+            }
+        )
+    return {**chat_json(chat), "messages": messages}
+
+
+def stream_json(rt: Runtime, stream: Stream) -> dict[str, Any]:
+    """Status of a stream: SQL, overlaid with the live state from Redis while it exists."""
+    live = rt.log.state(stream.id)
+    status = live.status or stream.status
+    last_seq = max(live.last_seq, stream.last_seq)
+    out: dict[str, Any] = {
+        "id": stream.id,
+        "status": status,
+        "lastSeq": last_seq,
+        "attempt": max(live.attempt, stream.attempt),
+        "chatId": stream.chat_id,
+        "messageId": stream.message_id,
+        "createdAt": _iso(stream.created_at),
+        "startedAt": _iso(stream.started_at),
+        "finishedAt": _iso(stream.finished_at),
+        "updatedAt": _iso(stream.updated_at),
+        "error": None,
+    }
+    if stream.error_code:
+        out["error"] = {"code": stream.error_code, "message": stream.error_message or ""}
+    return out

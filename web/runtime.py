@@ -1,0 +1,79 @@
+"""The web tier's resources (SQL, Redis, the chunk log, the hub, Celery), one set per app."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+from celery import Celery
+from flask import Flask, current_app, g
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from models.chunklog import ChunkLog
+from models.db import make_engine, make_sessionmaker
+from models.redisconn import make_redis
+from models.settings import Settings
+from web.hub import Hub
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    engine: Engine
+    sessions: sessionmaker[Session]
+    log: ChunkLog
+    celery: Celery
+    _hub: Hub | None = None
+    _hub_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def hub(self) -> Hub:
+        """The process's hub, created on first use (after gunicorn forked the worker)."""
+        with self._hub_lock:
+            if self._hub is None:
+                self._hub = Hub(
+                    self.settings.redis_url,
+                    self.log.redis,
+                    queue_size=self.settings.viewer_queue_size,
+                )
+            return self._hub
+
+
+def init_app(app: Flask, settings: Settings) -> Runtime:
+    engine = make_engine(settings.database_url)
+    client = make_redis(settings.redis_url, settings.redis_max_connections)
+    celery = Celery("relay-web", set_as_current=False)
+    celery.config_from_object("celeryconfig")
+    celery.conf.broker_url = settings.broker_url
+    runtime = Runtime(
+        settings=settings,
+        engine=engine,
+        sessions=make_sessionmaker(engine),
+        log=ChunkLog(
+            client, retention_s=settings.log_retention_s, running_ttl_s=settings.running_log_ttl_s
+        ),
+        celery=celery,
+    )
+    app.extensions["relay"] = runtime
+    app.teardown_appcontext(_close_db)
+    return runtime
+
+
+def get_runtime() -> Runtime:
+    runtime: Runtime = current_app.extensions["relay"]
+    return runtime
+
+
+def get_db() -> Session:
+    """The request's SQL session, closed when the request ends."""
+    if "db" not in g:
+        g.db = get_runtime().sessions()
+    db: Session = g.db
+    return db
+
+
+def _close_db(_exc: BaseException | None) -> None:
+    db = g.pop("db", None)
+    if db is not None:
+        db.close()

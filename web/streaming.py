@@ -1,0 +1,199 @@
+"""Attaching to streams: the WebSocket endpoints and the SSE responses."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Generator, Iterator
+from contextlib import closing
+from urllib.parse import urlparse
+
+from flask import Flask, Response, request
+from flask_sock import Sock
+from simple_websocket import Server
+from sqlalchemy.orm import Session
+
+from models.events import Event
+from models.exceptions import BadRequest, ForbiddenOrigin, InvalidAfter, RelayError, StreamNotFound
+from models.tables import Stream
+from web.attach import Follower, Snapshot, load_snapshot
+from web.auth import current_user_id
+from web.chats import cancel_stream, get_chat, get_stream, latest_stream
+from web.runtime import Runtime, get_runtime
+
+SSE_KEEPALIVE_S = 10.0
+CLOSE_NORMAL = 1000
+Resolver = Callable[[Session, str], Stream]
+
+
+def parse_after(raw: str | None) -> int:
+    """The client's last seen seq: a non-negative integer, 0 when absent."""
+    if raw is None or raw == "":
+        return 0
+    try:
+        value = int(raw)
+    except ValueError:
+        raise InvalidAfter(f"after must be a non-negative integer, got {raw!r}") from None
+    if value < 0:
+        raise InvalidAfter(f"after must be a non-negative integer, got {raw!r}")
+    return value
+
+
+def nothing_after(rt: Runtime, snap: Snapshot, after: int) -> bool:
+    """Check ``after`` against the stream; True when the client has already seen its end."""
+    last = max(rt.log.last_seq(snap.stream.id), snap.stream.last_seq)
+    if after > last:
+        raise InvalidAfter(f"after={after} is beyond the stream's last event (seq {last})")
+    return snap.finished and after == last
+
+
+def follower(rt: Runtime, stream_id: str) -> Follower:
+    def snapshot() -> Snapshot:
+        with rt.sessions() as db:
+            snap = load_snapshot(db, stream_id)
+        if snap is None:
+            raise StreamNotFound(f"stream {stream_id} disappeared")
+        return snap
+
+    return Follower(
+        rt.log,
+        rt.hub,
+        stream_id,
+        snapshot,
+        idle_s=rt.settings.idle_tick_s,
+        batch=rt.settings.catchup_batch,
+    )
+
+
+def sse_response(rt: Runtime, snap: Snapshot, after: int) -> Response:
+    """Serve the events after ``after`` as Server-Sent Events (204 when nothing is left)."""
+    if nothing_after(rt, snap, after):
+        return Response(status=204)
+    events = follower(rt, snap.stream.id).follow(after, snap)
+    return Response(
+        _sse_body(events),
+        mimetype="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+def snapshot_response(text: str, message_id: str) -> Response:
+    """The seed's fallback: a finished answer as one chunk plus ``done``."""
+    body = (
+        f"id: 1\nevent: chunk\ndata: {json.dumps({'type': 'chunk', 'seq': 1, 'text': text})}\n\n"
+        f"id: 2\nevent: done\ndata: "
+        f"{json.dumps({'type': 'done', 'seq': 2, 'messageId': message_id})}\n\n"
+    )
+    return Response(body, mimetype="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+def _sse_body(events: Generator[Event | None, None, None]) -> Iterator[str]:
+    yield "retry: 1000\n\n"
+    last_write = time.monotonic()
+    with closing(events):
+        for event in events:
+            now = time.monotonic()
+            if event is None:
+                if now - last_write >= SSE_KEEPALIVE_S:
+                    last_write = now
+                    yield ": keepalive\n\n"
+                continue
+            last_write = now
+            yield event.to_sse()
+
+
+# -- WebSocket -------------------------------------------------------------------------------
+
+
+def check_origin(rt: Runtime) -> None:
+    """Refuse cross-site WebSocket handshakes (browsers send cookies with them)."""
+    origin = request.headers.get("Origin")
+    if not origin:
+        return
+    if urlparse(origin).netloc == request.host or origin in rt.settings.allowed_origins:
+        return
+    raise ForbiddenOrigin(f"origin {origin} may not open this socket")
+
+
+def serve_socket(ws: Server, resolve: Resolver) -> None:
+    """Validate, then stream events to the socket until the terminal event (close 1000)."""
+    rt = get_runtime()
+    try:
+        check_origin(rt)
+        after = parse_after(request.args.get("after"))
+        with rt.sessions() as db:
+            uid = current_user_id(db)
+            stream = resolve(db, uid)
+            snap = load_snapshot(db, stream.id)
+        assert snap is not None
+        if nothing_after(rt, snap, after):
+            ws.close(CLOSE_NORMAL, "stream already ended")
+            return
+    except RelayError as exc:
+        ws.close(exc.ws_close, exc.message[:120])
+        return
+    with closing(follower(rt, stream.id).follow(after, snap)) as events:
+        for event in events:
+            _read_client(ws, rt, uid, stream.id)
+            if event is None:
+                continue
+            ws.send(event.to_json())
+            if event.terminal:
+                ws.close(CLOSE_NORMAL, "stream ended")
+                return
+
+
+def _read_client(ws: Server, rt: Runtime, uid: str, stream_id: str) -> None:
+    """Handle what the client sent (cancel); raises ConnectionClosed once it has gone."""
+    while (raw := ws.receive(timeout=0)) is not None:
+        try:
+            message = json.loads(raw)
+            kind = message.get("type") if isinstance(message, dict) else None
+        except (ValueError, TypeError):
+            kind = None
+        if kind == "cancel":
+            with rt.sessions() as db:
+                cancel_stream(rt, db, get_stream(db, uid, stream_id))
+        elif kind != "ping":
+            raise BadRequest('client messages are {"type": "cancel"} or {"type": "ping"}')
+
+
+def _chat_latest(chat_id: str) -> Resolver:
+    def resolve(db: Session, uid: str) -> Stream:
+        chat = get_chat(db, uid, chat_id)
+        stream = latest_stream(db, chat.id)
+        if stream is None:
+            raise StreamNotFound(f"chat {chat_id} has no stream yet")
+        return stream
+
+    return resolve
+
+
+def _stream_by_id(stream_id: str) -> Resolver:
+    def resolve(db: Session, uid: str) -> Stream:
+        return get_stream(db, uid, stream_id)
+
+    return resolve
+
+
+def init_app(app: Flask) -> None:
+    sock = Sock(app)
+
+    @sock.route(  # type: ignore[untyped-decorator]
+        "/api/v1/streams/<stream_id>/ws"
+    )
+    def stream_socket(ws: Server, stream_id: str) -> None:
+        _guarded(ws, _stream_by_id(stream_id))
+
+    @sock.route(  # type: ignore[untyped-decorator]
+        "/api/v1/chats/<chat_id>/ws"
+    )
+    def chat_socket(ws: Server, chat_id: str) -> None:
+        _guarded(ws, _chat_latest(chat_id))
+
+
+def _guarded(ws: Server, resolve: Resolver) -> None:
+    try:
+        serve_socket(ws, resolve)
+    except RelayError as exc:  # raised while streaming, e.g. a bad client message
+        ws.close(exc.ws_close, exc.message[:120])

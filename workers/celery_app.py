@@ -1,0 +1,11 @@
+"""The Celery application, configured from ``celeryconfig.py``."""
+
+from __future__ import annotations
+
+from celery import Celery
+
+# The one task relay runs; the web tier enqueues it by name.
+GENERATE = "relay.generate"
+
+app = Celery("relay", include=["workers.tasks"])
+app.config_from_object("celeryconfig")

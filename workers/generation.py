@@ -1,0 +1,186 @@
+"""Run one attempt of a generation: claim the stream, write every piece to the log, finish.
+
+Plain functions and a small writer class; ``workers.tasks`` is the thin Celery wrapper.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Generator, Iterator
+from contextlib import closing, contextmanager
+from dataclasses import dataclass
+
+from sqlalchemy import select
+
+from models import store
+from models.events import CHUNK, TERMINAL_FOR_STATUS, Event, error_event
+from models.exceptions import GenerationError, StaleAttempt
+from models.tables import TERMINAL_STREAM_STATUSES, Message, Stream
+from workers.generators import GenerationRequest, Turn
+from workers.runtime import WorkerRuntime
+
+log = logging.getLogger("relay.worker")
+
+
+@dataclass(frozen=True)
+class Job:
+    stream_id: str
+    message_id: str
+    status: str
+    history: tuple[Turn, ...]
+
+
+def load_job(rt: WorkerRuntime, stream_id: str) -> Job | None:
+    """Load the stream and the conversation before its answer."""
+    with rt.sessions() as db:
+        stream = db.get(Stream, stream_id)
+        if stream is None:
+            return None
+        answer = db.get(Message, stream.message_id)
+        assert answer is not None
+        rows = db.scalars(
+            select(Message)
+            .where(Message.chat_id == stream.chat_id, Message.position < answer.position)
+            .order_by(Message.position)
+        )
+        history = tuple(Turn(m.role, m.content) for m in rows if m.content)
+        return Job(stream.id, stream.message_id, stream.status, history)
+
+
+def run_generation(rt: WorkerRuntime, stream_id: str, task_id: str) -> str:
+    """Run one attempt; return what happened (done, cancelled, failed, busy, ...)."""
+    job = load_job(rt, stream_id)
+    if job is None:
+        log.warning("stream=%s not found; dropping task %s", stream_id, task_id)
+        return "missing"
+    if job.status in TERMINAL_STREAM_STATUSES:
+        return "finished"
+    claim = rt.log.claim(stream_id, task_id, rt.settings.heartbeat_stale_s)
+    if claim.result != "claimed":
+        log.info("stream=%s task=%s not started: %s", stream_id, task_id, claim.result)
+        return claim.result
+    log.info("stream=%s attempt=%d from seq=%d", stream_id, claim.attempt, claim.last_seq)
+    writer = LogWriter(rt, job, claim.attempt, claim.last_seq)
+    with rt.sessions() as db:
+        store.mark_running(db, stream_id, claim.attempt, task_id)
+    try:
+        with heartbeat(rt, stream_id, claim.attempt):
+            if claim.cancel_requested:
+                return writer.finish("cancelled")
+            return writer.run()
+    except StaleAttempt:
+        log.warning("stream=%s attempt=%d was superseded; stopping", stream_id, claim.attempt)
+        return "superseded"
+
+
+class LogWriter:
+    """Append one attempt's pieces to the log and keep SQL in step."""
+
+    def __init__(self, rt: WorkerRuntime, job: Job, attempt: int, last_seq: int) -> None:
+        self.rt = rt
+        self.job = job
+        self.attempt = attempt
+        self.next_seq = last_seq + 1
+        self.text, self.ends = rt.log.text(job.stream_id, last_seq) if last_seq else ("", [])
+        self.checkpointed_at = time.monotonic()
+
+    def run(self) -> str:
+        generator = self.rt.generator
+        if self.text and not generator.supports_continuation:
+            return self.fail(
+                "cannot_continue",
+                f"the worker running this answer stopped, and the {generator.name} generator "
+                "cannot continue a partial answer; retry to start it again",
+            )
+        request = GenerationRequest(self.job.stream_id, self.job.history, partial=self.text)
+        try:
+            with closing(generator.generate(request)) as pieces:
+                if self.write_all(pieces):
+                    return self.finish("cancelled")
+        except GenerationError as exc:
+            log.warning("stream=%s generator failed: %s", self.job.stream_id, exc)
+            return self.fail(exc.code, str(exc))
+        except StaleAttempt:
+            raise
+        except Exception as exc:
+            log.exception("stream=%s generator crashed", self.job.stream_id)
+            return self.fail("generation_failed", f"the generator failed ({type(exc).__name__})")
+        return self.finish("done")
+
+    def write_all(self, pieces: Generator[str, None, None]) -> bool:
+        """Append every piece; return True when a cancel was requested."""
+        for piece in pieces:
+            if not piece:
+                continue
+            cancel = self.rt.log.append(
+                self.job.stream_id, self.attempt, Event(self.next_seq, CHUNK, text=piece)
+            )
+            self.next_seq += 1
+            self.text += piece
+            self.ends.append(len(self.text))
+            if cancel:
+                return True
+            self.maybe_checkpoint()
+        return False
+
+    def maybe_checkpoint(self) -> None:
+        if time.monotonic() - self.checkpointed_at < self.rt.settings.checkpoint_interval_s:
+            return
+        with self.rt.sessions() as db:
+            if not store.checkpoint(db, self.job.stream_id, self.attempt, self.text, self.ends):
+                raise StaleAttempt(f"stream {self.job.stream_id} checkpoint refused")
+        self.checkpointed_at = time.monotonic()
+
+    def fail(self, code: str, message: str) -> str:
+        return self.finish("failed", store.ErrorInfo(code, message))
+
+    def finish(self, status: str, error: store.ErrorInfo | None = None) -> str:
+        """Store the final text in SQL, then write the terminal event (SQL first, so a
+        client that sees the terminal event always finds the final text stored)."""
+        seq = self.next_seq
+        with self.rt.sessions() as db:
+            ok = store.finalize(
+                db,
+                self.job.stream_id,
+                status=status,
+                text=self.text,
+                ends=self.ends,
+                seq=seq,
+                attempt=self.attempt,
+                error=error,
+            )
+        if not ok:
+            raise StaleAttempt(f"stream {self.job.stream_id} finalize refused")
+        kind = TERMINAL_FOR_STATUS[status]
+        if error is not None:
+            event = error_event(seq, error.code, error.message)
+        else:
+            event = Event(seq, kind, message_id=self.job.message_id)
+        self.rt.log.append(self.job.stream_id, self.attempt, event)
+        log.info(
+            "stream=%s attempt=%d ended %s at seq=%d", self.job.stream_id, self.attempt, status, seq
+        )
+        return status
+
+
+@contextmanager
+def heartbeat(rt: WorkerRuntime, stream_id: str, attempt: int) -> Iterator[None]:
+    """Keep the attempt's heartbeat fresh while the body runs, even between slow chunks."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(rt.settings.heartbeat_interval_s):
+            try:
+                if not rt.log.heartbeat(stream_id, attempt):
+                    return
+            except Exception:  # keep beating through a Redis blip; the next beat retries
+                log.warning("stream=%s heartbeat failed", stream_id, exc_info=True)
+
+    thread = threading.Thread(target=beat, name=f"heartbeat-{stream_id[:8]}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
