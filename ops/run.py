@@ -18,6 +18,8 @@ from ops.redis_server import EmbeddedRedis
 
 def build_env() -> tuple[dict[str, str], EmbeddedRedis | None]:
     env = dict(os.environ)
+    # The Procfile names gunicorn and celery: find them in this virtualenv.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.setdefault("PORT", "8000")
     env.setdefault("DATABASE_URL", f"sqlite:///{VAR_DIR / 'relay.db'}")
     embedded = None

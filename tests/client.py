@@ -1,0 +1,164 @@
+"""A test client for relay's API: HTTP with a cookie jar, WebSocket and SSE readers."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import requests
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import ClientConnection, connect
+
+
+@dataclass
+class Attach:
+    """What one WebSocket attach received."""
+
+    events: list[dict[str, Any]] = field(default_factory=list)
+    close_code: int | None = None
+    close_reason: str = ""
+
+    @property
+    def text(self) -> str:
+        return "".join(e["text"] for e in self.events if e["type"] == "chunk")
+
+    @property
+    def seqs(self) -> list[int]:
+        return [e["seq"] for e in self.events]
+
+    @property
+    def last(self) -> dict[str, Any]:
+        return self.events[-1]
+
+
+class Client:
+    """One user (one cookie jar) talking to one web server."""
+
+    def __init__(self, base_url: str) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.http = requests.Session()
+
+    @property
+    def ws_base(self) -> str:
+        return "ws" + self.base_url[len("http") :]
+
+    def url(self, path: str) -> str:
+        return self.base_url + path
+
+    def request(self, method: str, path: str, **kw: Any) -> requests.Response:
+        kw.setdefault("timeout", 15)
+        return self.http.request(method, self.url(path), **kw)
+
+    def post_chat(self, message: str, chat_id: str | None = None, **extra: Any) -> dict[str, Any]:
+        body: dict[str, Any] = {"message": message, **extra}
+        if chat_id:
+            body["chatId"] = chat_id
+        resp = self.request("POST", "/api/v1/chat", json=body)
+        assert resp.status_code == 202, resp.text
+        data: dict[str, Any] = resp.json()
+        return data
+
+    def get_json(self, path: str) -> dict[str, Any]:
+        resp = self.request("GET", path)
+        assert resp.status_code == 200, resp.text
+        data: dict[str, Any] = resp.json()
+        return data
+
+    def answer(self, chat_id: str) -> dict[str, Any]:
+        """The chat's last assistant message."""
+        messages = self.get_json(f"/api/v1/chats/{chat_id}")["messages"]
+        return [m for m in messages if m["role"] == "assistant"][-1]  # type: ignore[no-any-return]
+
+    def stream(self, stream_id: str) -> dict[str, Any]:
+        return self.get_json(f"/api/v1/streams/{stream_id}")
+
+    def wait_status(self, stream_id: str, statuses: set[str], timeout: float = 30) -> dict[str, Any]:
+        return wait_for(lambda: _if(self.stream(stream_id), statuses), timeout)
+
+    # -- WebSocket ---------------------------------------------------------------------------
+
+    def connect_ws(self, path: str, **headers: str) -> ClientConnection:
+        cookies = "; ".join(f"{k}={v}" for k, v in self.http.cookies.items())
+        hdrs = {"Cookie": cookies} if cookies else {}
+        hdrs.update(headers)
+        return connect(self.ws_base + path, additional_headers=hdrs, open_timeout=10)
+
+    def attach(
+        self,
+        stream_id: str,
+        after: int = 0,
+        *,
+        until: Callable[[Attach], bool] | None = None,
+        path: str | None = None,
+        timeout: float = 30,
+    ) -> Attach:
+        """Read events until the server closes (or ``until`` says stop, then drop)."""
+        got = Attach()
+        target = path or f"/api/v1/streams/{stream_id}/ws?after={after}"
+        with self.connect_ws(target) as ws:
+            deadline = time.monotonic() + timeout
+            try:
+                while time.monotonic() < deadline:
+                    raw = ws.recv(timeout=max(0.1, deadline - time.monotonic()))
+                    got.events.append(json.loads(raw))
+                    if until is not None and until(got):
+                        return got
+                raise AssertionError(f"attach timed out with {len(got.events)} events")
+            except ConnectionClosed:
+                pass
+            got.close_code = ws.close_code
+            got.close_reason = ws.close_reason or ""
+        return got
+
+    # -- SSE ----------------------------------------------------------------------------------
+
+    def sse(
+        self, path: str, *, last_event_id: int | None = None, limit: int | None = None
+    ) -> tuple[int, list[dict[str, Any]]]:
+        """Read an SSE response: (status, events); stops after ``limit`` events if given."""
+        headers = {"Last-Event-ID": str(last_event_id)} if last_event_id is not None else {}
+        with self.http.get(self.url(path), headers=headers, stream=True, timeout=30) as resp:
+            if resp.status_code != 200:
+                return resp.status_code, []
+            events: list[dict[str, Any]] = []
+            for fields in _sse_fields(resp.iter_lines(decode_unicode=True)):
+                event = json.loads(fields["data"])
+                assert int(fields["id"]) == event["seq"] and fields["event"] == event["type"]
+                events.append(event)
+                if limit is not None and len(events) >= limit:
+                    break
+            return 200, events
+
+
+def _sse_fields(lines: Iterator[str]) -> Iterator[dict[str, str]]:
+    fields: dict[str, str] = {}
+    for line in lines:
+        if not line:
+            if "data" in fields:
+                yield fields
+            fields = {}
+        elif not line.startswith(":"):
+            name, _, value = line.partition(":")
+            fields[name] = value.removeprefix(" ")
+
+
+def _if(status: dict[str, Any], statuses: set[str]) -> dict[str, Any] | None:
+    return status if status["status"] in statuses else None
+
+
+def wait_for(probe: Callable[[], Any], timeout: float = 30, interval: float = 0.05) -> Any:
+    """Poll ``probe`` until it returns something truthy."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = probe()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout}s")
+
+
+def chunk_text(events: list[dict[str, Any]]) -> str:
+    return "".join(e["text"] for e in events if e["type"] == "chunk")

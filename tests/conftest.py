@@ -1,0 +1,141 @@
+"""Fixtures: a private Redis, migrated databases (SQLite always, PostgreSQL when
+TEST_DATABASE_URL is set), and a running stack of real web and worker processes."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import redis
+from sqlalchemy import create_engine, text
+
+from models.db import normalize_url
+from models.migrate import upgrade
+from ops.redis_server import EmbeddedRedis, free_port
+from tests.client import Client
+from tests.procs import Proc, start_web, start_worker
+
+PG_URL = os.environ.get("TEST_DATABASE_URL", "")
+BACKENDS = ["sqlite", "postgresql"] if PG_URL else ["sqlite"]
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedRedis]:
+    server = EmbeddedRedis(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session", params=BACKENDS)
+def database_url(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """A freshly migrated database: a SQLite file, or a private PostgreSQL schema."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path_factory.mktemp('db') / 'relay.db'}"
+        upgrade(url)
+        yield url
+        return
+    schema = f"relay_test_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(normalize_url(PG_URL))
+    with admin.begin() as conn:
+        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+    sep = "&" if "?" in PG_URL else "?"
+    url = f"{PG_URL}{sep}options=-csearch_path%3D{schema}"
+    upgrade(url)
+    yield url
+    with admin.begin() as conn:
+        conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+    admin.dispose()
+
+
+@dataclass
+class Stack:
+    """A running relay: one gunicorn (gevent) web process and one Celery worker."""
+
+    env: dict[str, str]
+    logdir: Path
+    port: int
+    web: Proc
+    workers: list[Proc]
+    extra: list[Proc] = field(default_factory=list)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def client(self, base_url: str | None = None) -> Client:
+        return Client(base_url or self.base_url)
+
+    def redis(self) -> redis.Redis:
+        return redis.Redis.from_url(self.env["REDIS_URL"], decode_responses=True)
+
+    def start_web(self, port: int | None = None) -> tuple[Proc, int]:
+        port = port or free_port()
+        proc = start_web(self.env, port, self.logdir)
+        self.extra.append(proc)
+        return proc, port
+
+    def start_worker(self, name: str) -> Proc:
+        proc = start_worker(self.env, self.logdir, name)
+        self.extra.append(proc)
+        return proc
+
+    def stop(self) -> None:
+        for proc in [*self.extra, self.web, *self.workers]:
+            proc.stop()
+
+
+def stack_env(redis_url: str, database_url: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RELAY_", "CELERY_"))}
+    env.update(
+        REDIS_URL=redis_url,
+        DATABASE_URL=database_url,
+        SECRET_KEY="test-secret-key",
+        PYTHONUNBUFFERED="1",
+        RELAY_DEMO_CHUNKS_PER_SECOND="80",
+        RELAY_CHECKPOINT_INTERVAL_S="0.5",
+        RELAY_HEARTBEAT_INTERVAL_S="0.5",
+        RELAY_HEARTBEAT_STALE_S="3",
+    )
+    return env
+
+
+@pytest.fixture(scope="session")
+def stack(
+    redis_server: EmbeddedRedis, database_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
+    # Each database backend gets its own Redis database, so two stacks never share a queue.
+    db_index = BACKENDS.index("postgresql" if database_url.startswith("postgres") else "sqlite")
+    redis_url = f"redis://127.0.0.1:{redis_server.port}/{db_index}"
+    env = stack_env(redis_url, database_url)
+    logdir = tmp_path_factory.mktemp("logs")
+    worker = start_worker(env, logdir)
+    port = free_port()
+    try:
+        web = start_web(env, port, logdir)
+    except Exception:
+        worker.stop()
+        raise
+    running = Stack(env, logdir, port, web, [worker])
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def client(stack: Stack) -> Client:
+    """A new user (fresh cookie jar) on the stack's web server."""
+    return stack.client()
+
+
+@pytest.fixture
+def redis_client(redis_server: EmbeddedRedis) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_server.url + "5", decode_responses=True)
+    client.flushdb()  # our own server, our own database number: never a shared one
+    yield client
+    client.flushdb()
+    client.close()

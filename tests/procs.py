@@ -1,0 +1,108 @@
+"""Real processes for the tests: gunicorn web servers and Celery workers, stopped by pid."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+class Proc:
+    """A child process with its output in a log file."""
+
+    def __init__(self, name: str, args: list[str], env: Mapping[str, str], logdir: Path):
+        self.name = name
+        self.log_path = logdir / f"{name}-{time.monotonic_ns()}.log"
+        self._log = self.log_path.open("wb")
+        self.popen = subprocess.Popen(
+            args, env=dict(env), cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def kill(self) -> None:
+        """SIGKILL the process (and its children: gunicorn's workers, say)."""
+        if self.alive():
+            _kill_children(self.pid)
+            self.popen.send_signal(signal.SIGKILL)
+        self.popen.wait()
+        self._log.close()
+
+    def stop(self, timeout: float = 15.0) -> None:
+        if self.alive():
+            self.popen.terminate()
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self.popen.wait()
+        self._log.close()
+
+
+def _kill_children(pid: int) -> None:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    for child in out.split():
+        os.kill(int(child), signal.SIGKILL)
+
+
+def start_web(env: Mapping[str, str], port: int, logdir: Path, timeout: float = 30.0) -> Proc:
+    args = [
+        str(BIN / "gunicorn"),
+        "--worker-class", "gevent",
+        "--workers", "1",
+        "--worker-connections", "2000",
+        "--bind", f"127.0.0.1:{port}",
+        "--graceful-timeout", "2",
+        "web:create_app()",
+    ]  # fmt: skip
+    proc = Proc("web", args, env, logdir)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not proc.alive():
+            raise RuntimeError(f"web server exited:\n{proc.output()}")
+        try:
+            if requests.get(f"http://127.0.0.1:{port}/healthz", timeout=1).ok:
+                return proc
+        except requests.ConnectionError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError(f"web server did not start:\n{proc.output()}")
+
+
+def start_worker(
+    env: Mapping[str, str], logdir: Path, name: str = "w1", timeout: float = 30.0
+) -> Proc:
+    args = [
+        str(BIN / "celery"), "-A", "workers", "worker",
+        "--pool", "threads", "--concurrency", "8",
+        "--hostname", f"{name}-{os.getpid()}@%h",
+        "--loglevel", "INFO",
+        "--without-mingle", "--without-gossip",
+    ]  # fmt: skip
+    proc = Proc(f"worker-{name}", args, env, logdir)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not proc.alive():
+            raise RuntimeError(f"worker exited:\n{proc.output()}")
+        if " ready." in proc.output():
+            return proc
+        time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError(f"worker did not start:\n{proc.output()}")

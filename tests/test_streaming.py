@@ -1,0 +1,106 @@
+"""Attach, drop, re-attach: the guarantees of the wire protocol, against real processes."""
+
+from __future__ import annotations
+
+import threading
+
+from tests.client import Attach, Client, chunk_text
+from tests.conftest import Stack
+
+LONG = "[demo:words=160]"
+
+
+def test_attach_from_zero_gets_everything_then_done(client: Client) -> None:
+    posted = client.post_chat(f"Explain write-ahead logs {LONG}")
+    got = client.attach(posted["streamId"])
+    assert got.seqs == list(range(1, len(got.events) + 1))
+    assert got.last["type"] == "done"
+    assert got.last["messageId"] == posted["messageId"]
+    assert got.close_code == 1000
+    answer = client.answer(posted["chatId"])
+    assert answer["status"] == "complete"
+    assert answer["content"] == got.text
+    assert len(got.text) > 200
+
+
+def test_reattach_after_drop_has_no_gap_and_no_duplicate(client: Client) -> None:
+    posted = client.post_chat(f"Tell me about durable queues {LONG}")
+    sid = posted["streamId"]
+    first = client.attach(sid, until=lambda a: len(a.events) >= 15)
+    assert first.last["type"] == "chunk"
+    rest = client.attach(sid, after=first.last["seq"])
+    seqs = first.seqs + rest.seqs
+    assert seqs == list(range(1, len(seqs) + 1))
+    assert rest.last["type"] == "done"
+    assert first.text + rest.text == client.answer(posted["chatId"])["content"]
+
+
+def test_reattach_after_done_replays_from_the_log(client: Client) -> None:
+    posted = client.post_chat("Short answer please [demo:words=20]")
+    live = client.attach(posted["streamId"])
+    again = client.attach(posted["streamId"])
+    assert again.events == live.events
+    middle = client.attach(posted["streamId"], after=5)
+    assert middle.events == live.events[5:]
+
+
+def test_after_retention_expires_the_answer_is_served_from_sql(
+    client: Client, stack: Stack
+) -> None:
+    posted = client.post_chat("Retention check [demo:words=30]")
+    sid = posted["streamId"]
+    live = client.attach(sid)
+    r = stack.redis()
+    log_key = f"relay:{{{sid}}}:log"
+    ttl = r.ttl(log_key)
+    assert 0 < ttl <= 3600  # the finished log expires after the retention time
+    r.pexpire(log_key, 1)  # fast-forward the retention clock
+    r.pexpire(f"relay:{{{sid}}}:state", 1)
+    client_wait = client.attach(sid)
+    assert not r.exists(log_key)
+    assert client_wait.events == live.events
+    assert client.attach(sid, after=3).events == live.events[3:]
+    status, sse = client.sse(f"/api/v1/streams/{sid}/events", last_event_id=7)
+    assert status == 200 and sse == live.events[7:]
+
+
+def test_two_viewers_get_the_same_full_sequence(client: Client) -> None:
+    posted = client.post_chat(f"Two viewers {LONG}")
+    results: list[Attach] = []
+
+    def view() -> None:
+        results.append(client.attach(posted["streamId"]))
+
+    threads = [threading.Thread(target=view) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    a, b = results
+    assert a.events == b.events
+    assert a.seqs == list(range(1, len(a.events) + 1))
+    assert a.text == client.answer(posted["chatId"])["content"]
+
+
+def test_sse_resume_with_last_event_id(client: Client) -> None:
+    posted = client.post_chat(f"SSE resume {LONG}")
+    path = f"/api/v1/streams/{posted['streamId']}/events"
+    status, first = client.sse(path, limit=12)
+    assert status == 200 and [e["seq"] for e in first] == list(range(1, 13))
+    status, rest = client.sse(path, last_event_id=12)
+    events = first + rest
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+    assert rest[-1]["type"] == "done"
+    assert chunk_text(events) == client.answer(posted["chatId"])["content"]
+    # ?after= works too, and Last-Event-ID wins over it (EventSource keeps the URL).
+    status, tail = client.sse(path + "?after=1", last_event_id=len(events) - 2)
+    assert tail == events[-2:]
+    # An EventSource reconnecting after the end gets 204, which stops it.
+    assert client.sse(path, last_event_id=len(events))[0] == 204
+
+
+def test_chat_socket_follows_the_latest_stream(client: Client) -> None:
+    posted = client.post_chat("Chat socket [demo:words=20]")
+    got = client.attach("", path=f"/api/v1/chats/{posted['chatId']}/ws?after=0")
+    assert got.last["type"] == "done"
+    assert got.text == client.answer(posted["chatId"])["content"]
