@@ -75,7 +75,9 @@ class Client:
     def stream(self, stream_id: str) -> dict[str, Any]:
         return self.get_json(f"/api/v1/streams/{stream_id}")
 
-    def wait_status(self, stream_id: str, statuses: set[str], timeout: float = 30) -> dict[str, Any]:
+    def wait_status(
+        self, stream_id: str, statuses: set[str], timeout: float = 30
+    ) -> dict[str, Any]:
         return wait_for(lambda: _if(self.stream(stream_id), statuses), timeout)
 
     # -- WebSocket ---------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,13 +31,11 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedR
     server.stop()
 
 
-@pytest.fixture(scope="session", params=BACKENDS)
-def database_url(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[str]:
+@contextmanager
+def migrated_database(kind: str, tmpdir: Path) -> Iterator[str]:
     """A freshly migrated database: a SQLite file, or a private PostgreSQL schema."""
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path_factory.mktemp('db') / 'relay.db'}"
+    if kind == "sqlite":
+        url = f"sqlite:///{tmpdir / 'relay.db'}"
         upgrade(url)
         yield url
         return
@@ -46,11 +45,29 @@ def database_url(
         conn.execute(text(f'CREATE SCHEMA "{schema}"'))
     sep = "&" if "?" in PG_URL else "?"
     url = f"{PG_URL}{sep}options=-csearch_path%3D{schema}"
-    upgrade(url)
-    yield url
-    with admin.begin() as conn:
-        conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-    admin.dispose()
+    try:
+        upgrade(url)
+        yield url
+    finally:
+        with admin.begin() as conn:
+            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
+
+
+@pytest.fixture(scope="session", params=BACKENDS)
+def database_url(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """The session's database, shared by the running stack."""
+    with migrated_database(request.param, tmp_path_factory.mktemp("db")) as url:
+        yield url
+
+
+@pytest.fixture(params=BACKENDS)
+def fresh_database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A database of this test's own."""
+    with migrated_database(request.param, tmp_path) as url:
+        yield url
 
 
 @dataclass
@@ -77,6 +94,13 @@ class Stack:
     def start_web(self, port: int | None = None) -> tuple[Proc, int]:
         port = port or free_port()
         proc = start_web(self.env, port, self.logdir)
+        self.extra.append(proc)
+        return proc, port
+
+    def start_web_with(self, **env: str) -> tuple[Proc, int]:
+        """A second web process with extra environment settings."""
+        port = free_port()
+        proc = start_web({**self.env, **env}, port, self.logdir)
         self.extra.append(proc)
         return proc, port
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 
-from tests.client import Attach, Client, chunk_text
+from tests.client import Attach, Client, chunk_text, wait_for
 from tests.conftest import Stack
 
 LONG = "[demo:words=160]"
@@ -104,3 +104,49 @@ def test_chat_socket_follows_the_latest_stream(client: Client) -> None:
     got = client.attach("", path=f"/api/v1/chats/{posted['chatId']}/ws?after=0")
     assert got.last["type"] == "done"
     assert got.text == client.answer(posted["chatId"])["content"]
+
+
+def test_web_server_killed_mid_stream_then_restarted(stack: Stack) -> None:
+    web, port = stack.start_web()
+    client = stack.client(f"http://127.0.0.1:{port}")
+    posted = client.post_chat(f"Survive a web crash {LONG}")
+    sid = posted["streamId"]
+    seen = Attach()
+    try:
+        client.attach(sid, until=lambda a: _record(seen, a, 10))
+    finally:
+        web.kill()  # SIGKILL, mid-stream, while the socket is open
+    progress_at_kill = client_status_seq(stack, sid)
+    # Generation never paused: the log keeps growing while no web process is up.
+    wait_for(lambda: client_status_seq(stack, sid) > progress_at_kill + 5, timeout=10)
+    restarted, _ = stack.start_web(port=port)
+    try:
+        rest = client.attach(sid, after=seen.last["seq"])
+        events = seen.events + rest.events
+        assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+        assert rest.last["type"] == "done"
+        assert chunk_text(events) == client.answer(posted["chatId"])["content"]
+    finally:
+        restarted.stop()
+
+
+def test_reattach_on_another_web_process(client: Client, stack: Stack) -> None:
+    _, port = stack.start_web()
+    posted = client.post_chat(f"Switch servers {LONG}")
+    sid = posted["streamId"]
+    first = client.attach(sid, until=lambda a: len(a.events) >= 20)
+    other = stack.client(f"http://127.0.0.1:{port}")
+    other.http.cookies = client.http.cookies  # same user, different web process
+    rest = other.attach(sid, after=first.last["seq"])
+    events = first.events + rest.events
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+    assert chunk_text(events) == client.answer(posted["chatId"])["content"]
+
+
+def _record(into: Attach, got: Attach, n: int) -> bool:
+    into.events = list(got.events)
+    return len(got.events) >= n
+
+
+def client_status_seq(stack: Stack, sid: str) -> int:
+    return int(stack.redis().xlen(f"relay:{{{sid}}}:log"))

@@ -147,22 +147,27 @@ def chat_json(chat: Chat) -> dict[str, Any]:
 
 
 def chat_detail_json(db: Session, chat: Chat) -> dict[str, Any]:
-    streams = {s.message_id: s for s in db.scalars(select(Stream).where(Stream.chat_id == chat.id))}
-    messages = []
-    for m in chat.messages:
-        stream = streams.get(m.id)
-        messages.append(
-            {
-                "id": m.id,
-                "role": m.role,
-                "content": m.content,
-                "status": m.status,
-                "streamId": stream.id if stream else None,
-                # The seq of the last chunk included in ``content``: attach with after=<this>.
-                "streamSeq": store.chunk_count(stream) if stream else None,
-                "createdAt": _iso(m.created_at),
-            }
-        )
+    # One statement, so a message's content and its stream's seq come from one snapshot
+    # even under READ COMMITTED while a worker checkpoints.
+    rows = db.execute(
+        select(Message, Stream)
+        .outerjoin(Stream, Stream.message_id == Message.id)
+        .where(Message.chat_id == chat.id)
+        .order_by(Message.position)
+    )
+    messages = [
+        {
+            "id": m.id,
+            "role": m.role,
+            "content": m.content,
+            "status": m.status,
+            "streamId": stream.id if stream else None,
+            # The seq of the last chunk included in ``content``: attach with after=<this>.
+            "streamSeq": store.chunk_count(stream) if stream else None,
+            "createdAt": _iso(m.created_at),
+        }
+        for m, stream in rows.tuples()
+    ]
     return {**chat_json(chat), "messages": messages}
 
 

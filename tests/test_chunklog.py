@@ -1,0 +1,113 @@
+"""The chunk log's Lua scripts against a real Redis: fencing, cancel, claim, retention."""
+
+from __future__ import annotations
+
+import pytest
+import redis
+
+from models import keys
+from models.chunklog import ChunkLog
+from models.events import CHUNK, DONE, Event
+from models.exceptions import StaleAttempt
+
+
+@pytest.fixture
+def log(redis_client: redis.Redis) -> ChunkLog:
+    return ChunkLog(redis_client, retention_s=600, running_ttl_s=3600)
+
+
+def chunk(seq: int, text: str = "x") -> Event:
+    return Event(seq, CHUNK, text=text)
+
+
+def test_claim_append_and_read_back(log: ChunkLog) -> None:
+    log.init("s1")
+    claim = log.claim("s1", "task-1", stale_after_s=5)
+    assert (claim.result, claim.attempt, claim.last_seq) == ("claimed", 1, 0)
+    for seq, text in enumerate(["Hel", "lo", " world"], start=1):
+        assert log.append("s1", 1, chunk(seq, text)) is False
+    assert [e.text for e in log.read("s1", 0, 10)] == ["Hel", "lo", " world"]
+    assert [e.seq for e in log.read("s1", 1, 10)] == [2, 3]
+    assert log.text("s1", 2) == ("Hello", [3, 5])
+    assert log.last_seq("s1") == 3
+    assert list(log.iter_from("s1", 0, batch=2)) == log.read("s1", 0, 10)
+
+
+def test_a_live_attempt_makes_a_second_claim_busy(log: ChunkLog) -> None:
+    log.init("s2")
+    assert log.claim("s2", "t1", 5).result == "claimed"
+    busy = log.claim("s2", "t1-redelivered", 5)
+    assert busy.result == "busy"
+
+
+def test_a_stale_attempt_is_fenced_off(log: ChunkLog, redis_client: redis.Redis) -> None:
+    log.init("s3")
+    log.claim("s3", "t1", 5)
+    log.append("s3", 1, chunk(1))
+    redis_client.hset(keys.state_key("s3"), "hb", 0)  # the first attempt's heartbeat died
+    second = log.claim("s3", "t2", 5)
+    assert (second.result, second.attempt, second.last_seq) == ("claimed", 2, 1)
+    with pytest.raises(StaleAttempt):
+        log.append("s3", 1, chunk(2, "from the dead"))
+    log.append("s3", 2, chunk(2, "from the living"))
+    assert log.heartbeat("s3", 1) is False
+    assert log.heartbeat("s3", 2) is True
+    assert [e.text for e in log.read("s3", 0, 10)] == ["x", "from the living"]
+
+
+def test_a_seq_that_is_not_above_the_last_is_refused(log: ChunkLog) -> None:
+    log.init("s4")
+    log.claim("s4", "t1", 5)
+    log.append("s4", 1, chunk(1))
+    log.append("s4", 1, chunk(2))
+    with pytest.raises(StaleAttempt):
+        log.append("s4", 1, chunk(2, "duplicate"))
+    assert len(log.read("s4", 0, 10)) == 2
+
+
+def test_terminal_event_sets_status_and_retention(log: ChunkLog, redis_client: redis.Redis) -> None:
+    log.init("s5")
+    log.claim("s5", "t1", 5)
+    log.append("s5", 1, chunk(1))
+    assert redis_client.ttl(keys.log_key("s5")) > 600  # running: the long safety TTL
+    log.append("s5", 1, Event(2, DONE, message_id="m1"))
+    assert log.state("s5").status == "done"
+    assert 0 < redis_client.ttl(keys.log_key("s5")) <= 600
+    assert 0 < redis_client.ttl(keys.state_key("s5")) <= 600
+    with pytest.raises(StaleAttempt):
+        log.append("s5", 1, chunk(3))  # nothing is written after the end
+    assert log.claim("s5", "t2", 5).result == "finished"
+
+
+def test_cancel_of_a_running_stream_is_reported_to_the_writer(log: ChunkLog) -> None:
+    log.init("s6")
+    log.claim("s6", "t1", 5)
+    log.append("s6", 1, chunk(1))
+    assert log.cancel("s6", 5) == ("requested", 0)
+    assert log.append("s6", 1, chunk(2)) is True
+
+
+def test_cancel_of_a_queued_stream_ends_it_and_fences_the_worker(log: ChunkLog) -> None:
+    log.init("s7")
+    assert log.cancel("s7", 5) == ("finalized", 1)
+    assert [e.type for e in log.read("s7", 0, 10)] == ["cancelled"]
+    assert log.claim("s7", "t1", 5).result == "finished"
+    assert log.cancel("s7", 5) == ("finished", 0)
+
+
+def test_cancel_of_a_stream_whose_writer_died_ends_it_here(
+    log: ChunkLog, redis_client: redis.Redis
+) -> None:
+    log.init("s8")
+    log.claim("s8", "t1", 5)
+    log.append("s8", 1, chunk(1, "partial"))
+    redis_client.hset(keys.state_key("s8"), "hb", 0)
+    assert log.cancel("s8", 5) == ("finalized", 2)
+    with pytest.raises(StaleAttempt):
+        log.append("s8", 1, chunk(2))
+
+
+def test_keys_share_a_cluster_hash_tag() -> None:
+    assert keys.log_key("abc") == "relay:{abc}:log"
+    assert keys.state_key("abc") == "relay:{abc}:state"
+    assert keys.stream_id_from_key(keys.log_key("abc")) == "abc"

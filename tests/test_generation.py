@@ -1,0 +1,117 @@
+"""Generation in a real worker: cancel from HTTP and from the socket, generator errors."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from tests.client import Client, wait_for
+from tests.conftest import Stack
+
+LONG = "[demo:words=400]"
+
+
+def _log_len(stack: Stack, sid: str) -> int:
+    return int(stack.redis().xlen(f"relay:{{{sid}}}:log"))
+
+
+def test_cancel_over_http_stops_generation_and_keeps_partial_text(
+    client: Client, stack: Stack
+) -> None:
+    posted = client.post_chat(f"Cancel me {LONG}")
+    sid = posted["streamId"]
+    seen = client.attach(sid, until=lambda a: len(a.events) >= 10)
+    resp = client.request("POST", f"/api/v1/streams/{sid}/cancel")
+    assert resp.status_code == 202, resp.text
+    rest = client.attach(sid, after=seen.last["seq"])
+    assert rest.last["type"] == "cancelled"
+    assert rest.close_code == 1000
+    events = seen.events + rest.events
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+    # Nothing is written after the terminal event: the worker really stopped.
+    length = _log_len(stack, sid)
+    assert length == rest.last["seq"]
+    time.sleep(0.5)
+    assert _log_len(stack, sid) == length
+    answer = client.answer(posted["chatId"])
+    assert answer["status"] == "cancelled"
+    assert answer["content"] == seen.text + rest.text
+    assert 0 < len(answer["content"]) < 1500  # a part of a ~2,500 character answer
+    assert client.stream(sid)["status"] == "cancelled"
+    # Cancelling again is accepted (idempotent) and changes nothing.
+    assert client.request("POST", f"/api/v1/streams/{sid}/cancel").status_code == 202
+    assert client.answer(posted["chatId"])["content"] == answer["content"]
+
+
+def test_cancel_message_on_the_socket(client: Client) -> None:
+    posted = client.post_chat(f"Cancel over the socket {LONG}")
+    sid = posted["streamId"]
+    events = []
+    with client.connect_ws(f"/api/v1/streams/{sid}/ws") as ws:
+        for raw in ws:
+            event = json.loads(raw)
+            events.append(event)
+            if len(events) == 8:
+                ws.send(json.dumps({"type": "cancel"}))
+        code = ws.close_code
+    assert events[-1]["type"] == "cancelled"
+    assert code == 1000
+    assert len(events) < 400  # stopped long before the end of the answer
+    answer = client.answer(posted["chatId"])
+    assert answer["status"] == "cancelled"
+    assert answer["content"] == "".join(e["text"] for e in events if e["type"] == "chunk")
+
+
+def test_cancel_of_a_queued_stream_ends_it_without_a_worker(client: Client, stack: Stack) -> None:
+    # Pause the worker's consumption by filling its 8 threads with long generations.
+    busy = [client.post_chat(f"busy {i} [demo:words=2000] [demo:rate=20]") for i in range(8)]
+    queued = client.post_chat(f"queued {LONG}")
+    sid = queued["streamId"]
+    assert client.stream(sid)["status"] == "queued"
+    resp = client.request("POST", f"/api/v1/streams/{sid}/cancel")
+    assert resp.status_code == 202 and resp.json()["status"] == "cancelled"
+    got = client.attach(sid)
+    assert [e["type"] for e in got.events] == ["cancelled"]
+    assert client.answer(queued["chatId"])["status"] == "cancelled"
+    for b in busy:
+        client.request("POST", f"/api/v1/streams/{b['streamId']}/cancel")
+    for b in busy:
+        client.wait_status(b["streamId"], {"cancelled"})
+    # The worker picks the queued task up later and leaves it alone.
+    time.sleep(0.5)
+    assert client.stream(sid)["status"] == "cancelled"
+
+
+def test_generator_error_ends_the_stream_with_an_error_event(client: Client) -> None:
+    posted = client.post_chat("Fail please [demo:fail-after=12]")
+    sid = posted["streamId"]
+    got = client.attach(sid)
+    assert [e["type"] for e in got.events[:-1]] == ["chunk"] * 12
+    assert got.last["type"] == "error"
+    assert got.last["error"]["code"] == "generation_failed"
+    assert "12 chunks" in got.last["error"]["message"]
+    assert got.close_code == 1000
+    status = client.stream(sid)
+    assert status["status"] == "failed"
+    assert status["error"]["code"] == "generation_failed"
+    answer = client.answer(posted["chatId"])
+    assert answer["status"] == "failed"
+    assert answer["content"] == got.text
+    # A viewer attaching after the failure gets the same ending, never a hang.
+    assert client.attach(sid).events == got.events
+
+
+def test_checkpoints_copy_the_partial_answer_to_sql(client: Client) -> None:
+    posted = client.post_chat(f"Checkpoint me {LONG}")
+    sid = posted["streamId"]
+
+    def partial() -> dict[str, object] | None:
+        answer = client.answer(posted["chatId"])
+        return answer if answer["content"] and answer["status"] == "streaming" else None
+
+    answer = wait_for(partial, timeout=20)
+    # The stored partial text and its seq let a client continue exactly after it.
+    rest = client.attach(sid, after=answer["streamSeq"])
+    assert rest.last["type"] == "done"
+    final = client.answer(posted["chatId"])["content"]
+    assert answer["content"] + rest.text == final
