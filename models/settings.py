@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-VAR_DIR = PROJECT_ROOT / "var"
+# Runtime files (SQLite database, embedded Redis data, local secret key); git-ignored.
+VAR_DIR = Path(os.environ.get("RELAY_VAR_DIR") or PROJECT_ROOT / "var")
 
 
 def _default_database_url() -> str:

@@ -85,6 +85,8 @@ class Client:
     def connect_ws(self, path: str, **headers: str) -> ClientConnection:
         cookies = "; ".join(f"{k}={v}" for k, v in self.http.cookies.items())
         hdrs = {"Cookie": cookies} if cookies else {}
+        if "Authorization" in self.http.headers:
+            hdrs["Authorization"] = str(self.http.headers["Authorization"])
         hdrs.update(headers)
         return connect(self.ws_base + path, additional_headers=hdrs, open_timeout=10)
 

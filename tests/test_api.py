@@ -196,3 +196,26 @@ def test_resume_endpoint_answers_204_when_nothing_is_recent(stack: Stack) -> Non
 
 def test_health(client: Client) -> None:
     assert client.get_json("/healthz") == {"status": "ok"}
+
+
+def test_bearer_token_users(stack: Stack) -> None:
+    import subprocess
+
+    from tests.procs import BIN, ROOT
+
+    out = subprocess.run(
+        [str(BIN / "flask"), "--app", "web", "create-token", "api-user"],
+        env=stack.env, cwd=ROOT, capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    token = out.split("token ", 1)[1].strip()
+    api = stack.client()
+    api.http.headers["Authorization"] = f"Bearer {token}"
+    posted = api.post_chat("as an API user [demo:words=10]")
+    assert "session" not in api.http.cookies  # no cookie needed with a token
+    assert api.attach(posted["streamId"]).last["type"] == "done"
+    again = stack.client()
+    again.http.headers["Authorization"] = f"Bearer {token}"
+    assert [c["id"] for c in again.get_json("/api/v1/chats")["chats"]] == [posted["chatId"]]
+    bad = stack.client()
+    bad.http.headers["Authorization"] = "Bearer nope"
+    _error(bad.request("GET", "/api/v1/chats"), 401, "unauthorized")
