@@ -17,6 +17,7 @@ import redis
 from models import keys
 from models.events import STATUS_FOR_TERMINAL, Event
 from models.exceptions import StaleAttempt
+from models.store import Layout, layout_item
 
 _NOW_MS = """
 local t = redis.call('TIME')
@@ -35,14 +36,17 @@ end
 """
 
 # KEYS: state, log. ARGV: running ttl.
-_INIT = """
-redis.call('HSET', KEYS[1], 'status', 'queued')
-redis.call('HDEL', KEYS[1], 'cancel', 'hb', 'task')
+_INIT = (
+    _NOW_MS
+    + """
+redis.call('HSET', KEYS[1], 'status', 'queued', 'qt', now)
+redis.call('HDEL', KEYS[1], 'cancel', 'hb', 'task', 'rq')
 redis.call('EXPIRE', KEYS[1], ARGV[1])
 return redis.call('HGET', KEYS[1], 'attempt') or '0'
 """
+)
 
-# KEYS: state, log. ARGV: task id, stale ms, running ttl.
+# KEYS: state, log. ARGV: task id, stale ms, running ttl, worker name.
 _CLAIM = (
     _NOW_MS
     + _LAST_SEQ
@@ -53,7 +57,8 @@ if st[1] == 'running' and st[3] and (now - tonumber(st[3])) < tonumber(ARGV[2]) 
   return {'busy', tonumber(st[2] or '0'), 0, 0}
 end
 local attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
-redis.call('HSET', KEYS[1], 'status', 'running', 'hb', now, 'task', ARGV[1])
+redis.call('HSET', KEYS[1], 'status', 'running', 'hb', now, 'task', ARGV[1], 'worker', ARGV[4])
+redis.call('HDEL', KEYS[1], 'rq')
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 local cancel = 0
 if st[4] == '1' then cancel = 1 end
@@ -119,6 +124,77 @@ return {'finalized', seq}
 )
 
 
+# KEYS: state. ARGV: attempt. Make a live attempt's heartbeat stale at once (hand-off).
+_RELEASE = """
+local st = redis.call('HMGET', KEYS[1], 'attempt', 'status')
+if st[1] ~= ARGV[1] or st[2] ~= 'running' then return 0 end
+redis.call('HSET', KEYS[1], 'hb', 0)
+return 1
+"""
+
+# KEYS: state. ARGV: stale ms, queued grace ms, running ttl.
+# Decide (once per stale period) that a stream needs its task sent again: its writer's
+# heartbeat is stale, it has sat queued too long, or Redis lost its state entirely.
+_MARK_REQUEUE = (
+    _NOW_MS
+    + _LAST_SEQ
+    + """
+local st = redis.call('HMGET', KEYS[1], 'status', 'hb', 'qt', 'rq')
+if finished(st[1]) then return 0 end
+if st[1] == 'running' and st[2] and (now - tonumber(st[2])) < tonumber(ARGV[1]) then return 0 end
+if st[1] == 'queued' and st[3] and (now - tonumber(st[3])) < tonumber(ARGV[2]) then return 0 end
+if st[4] and (now - tonumber(st[4])) < tonumber(ARGV[1]) then return 0 end
+redis.call('HSET', KEYS[1], 'rq', now)
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+return 1
+"""
+)
+
+# KEYS: state, log. ARGV: stale ms, retention, final status, then seq/type/data triples.
+# Take over a stream whose writer is dead and end it with the given events (from SQL).
+_SEAL = (
+    _NOW_MS
+    + _LAST_SEQ
+    + """
+local st = redis.call('HMGET', KEYS[1], 'status', 'hb')
+if finished(st[1]) then return 'finished' end
+if st[1] == 'running' and st[2] and (now - tonumber(st[2])) < tonumber(ARGV[1]) then
+  return 'busy'
+end
+local last = last_seq(KEYS[2])
+for i = 4, #ARGV, 3 do
+  if tonumber(ARGV[i]) > last then
+    redis.call('XADD', KEYS[2], '0-' .. ARGV[i], 't', ARGV[i + 1], 'd', ARGV[i + 2])
+  end
+end
+redis.call('HINCRBY', KEYS[1], 'attempt', 1)
+redis.call('HSET', KEYS[1], 'status', ARGV[3], 'seq', ARGV[#ARGV - 2])
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+return 'sealed'
+"""
+)
+
+# KEYS: state, log. ARGV: running ttl, task id.
+# Admin retry: a finished stream is queued again, after a "resumed" marker event.
+_REOPEN = (
+    _NOW_MS
+    + _LAST_SEQ
+    + """
+local st = redis.call('HMGET', KEYS[1], 'status', 'attempt')
+if not finished(st[1]) then return {'not_finished', 0, 0} end
+local seq = last_seq(KEYS[2]) + 1
+local next_attempt = tonumber(st[2] or '0') + 1
+redis.call('XADD', KEYS[2], '0-' .. seq, 't', 'resumed', 'd', next_attempt)
+redis.call('HSET', KEYS[1], 'status', 'queued', 'task', ARGV[2], 'qt', now, 'seq', seq)
+redis.call('HDEL', KEYS[1], 'cancel', 'hb', 'rq')
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+redis.call('EXPIRE', KEYS[2], ARGV[1])
+return {'reopened', seq, next_attempt}
+"""
+)
+
+
 @dataclass(frozen=True)
 class Claim:
     result: str  # claimed | busy | finished
@@ -134,6 +210,8 @@ class LogState:
     last_seq: int
     heartbeat_ms: int | None
     cancel_requested: bool
+    task_id: str | None = None
+    worker: str | None = None
 
 
 class ChunkLog:
@@ -150,6 +228,10 @@ class ChunkLog:
         self._append = client.register_script(_APPEND)
         self._heartbeat = client.register_script(_HEARTBEAT)
         self._cancel = client.register_script(_CANCEL)
+        self._release = client.register_script(_RELEASE)
+        self._mark_requeue = client.register_script(_MARK_REQUEUE)
+        self._seal = client.register_script(_SEAL)
+        self._reopen = client.register_script(_REOPEN)
 
     @staticmethod
     def _keys(stream_id: str) -> list[str]:
@@ -161,11 +243,11 @@ class ChunkLog:
         """Mark a stream queued (new, or about to be retried)."""
         self._init(keys=self._keys(stream_id), args=[self.running_ttl_s])
 
-    def claim(self, stream_id: str, task_id: str, stale_after_s: float) -> Claim:
+    def claim(self, stream_id: str, task_id: str, stale_after_s: float, worker: str = "") -> Claim:
         """Start a new attempt unless the stream is finished or a live attempt owns it."""
         res = self._claim(
             keys=self._keys(stream_id),
-            args=[task_id, int(stale_after_s * 1000), self.running_ttl_s],
+            args=[task_id, int(stale_after_s * 1000), self.running_ttl_s, worker],
         )
         return Claim(str(res[0]), int(res[1]), int(res[2]), bool(int(res[3])))
 
@@ -201,6 +283,54 @@ class ChunkLog:
             keys=self._keys(stream_id), args=[int(stale_after_s * 1000), self.retention_s]
         )
         return str(res[0]), int(res[1])
+
+    def release(self, stream_id: str, attempt: int) -> bool:
+        """Give the stream up (worker shutting down): the next claim may start at once."""
+        return bool(self._release(keys=[keys.state_key(stream_id)], args=[attempt]))
+
+    def mark_requeue(self, stream_id: str, stale_after_s: float, queued_grace_s: float) -> bool:
+        """True (once per stale period) when the stream's task should be sent again."""
+        return bool(
+            self._mark_requeue(
+                keys=[keys.state_key(stream_id)],
+                args=[int(stale_after_s * 1000), int(queued_grace_s * 1000), self.running_ttl_s],
+            )
+        )
+
+    def seal(self, stream_id: str, events: list[Event], stale_after_s: float) -> str:
+        """End a stream whose writer died after storing its end in SQL: 'sealed', 'busy' or
+        'finished'. ``events`` are what SQL has after the log's last entry."""
+        final = STATUS_FOR_TERMINAL[events[-1].type]
+        args: list[str | int] = [int(stale_after_s * 1000), self.retention_s, final]
+        for event in events:
+            args += [event.seq, event.type, event.payload()]
+        return str(self._seal(keys=self._keys(stream_id), args=args))
+
+    def reopen(self, stream_id: str, task_id: str) -> tuple[str, int, int]:
+        """Queue a finished stream again: ('reopened', resumed seq, next attempt)."""
+        res = self._reopen(keys=self._keys(stream_id), args=[self.running_ttl_s, task_id])
+        return str(res[0]), int(res[1]), int(res[2])
+
+    def reseed(self, stream_id: str, events: list[Event], status: str, attempt: int) -> None:
+        """Rebuild an expired log from SQL (before a retry), unless it exists again."""
+        with self.redis.pipeline() as pipe:
+            pipe.watch(keys.log_key(stream_id))  # type: ignore[no-untyped-call]
+            if pipe.exists(keys.log_key(stream_id)):
+                return
+            pipe.multi()
+            for event in events:
+                pipe.xadd(
+                    keys.log_key(stream_id),
+                    {"t": event.type, "d": event.payload()},
+                    id=f"0-{event.seq}",
+                )
+            pipe.hset(
+                keys.state_key(stream_id),
+                mapping={"status": status, "attempt": attempt, "seq": events[-1].seq},
+            )
+            pipe.expire(keys.log_key(stream_id), self.retention_s)
+            pipe.expire(keys.state_key(stream_id), self.retention_s)
+            pipe.execute()
 
     # -- reader side -------------------------------------------------------------------------
 
@@ -238,17 +368,19 @@ class ChunkLog:
             last_seq=int(raw.get("seq", 0)),
             heartbeat_ms=int(raw["hb"]) if raw.get("hb") else None,
             cancel_requested=raw.get("cancel") == "1",
+            task_id=raw.get("task"),
+            worker=raw.get("worker"),
         )
 
-    def text(self, stream_id: str, upto: int) -> tuple[str, list[int]]:
-        """The concatenated chunk text up to ``upto`` and each chunk's end offset."""
+    def text(self, stream_id: str, upto: int) -> tuple[str, Layout]:
+        """The concatenated chunk text of events up to ``upto``, and their seq layout."""
         parts: list[str] = []
-        ends: list[int] = []
+        layout: Layout = []
         length = 0
         for event in self.iter_from(stream_id, 0):
             if event.seq > upto:
                 break
             parts.append(event.text)
             length += len(event.text)
-            ends.append(length)
-        return "".join(parts), ends
+            layout.append(layout_item(event, length))
+        return "".join(parts), layout

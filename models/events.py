@@ -10,6 +10,8 @@ CHUNK = "chunk"
 DONE = "done"
 CANCELLED = "cancelled"
 ERROR = "error"
+# Written by an admin retry after a terminal event: the answer continues after it.
+RESUMED = "resumed"
 TERMINAL_TYPES = frozenset({DONE, CANCELLED, ERROR})
 # The stream status each terminal event leaves behind.
 STATUS_FOR_TERMINAL = {DONE: "done", CANCELLED: "cancelled", ERROR: "failed"}
@@ -25,6 +27,7 @@ class Event:
     text: str = ""
     message_id: str = ""
     error: dict[str, str] = field(default_factory=dict)
+    attempt: int = 0
 
     @property
     def terminal(self) -> bool:
@@ -38,6 +41,8 @@ class Event:
             out["messageId"] = self.message_id
         elif self.type == ERROR:
             out["error"] = self.error
+        elif self.type == RESUMED:
+            out["attempt"] = self.attempt
         return out
 
     def to_json(self) -> str:
@@ -54,6 +59,8 @@ class Event:
             return self.message_id
         if self.type == ERROR:
             return json.dumps(self.error, separators=(",", ":"))
+        if self.type == RESUMED:
+            return str(self.attempt)
         return ""
 
     @classmethod
@@ -67,6 +74,8 @@ class Event:
             return cls(seq, kind, message_id=data)
         if kind == ERROR:
             return cls(seq, kind, error=json.loads(data) if data else {})
+        if kind == RESUMED:
+            return cls(seq, kind, attempt=int(data or 0))
         return cls(seq, kind)
 
 

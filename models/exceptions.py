@@ -65,6 +65,12 @@ class StreamFinished(RelayError):
     ws_close = 4409
 
 
+class IllegalTransition(RelayError):
+    code = "illegal_transition"
+    status = 409
+    ws_close = 4409
+
+
 class ForbiddenOrigin(RelayError):
     code = "forbidden_origin"
     status = 403

@@ -26,6 +26,10 @@ def state_key(stream_id: str) -> str:
     return f"{PREFIX}:{{{stream_id}}}:state"
 
 
+# Held (SET NX PX, just under one sweep interval) by the worker sweeping this round.
+SWEEPER_LOCK = f"{PREFIX}:sweeper-lock"
+
+
 def stream_id_from_key(key: str) -> str:
     """Recover the stream ID from a per-stream key."""
     return key[key.index("{") + 1 : key.index("}")]

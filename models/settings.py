@@ -37,7 +37,18 @@ class Settings:
     checkpoint_interval_s: float = 2.0
     heartbeat_interval_s: float = 2.0
     # A running attempt whose heartbeat is older than this is presumed dead.
-    heartbeat_stale_s: float = 15.0
+    heartbeat_stale_s: float = 8.0
+    # The sweeper looks for streams whose writer died this often (one worker at a time).
+    sweep_interval_s: float = 2.0
+    # A stream queued this long without a worker claiming it has its task sent again.
+    queued_grace_s: float = 300.0
+    # A generation running longer than this ends with a "timeout" error.
+    max_generation_s: float = 1800.0
+    # On SIGTERM a worker lets generations run this long, then hands them to another worker.
+    shutdown_grace_s: float = 20.0
+    worker_metrics_port: int = 0
+    # Test aid only: "point=seconds" pauses (see WorkerRuntime.fault).
+    fault_pause: tuple[str, ...] = ()
     generator: str = "demo"
     demo_chunks_per_second: float = 30.0
     demo_directives: bool = True

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
@@ -13,6 +14,11 @@ from models.events import CHUNK, TERMINAL_FOR_STATUS, Event, error_event
 from models.tables import Message, Stream, utcnow
 
 MESSAGE_STATUS = {"done": "complete", "cancelled": "cancelled", "failed": "failed"}
+
+# One item per seq before the final terminal event: a chunk's end offset in the content,
+# or [type, data] for any other event (see Stream.seq_layout).
+LayoutItem = int | list[str]
+Layout = list[LayoutItem]
 
 
 @dataclass(frozen=True)
@@ -23,6 +29,18 @@ class ErrorInfo:
 
 def content_hash(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def layout_item(event: Event, text_length: int) -> LayoutItem:
+    """How one non-final event is recorded in seq_layout."""
+    if event.type == CHUNK:
+        return text_length
+    return [event.type, event.payload()]
+
+
+def load_layout(stream: Stream) -> Layout:
+    layout: Layout = json.loads(stream.seq_layout or "[]")
+    return layout
 
 
 def mark_running(db: Session, stream_id: str, attempt: int, task_id: str) -> None:
@@ -38,19 +56,18 @@ def mark_running(db: Session, stream_id: str, attempt: int, task_id: str) -> Non
     db.commit()
 
 
-def checkpoint(db: Session, stream_id: str, attempt: int, text: str, ends: list[int]) -> bool:
+def checkpoint(db: Session, stream_id: str, attempt: int, text: str, layout: Layout) -> bool:
     """Copy the partial answer to SQL; False when another attempt owns the stream."""
     now = utcnow()
     res = db.execute(
         update(Stream)
         .where(Stream.id == stream_id, Stream.attempt == attempt, Stream.status == "running")
-        .values(last_seq=len(ends), chunk_ends=json.dumps(ends), updated_at=now)
+        .values(last_seq=len(layout), seq_layout=json.dumps(layout), updated_at=now)
     )
     if res.rowcount == 0:  # type: ignore[attr-defined]
         db.rollback()
         return False
-    message_id = db.scalar(select(Stream.message_id).where(Stream.id == stream_id))
-    db.execute(update(Message).where(Message.id == message_id).values(content=text, updated_at=now))
+    _set_message(db, stream_id, content=text, updated_at=now)
     db.commit()
     return True
 
@@ -61,12 +78,12 @@ def finalize(
     *,
     status: str,
     text: str,
-    ends: list[int],
-    seq: int,
+    layout: Layout,
     attempt: int | None,
     error: ErrorInfo | None = None,
 ) -> bool:
-    """Store the final text and status; with ``attempt``, only if that attempt still owns it."""
+    """Store the final text and status (the terminal event's seq is len(layout) + 1);
+    with ``attempt``, only if that attempt still owns the stream."""
     now = utcnow()
     stmt = update(Stream).where(Stream.id == stream_id)
     if attempt is not None:
@@ -74,8 +91,8 @@ def finalize(
     res = db.execute(
         stmt.values(
             status=status,
-            last_seq=seq,
-            chunk_ends=json.dumps(ends),
+            last_seq=len(layout) + 1,
+            seq_layout=json.dumps(layout),
             content_hash=content_hash(text),
             error_code=error.code if error else None,
             error_message=error.message if error else None,
@@ -86,27 +103,41 @@ def finalize(
     if res.rowcount == 0:  # type: ignore[attr-defined]
         db.rollback()
         return False
-    message_id = db.scalar(select(Stream.message_id).where(Stream.id == stream_id))
-    db.execute(
-        update(Message)
-        .where(Message.id == message_id)
-        .values(content=text, status=MESSAGE_STATUS[status], updated_at=now)
-    )
+    _set_message(db, stream_id, content=text, status=MESSAGE_STATUS[status], updated_at=now)
     db.commit()
     return True
+
+
+def reopen(db: Session, stream: Stream, layout: Layout, task_id: str) -> None:
+    """Queue a finished stream again (admin retry); ``layout`` ends with the resumed marker."""
+    now = utcnow()
+    stream.status, stream.task_id = "queued", task_id
+    stream.seq_layout, stream.last_seq = json.dumps(layout), len(layout)
+    stream.error_code = stream.error_message = None
+    stream.finished_at, stream.updated_at = None, now
+    _set_message(db, stream.id, status="pending", updated_at=now)
+    db.commit()
+
+
+def _set_message(db: Session, stream_id: str, **values: Any) -> None:
+    message_id = select(Stream.message_id).where(Stream.id == stream_id).scalar_subquery()
+    db.execute(update(Message).where(Message.id == message_id).values(**values))
 
 
 def events_from_sql(stream: Stream, content: str, after: int) -> list[Event]:
     """Rebuild the log's events with ``seq > after`` from SQL, boundaries and all."""
     events: list[Event] = []
     start = 0
-    ends: list[int] = json.loads(stream.chunk_ends or "[]")
-    for seq, end in enumerate(ends, start=1):
-        if seq > after:
-            events.append(Event(seq, CHUNK, text=content[start:end]))
-        start = end
+    layout = load_layout(stream)
+    for seq, item in enumerate(layout, start=1):
+        if isinstance(item, int):
+            if seq > after:
+                events.append(Event(seq, CHUNK, text=content[start:item]))
+            start = item
+        elif seq > after:
+            events.append(Event.from_entry(f"0-{seq}", {"t": item[0], "d": item[1]}))
     terminal = TERMINAL_FOR_STATUS.get(stream.status)
-    seq = len(ends) + 1
+    seq = len(layout) + 1
     if terminal and seq > after:
         if terminal == "error":
             events.append(
@@ -118,6 +149,5 @@ def events_from_sql(stream: Stream, content: str, after: int) -> list[Event]:
 
 
 def chunk_count(stream: Stream) -> int:
-    """How many chunks of the stream the stored message content holds."""
-    ends: list[int] = json.loads(stream.chunk_ends or "[]")
-    return len(ends)
+    """The seq of the last event whose text the stored content includes."""
+    return len(load_layout(stream))

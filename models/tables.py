@@ -94,15 +94,16 @@ class Stream(Base):
     attempt: Mapped[int] = mapped_column(Integer, default=0)
     task_id: Mapped[str | None] = mapped_column(String(64))
     last_seq: Mapped[int] = mapped_column(Integer, default=0)
-    # JSON list: end offset (in characters) of each chunk, so an expired log can be replayed
-    # from SQL with the very same seq numbers and chunk boundaries.
-    chunk_ends: Mapped[str] = mapped_column(Text, default="[]")
+    # JSON list, one item per seq before the final terminal event: a chunk's end offset in
+    # the content (int), or [type, data] for another event (an earlier terminal event, a
+    # "resumed" marker). An expired log is replayed from it with the very same seqs.
+    seq_layout: Mapped[str] = mapped_column(Text, default="[]")
     content_hash: Mapped[str | None] = mapped_column(String(64))
     error_code: Mapped[str | None] = mapped_column(String(64))
     error_message: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, index=True)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
     message: Mapped[Message] = relationship()

@@ -125,6 +125,8 @@ def stack_env(redis_url: str, database_url: str) -> dict[str, str]:
         RELAY_CHECKPOINT_INTERVAL_S="0.5",
         RELAY_HEARTBEAT_INTERVAL_S="0.5",
         RELAY_HEARTBEAT_STALE_S="3",
+        RELAY_SWEEP_INTERVAL_S="0.5",
+        RELAY_SHUTDOWN_GRACE_S="1",
     )
     return env
 
@@ -148,6 +150,31 @@ def stack(
     running = Stack(env, logdir, port, web, [worker])
     yield running
     running.stop()
+
+
+_isolated = iter(range(2, 16))
+
+
+@pytest.fixture
+def isolated_stack(
+    redis_server: EmbeddedRedis, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[Stack]:
+    """A stack of this test's own (own Redis database, own SQLite file, own web process)
+    with no worker yet, for tests that kill, stop or add workers. Start workers with
+    ``stack.start_worker(name)``; extra settings come from a ``stack_env`` marker."""
+    marker = request.node.get_closest_marker("stack_env")
+    extra: dict[str, str] = dict(marker.kwargs) if marker else {}
+    with migrated_database("sqlite", tmp_path) as database_url:
+        env = stack_env(f"redis://127.0.0.1:{redis_server.port}/{next(_isolated)}", database_url)
+        env.update(extra)
+        port = free_port()
+        web = start_web(env, port, tmp_path)
+        running = Stack(env, tmp_path, port, web, [])
+        try:
+            yield running
+        finally:
+            running.stop()
+            running.redis().flushdb()  # our own server and database number
 
 
 @pytest.fixture

@@ -65,7 +65,7 @@ def _kill_children(pid: int) -> None:
 def start_web(env: Mapping[str, str], port: int, logdir: Path, timeout: float = 30.0) -> Proc:
     args = [
         str(BIN / "gunicorn"),
-        "--worker-class", "gevent",
+        "--config", str(ROOT / "gunicorn.conf.py"),
         "--workers", "1",
         "--worker-connections", "2000",
         "--bind", f"127.0.0.1:{port}",

@@ -29,6 +29,7 @@ def test_claim_append_and_read_back(log: ChunkLog) -> None:
     assert [e.text for e in log.read("s1", 0, 10)] == ["Hel", "lo", " world"]
     assert [e.seq for e in log.read("s1", 1, 10)] == [2, 3]
     assert log.text("s1", 2) == ("Hello", [3, 5])
+    assert log.state("s1").worker == ""
     assert log.last_seq("s1") == 3
     assert list(log.iter_from("s1", 0, batch=2)) == log.read("s1", 0, 10)
 

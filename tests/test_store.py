@@ -43,8 +43,8 @@ def test_checkpoint_and_finalize_are_fenced_by_attempt(db: Session) -> None:
     assert store.checkpoint(db, stream.id, 1, "stale", [5]) is False
     assert store.checkpoint(db, stream.id, 2, "Hel", [3]) is True
     assert db.get(Message, stream.message_id).content == "Hel"  # type: ignore[union-attr]
-    assert not store.finalize(db, stream.id, status="done", text="x", ends=[1], seq=2, attempt=1)
-    assert store.finalize(db, stream.id, status="done", text="Hello", ends=[3, 5], seq=3, attempt=2)
+    assert not store.finalize(db, stream.id, status="done", text="x", layout=[1], attempt=1)
+    assert store.finalize(db, stream.id, status="done", text="Hello", layout=[3, 5], attempt=2)
     db.expire_all()
     row = db.get(Stream, stream.id)
     assert row is not None and row.status == "done" and row.last_seq == 3
@@ -55,7 +55,7 @@ def test_checkpoint_and_finalize_are_fenced_by_attempt(db: Session) -> None:
 
 def test_events_from_sql_rebuild_the_log(db: Session) -> None:
     stream = make_stream(db)
-    store.finalize(db, stream.id, status="done", text="Hello", ends=[3, 5], seq=3, attempt=None)
+    store.finalize(db, stream.id, status="done", text="Hello", layout=[3, 5], attempt=None)
     db.expire_all()
     row = db.get(Stream, stream.id)
     assert row is not None
@@ -71,7 +71,7 @@ def test_events_from_sql_rebuild_the_log(db: Session) -> None:
 def test_failed_stream_replays_its_error(db: Session) -> None:
     stream = make_stream(db)
     store.finalize(
-        db, stream.id, status="failed", text="Hi", ends=[2], seq=2, attempt=None,
+        db, stream.id, status="failed", text="Hi", layout=[2], attempt=None,
         error=store.ErrorInfo("generation_failed", "boom"),
     )  # fmt: skip
     db.expire_all()
@@ -80,3 +80,20 @@ def test_failed_stream_replays_its_error(db: Session) -> None:
     assert store.events_from_sql(row, "Hi", 1) == [
         Event(2, "error", error={"code": "generation_failed", "message": "boom"})
     ]
+
+
+def test_events_from_sql_with_markers_after_a_retry(db: Session) -> None:
+    stream = make_stream(db)
+    layout: store.Layout = [2, ["cancelled", ""], ["resumed", "2"], 4]
+    store.finalize(db, stream.id, status="done", text="Heyo", layout=layout, attempt=None)
+    db.expire_all()
+    row = db.get(Stream, stream.id)
+    assert row is not None
+    assert [e.to_dict() for e in store.events_from_sql(row, "Heyo", 0)] == [
+        {"type": "chunk", "seq": 1, "text": "He"},
+        {"type": "cancelled", "seq": 2},
+        {"type": "resumed", "seq": 3, "attempt": 2},
+        {"type": "chunk", "seq": 4, "text": "yo"},
+        {"type": "done", "seq": 5, "messageId": row.message_id},
+    ]
+    assert store.chunk_count(row) == 4

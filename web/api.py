@@ -114,7 +114,9 @@ def resume_chat() -> Response:
         .order_by(Message.position.desc())
         .limit(1)
     )
-    if answer is not None and answer.status == "complete" and answer.updated_at >= recent:
+    # after > 0: the client already read this stream; sending it whole again would duplicate.
+    fresh = answer is not None and answer.status == "complete" and answer.updated_at >= recent
+    if answer is not None and fresh and after == 0:
         return snapshot_response(answer.content, answer.id)
     return Response(status=204)
 

@@ -8,13 +8,14 @@ event from the hub is checked against the viewer's cursor, and any gap is filled
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 
 from sqlalchemy.orm import Session
 
 from models import store
-from models.chunklog import ChunkLog
+from models.chunklog import ChunkLog, LogState
 from models.events import Event
 from models.tables import TERMINAL_STREAM_STATUSES, Message, Stream
 from web.hub import Hub, Subscription
@@ -59,6 +60,7 @@ class Follower:
     idle_s: float = 0.5
     batch: int = 500
     recheck_ticks: int = 20  # safety re-read of the log every recheck_ticks idle ticks
+    stale_ms: float = 8000.0  # a running writer whose heartbeat is older is presumed dead
 
     def follow(self, after: int, initial: Snapshot) -> Generator[Event | None, None, None]:
         if initial.finished and not self.log.exists(self.stream_id):
@@ -93,7 +95,12 @@ class Follower:
                 cursor, ended = yield from self._drain(cursor)  # a gap: the log fills it
                 continue
             yield event
-            cursor, ended = event.seq, event.terminal
+            cursor, ended = event.seq, self._final(event)
+
+    def _final(self, event: Event) -> bool:
+        """A terminal event ends the attach unless an admin retry has already continued the
+        stream after it (a ``resumed`` event follows)."""
+        return event.terminal and not self.log.read(self.stream_id, event.seq, 1)
 
     def _drain(self, cursor: int) -> Drain:
         for event in self.log.iter_from(self.stream_id, cursor, self.batch):
@@ -101,7 +108,7 @@ class Follower:
                 continue
             yield event
             cursor = event.seq
-            if event.terminal:
+            if self._final(event):
                 return cursor, True
         return cursor, False
 
@@ -113,7 +120,7 @@ class Follower:
         if ended or cursor != before:
             return cursor, ended
         state = self.log.state(self.stream_id)
-        if state.status == "running" or state.status == "queued":
+        if state.status == "queued" or (state.status == "running" and self._writer_alive(state)):
             return cursor, False
         snap = self.snapshot()
         if not snap.finished:
@@ -122,3 +129,7 @@ class Follower:
             yield event
             cursor = event.seq
         return cursor, True
+
+    def _writer_alive(self, state: LogState) -> bool:
+        now_ms = time.time() * 1000
+        return state.heartbeat_ms is not None and now_ms - state.heartbeat_ms < self.stale_ms

@@ -13,7 +13,8 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from models import store
+from models import lifecycle, store
+from models.events import error_event
 from models.exceptions import BrokerUnavailable, ChatBusy, ChatNotFound, StreamNotFound
 from models.tables import ACTIVE_STREAM_STATUSES, Chat, Message, Stream, utcnow
 from web.runtime import Runtime
@@ -81,24 +82,21 @@ def commit_turn(db: Session) -> None:
 
 def enqueue(rt: Runtime, db: Session, stream: Stream) -> None:
     """Hand the committed stream to a worker; the first attempt's task id is the stream ID."""
-    rt.log.init(stream.id)
     try:
+        rt.log.init(stream.id)
         rt.celery.send_task(GENERATE, args=[stream.id], task_id=stream.id)
     except Exception as exc:
         log.exception("stream=%s could not be enqueued", stream.id)
-        with contextlib.suppress(RedisError):  # end the log too, so no viewer waits
-            rt.log.cancel(stream.id, rt.settings.heartbeat_stale_s)
-        store.finalize(
-            db,
-            stream.id,
-            status="failed",
-            text="",
-            ends=[],
-            seq=1,
-            attempt=None,
-            error=store.ErrorInfo("broker_unavailable", "the task queue is unreachable"),
-        )
+        _fail_unqueued(rt, db, stream)
         raise BrokerUnavailable("the task queue is unreachable; try again shortly") from exc
+
+
+def _fail_unqueued(rt: Runtime, db: Session, stream: Stream) -> None:
+    """End a stream that never reached the queue, in SQL and (if reachable) in the log."""
+    error = store.ErrorInfo("broker_unavailable", "the task queue was unreachable")
+    store.finalize(db, stream.id, status="failed", text="", layout=[], attempt=None, error=error)
+    with contextlib.suppress(RedisError):
+        rt.log.seal(stream.id, [error_event(1, error.code, error.message)], 0)
 
 
 def check_not_busy(rt: Runtime, db: Session, chat_id: str | None, interrupt: bool) -> None:
@@ -118,14 +116,7 @@ def check_not_busy(rt: Runtime, db: Session, chat_id: str | None, interrupt: boo
 
 def cancel_stream(rt: Runtime, db: Session, stream: Stream) -> str:
     """Ask the stream to stop; when nobody is writing it, end it here and save its text."""
-    result, seq = rt.log.cancel(stream.id, rt.settings.heartbeat_stale_s)
-    if result == "finalized":
-        text, ends = rt.log.text(stream.id, seq - 1)
-        store.finalize(
-            db, stream.id, status="cancelled", text=text, ends=ends, seq=seq, attempt=None
-        )
-        db.refresh(stream)
-    return result
+    return lifecycle.cancel(rt.log, db, stream, rt.settings.heartbeat_stale_s)
 
 
 def _title(text: str) -> str:

@@ -19,10 +19,12 @@ from models.tables import Stream
 from web.attach import Follower, Snapshot, load_snapshot
 from web.auth import current_user_id
 from web.chats import cancel_stream, get_chat, get_stream, latest_stream
+from web import shutdown
 from web.runtime import Runtime, get_runtime
 
 SSE_KEEPALIVE_S = 10.0
 CLOSE_NORMAL = 1000
+CLOSE_GOING_AWAY = 1001
 Resolver = Callable[[Session, str], Stream]
 
 
@@ -61,6 +63,7 @@ def follower(rt: Runtime, stream_id: str) -> Follower:
         stream_id,
         snapshot,
         idle_s=rt.settings.idle_tick_s,
+        stale_ms=rt.settings.heartbeat_stale_s * 1000,
         batch=rt.settings.catchup_batch,
     )
 
@@ -93,6 +96,8 @@ def _sse_body(events: Generator[Event | None, None, None]) -> Iterator[str]:
     with closing(events):
         for event in events:
             now = time.monotonic()
+            if shutdown.going_away():
+                return  # the EventSource reconnects (to another process) with Last-Event-ID
             if event is None:
                 if now - last_write >= SSE_KEEPALIVE_S:
                     last_write = now
@@ -135,12 +140,14 @@ def serve_socket(ws: Server, resolve: Resolver) -> None:
     with closing(follower(rt, stream.id).follow(after, snap)) as events:
         for event in events:
             _read_client(ws, rt, uid, stream.id)
+            if shutdown.going_away():
+                ws.close(CLOSE_GOING_AWAY, "server restarting; reconnect with after=<last seq>")
+                return
             if event is None:
                 continue
             ws.send(event.to_json())
-            if event.terminal:
-                ws.close(CLOSE_NORMAL, "stream ended")
-                return
+    # The follower ends right after the stream's final terminal event.
+    ws.close(CLOSE_NORMAL, "stream ended")
 
 
 def _read_client(ws: Server, rt: Runtime, uid: str, stream_id: str) -> None:

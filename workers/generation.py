@@ -32,6 +32,10 @@ class Job:
     history: tuple[Turn, ...]
 
 
+class HandedOff(Exception):
+    """The worker is shutting down: the stream was released for another worker."""
+
+
 def load_job(rt: WorkerRuntime, stream_id: str) -> Job | None:
     """Load the stream and the conversation before its answer."""
     with rt.sessions() as db:
@@ -57,34 +61,47 @@ def run_generation(rt: WorkerRuntime, stream_id: str, task_id: str) -> str:
         return "missing"
     if job.status in TERMINAL_STREAM_STATUSES:
         return "finished"
-    claim = rt.log.claim(stream_id, task_id, rt.settings.heartbeat_stale_s)
+    claim = rt.log.claim(stream_id, task_id, rt.settings.heartbeat_stale_s, rt.worker_name)
     if claim.result != "claimed":
         log.info("stream=%s task=%s not started: %s", stream_id, task_id, claim.result)
         return claim.result
-    log.info("stream=%s attempt=%d from seq=%d", stream_id, claim.attempt, claim.last_seq)
-    writer = LogWriter(rt, job, claim.attempt, claim.last_seq)
-    with rt.sessions() as db:
-        store.mark_running(db, stream_id, claim.attempt, task_id)
+    log.info("stream=%s attempt=%d task=%s from seq=%d", stream_id, claim.attempt, task_id,
+             claim.last_seq)  # fmt: skip
+    writer = LogWriter(rt, job, claim.attempt, claim.last_seq, task_id)
     try:
-        with heartbeat(rt, stream_id, claim.attempt):
+        with rt.sessions() as db:
+            store.mark_running(db, stream_id, claim.attempt, task_id)
+        with watch(rt, writer):
             if claim.cancel_requested:
                 return writer.finish("cancelled")
             return writer.run()
     except StaleAttempt:
         log.warning("stream=%s attempt=%d was superseded; stopping", stream_id, claim.attempt)
         return "superseded"
+    except HandedOff:
+        rt.log.release(stream_id, claim.attempt)
+        rt.enqueue(stream_id, task_id)
+        log.warning("stream=%s attempt=%d handed back for another worker", stream_id,
+                    claim.attempt)  # fmt: skip
+        return "handed-off"
 
 
 class LogWriter:
     """Append one attempt's pieces to the log and keep SQL in step."""
 
-    def __init__(self, rt: WorkerRuntime, job: Job, attempt: int, last_seq: int) -> None:
+    def __init__(
+        self, rt: WorkerRuntime, job: Job, attempt: int, last_seq: int, task_id: str
+    ) -> None:
         self.rt = rt
         self.job = job
         self.attempt = attempt
+        self.task_id = task_id
         self.next_seq = last_seq + 1
-        self.text, self.ends = rt.log.text(job.stream_id, last_seq) if last_seq else ("", [])
-        self.checkpointed_at = time.monotonic()
+        self.text, self.layout = rt.log.text(job.stream_id, last_seq) if last_seq else ("", [])
+        self.started = time.monotonic()
+        self.checkpointed_at = self.started
+        self.handoff = threading.Event()  # set by the watcher when the worker shuts down
+        self.first_chunk_at: float | None = None
 
     def run(self) -> str:
         generator = self.rt.generator
@@ -102,7 +119,7 @@ class LogWriter:
         except GenerationError as exc:
             log.warning("stream=%s generator failed: %s", self.job.stream_id, exc)
             return self.fail(exc.code, str(exc))
-        except StaleAttempt:
+        except (StaleAttempt, HandedOff):
             raise
         except Exception as exc:
             log.exception("stream=%s generator crashed", self.job.stream_id)
@@ -111,6 +128,7 @@ class LogWriter:
 
     def write_all(self, pieces: Generator[str, None, None]) -> bool:
         """Append every piece; return True when a cancel was requested."""
+        limit = self.rt.settings.max_generation_s
         for piece in pieces:
             if not piece:
                 continue
@@ -119,9 +137,16 @@ class LogWriter:
             )
             self.next_seq += 1
             self.text += piece
-            self.ends.append(len(self.text))
+            self.layout.append(len(self.text))
+            self.rt.metrics.chunk()
+            if self.first_chunk_at is None:
+                self.first_chunk_at = time.monotonic()
             if cancel:
                 return True
+            if self.handoff.is_set():
+                raise HandedOff(self.job.stream_id)
+            if time.monotonic() - self.started > limit:
+                raise GenerationError(f"the answer took longer than {limit:.0f}s", "timeout")
             self.maybe_checkpoint()
         return False
 
@@ -129,7 +154,7 @@ class LogWriter:
         if time.monotonic() - self.checkpointed_at < self.rt.settings.checkpoint_interval_s:
             return
         with self.rt.sessions() as db:
-            if not store.checkpoint(db, self.job.stream_id, self.attempt, self.text, self.ends):
+            if not store.checkpoint(db, self.job.stream_id, self.attempt, self.text, self.layout):
                 raise StaleAttempt(f"stream {self.job.stream_id} checkpoint refused")
         self.checkpointed_at = time.monotonic()
 
@@ -146,39 +171,47 @@ class LogWriter:
                 self.job.stream_id,
                 status=status,
                 text=self.text,
-                ends=self.ends,
-                seq=seq,
+                layout=self.layout,
                 attempt=self.attempt,
                 error=error,
             )
         if not ok:
             raise StaleAttempt(f"stream {self.job.stream_id} finalize refused")
-        kind = TERMINAL_FOR_STATUS[status]
+        self.rt.fault("before-terminal")
         if error is not None:
             event = error_event(seq, error.code, error.message)
         else:
-            event = Event(seq, kind, message_id=self.job.message_id)
+            event = Event(seq, TERMINAL_FOR_STATUS[status], message_id=self.job.message_id)
         self.rt.log.append(self.job.stream_id, self.attempt, event)
-        log.info(
-            "stream=%s attempt=%d ended %s at seq=%d", self.job.stream_id, self.attempt, status, seq
-        )
+        self.rt.metrics.finished(status, time.monotonic() - self.started, self.ttfc())
+        log.info("stream=%s attempt=%d ended %s at seq=%d", self.job.stream_id, self.attempt,
+                 status, seq)  # fmt: skip
         return status
+
+    def ttfc(self) -> float | None:
+        return None if self.first_chunk_at is None else self.first_chunk_at - self.started
 
 
 @contextmanager
-def heartbeat(rt: WorkerRuntime, stream_id: str, attempt: int) -> Iterator[None]:
-    """Keep the attempt's heartbeat fresh while the body runs, even between slow chunks."""
+def watch(rt: WorkerRuntime, writer: LogWriter) -> Iterator[None]:
+    """While the body runs: keep the heartbeat fresh (even between slow chunks), turn a
+    Celery revoke of this task into a cancel, and hand off when the worker shuts down."""
     stop = threading.Event()
+    sid, attempt = writer.job.stream_id, writer.attempt
 
     def beat() -> None:
         while not stop.wait(rt.settings.heartbeat_interval_s):
             try:
-                if not rt.log.heartbeat(stream_id, attempt):
+                if not rt.log.heartbeat(sid, attempt):
                     return
+                if rt.is_revoked(writer.task_id):
+                    rt.log.cancel(sid, rt.settings.heartbeat_stale_s)
+                if rt.shutting_down():
+                    writer.handoff.set()
             except Exception:  # keep beating through a Redis blip; the next beat retries
-                log.warning("stream=%s heartbeat failed", stream_id, exc_info=True)
+                log.warning("stream=%s heartbeat failed", sid, exc_info=True)
 
-    thread = threading.Thread(target=beat, name=f"heartbeat-{stream_id[:8]}", daemon=True)
+    thread = threading.Thread(target=beat, name=f"heartbeat-{sid[:8]}", daemon=True)
     thread.start()
     try:
         yield

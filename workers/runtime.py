@@ -1,17 +1,44 @@
-"""What a worker process needs: SQL sessions, the chunk log and the generator, built once."""
+"""What a worker process needs: SQL sessions, the chunk log, the generator and hooks into
+the Celery worker (revokes, shutdown), built once per process."""
 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from sqlalchemy.orm import Session, sessionmaker
 
 from models.chunklog import ChunkLog
 from models.db import make_engine, make_sessionmaker
+from models.lifecycle import Enqueue, Sweeper
 from models.redisconn import make_redis
 from models.settings import Settings
 from workers.generators import Generator, make_generator
+from workers.metrics import WorkerMetrics
+
+log = logging.getLogger("relay.worker")
+
+
+@dataclass
+class Shutdown:
+    """Set when the worker starts a warm shutdown; generations get a grace period to finish
+    before they are handed back to the queue."""
+
+    grace_s: float
+    started_at: float | None = None
+
+    def begin(self) -> None:
+        if self.started_at is None:
+            self.started_at = time.monotonic()
+
+    def expired(self) -> bool:
+        return self.started_at is not None and time.monotonic() - self.started_at >= self.grace_s
 
 
 @dataclass
@@ -20,9 +47,37 @@ class WorkerRuntime:
     sessions: sessionmaker[Session]
     log: ChunkLog
     generator: Generator
+    enqueue: Enqueue
+    is_revoked: Callable[[str], bool]
+    shutdown: Shutdown
+    metrics: WorkerMetrics = field(default_factory=WorkerMetrics)
+    worker_name: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
+
+    def shutting_down(self) -> bool:
+        return self.shutdown.expired()
+
+    def fault(self, point: str) -> None:
+        """Test aid: pause at a named point (RELAY_FAULT_PAUSE=point=seconds) so a test can
+        kill the worker exactly there. Unset in production."""
+        for item in self.settings.fault_pause:
+            name, _, seconds = item.partition("=")
+            if name == point:
+                log.warning("fault point %s: pausing %ss", point, seconds)
+                time.sleep(float(seconds or 0))
+
+    def sweeper(self) -> Sweeper:
+        return Sweeper(
+            self.log,
+            self.sessions,
+            self.enqueue,
+            self.settings.heartbeat_stale_s,
+            self.settings.queued_grace_s,
+        )
 
 
-def build_runtime(settings: Settings) -> WorkerRuntime:
+def build_runtime(
+    settings: Settings, enqueue: Enqueue, is_revoked: Callable[[str], bool]
+) -> WorkerRuntime:
     client = make_redis(settings.redis_url, settings.redis_max_connections)
     return WorkerRuntime(
         settings=settings,
@@ -33,10 +88,26 @@ def build_runtime(settings: Settings) -> WorkerRuntime:
             running_ttl_s=settings.running_log_ttl_s,
         ),
         generator=make_generator(settings),
+        enqueue=enqueue,
+        is_revoked=is_revoked,
+        shutdown=Shutdown(settings.shutdown_grace_s),
     )
+
+
+_lock = threading.Lock()
 
 
 @functools.cache
 def get_runtime() -> WorkerRuntime:
-    """The process's runtime, built on first use (after the worker forked)."""
-    return build_runtime(Settings.from_env())
+    """The process's runtime, built on first use (after the worker started)."""
+    from celery.worker import state as worker_state
+
+    from workers.celery_app import GENERATE, app
+
+    def enqueue(stream_id: str, task_id: str) -> None:
+        app.send_task(GENERATE, args=[stream_id], task_id=task_id)
+
+    def is_revoked(task_id: str) -> bool:
+        return task_id in worker_state.revoked
+
+    return build_runtime(Settings.from_env(), enqueue, is_revoked)

@@ -1,0 +1,36 @@
+"""Gunicorn settings for relay's web tier (``gunicorn -c gunicorn.conf.py 'web:create_app()'``).
+
+Command-line flags override these (the tests pass their own --bind and --workers).
+"""
+
+import os
+import signal
+from typing import Any
+
+# gevent: one process holds thousands of mostly idle WebSocket/SSE connections.
+worker_class = "gevent"
+# The default (1,000) is far below what one gevent process can hold for idle viewers.
+worker_connections = int(os.environ.get("WEB_WORKER_CONNECTIONS", "10000"))
+workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
+bind = [f"0.0.0.0:{os.environ.get('PORT', '8000')}"]
+# On SIGTERM, sockets are closed with 1001 "going away" at once (see post_worker_init);
+# this is how long the rest (plain HTTP requests) get to finish.
+graceful_timeout = 10
+# Long-lived streams are not "hung requests"; the gevent worker does not apply this to them,
+# but keep it generous for synchronous start-up work.
+timeout = 60
+accesslog = "-"
+
+
+def post_worker_init(worker: Any) -> None:
+    """Tell open streams the process is going away before gunicorn stops accepting."""
+    original = worker.handle_exit
+
+    def handle_exit(sig: int, frame: Any) -> None:
+        from web.shutdown import begin
+
+        begin()
+        original(sig, frame)
+
+    worker.handle_exit = handle_exit
+    signal.signal(signal.SIGTERM, handle_exit)

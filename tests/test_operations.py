@@ -1,0 +1,262 @@
+"""Operations against real processes: the Celery CLI (revoke, inspect, streams ...), worker
+crashes (SIGKILL) and graceful shutdown (SIGTERM) of workers and web servers."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import threading
+
+import pytest
+
+from tests.client import Attach, Client, chunk_text, wait_for
+from tests.conftest import Stack
+from tests.procs import BIN, ROOT, Proc
+
+LONG = "[demo:words=300]"
+
+
+def celery(stack: Stack, *args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(BIN / "celery"), "-A", "workers", *args],
+        env=stack.env, cwd=ROOT, capture_output=True, text=True, timeout=60, check=check,
+    )  # fmt: skip
+
+
+def writer_of(stack: Stack, sid: str, workers: list[Proc]) -> Proc:
+    """The worker process currently writing the stream (from the log's state)."""
+    name = wait_for(lambda: stack.redis().hget(f"relay:{{{sid}}}:state", "worker"), timeout=20)
+    pid = int(name.rsplit(":", 1)[1])
+    return next(w for w in workers if w.pid == pid)
+
+
+def read_rest(client: Client, sid: str, seen: Attach) -> list[dict[str, object]]:
+    """Keep re-attaching with after=<last seq> until the terminal event, as a client would."""
+    events = list(seen.events)
+    while not events or events[-1]["type"] not in {"done", "cancelled", "error"}:
+        after = int(events[-1]["seq"]) if events else 0  # type: ignore[call-overload]
+        events += client.attach(sid, after=after, timeout=60).events
+    return events
+
+
+def assert_coherent(client: Client, chat_id: str, events: list[dict[str, object]]) -> None:
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+    assert chunk_text(events) == client.answer(chat_id)["content"]
+
+
+# -- admin commands ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["control", "revoke"],
+        # revoke(..., terminate=True) from the CLI; the threads pool cannot kill a thread, so
+        # the revoke it records is honoured cooperatively, with the same clean result.
+        ["control", "terminate", "SIGTERM"],
+    ],
+)
+def test_celery_revoke_cancels_cooperatively(isolated_stack: Stack, command: list[str]) -> None:
+    stack = isolated_stack
+    stack.start_worker("w1")
+    client = stack.client()
+    posted = client.post_chat(f"Revoke me {LONG}")
+    sid = posted["streamId"]
+    seen = client.attach(sid, until=lambda a: len(a.events) >= 10)
+    celery(stack, *command, sid)
+    events = read_rest(client, sid, seen)
+    assert events[-1]["type"] == "cancelled"
+    assert_coherent(client, posted["chatId"], events)
+    answer = client.answer(posted["chatId"])
+    assert answer["status"] == "cancelled" and answer["content"]
+    assert client.stream(sid)["status"] == "cancelled"
+
+
+def test_revoke_of_a_queued_task_cancels_its_stream(isolated_stack: Stack) -> None:
+    stack = isolated_stack
+    stack.start_worker("w1")
+    client = stack.client()
+    # Fill the worker's 8 threads so the next task waits in the queue.
+    busy = [client.post_chat(f"busy {i} [demo:words=2000] [demo:rate=20]") for i in range(8)]
+    for b in busy:
+        client.wait_status(b["streamId"], {"running"})
+    posted = client.post_chat(f"Never started {LONG}")
+    sid = posted["streamId"]
+    celery(stack, "control", "revoke", sid)
+    for b in busy:  # free the threads: the worker now takes the revoked task and drops it
+        client.request("POST", f"/api/v1/streams/{b['streamId']}/cancel")
+    got = client.attach(sid)
+    assert [e["type"] for e in got.events] == ["cancelled"]
+    assert client.answer(posted["chatId"])["status"] == "cancelled"
+
+
+def test_inspect_active_shows_generations_by_stream_id(isolated_stack: Stack) -> None:
+    stack = isolated_stack
+    stack.start_worker("w1")
+    client = stack.client()
+    posted = client.post_chat(f"Inspect me {LONG}")
+    client.attach(posted["streamId"], until=lambda a: len(a.events) >= 3)
+    out = celery(stack, "inspect", "active", "--json").stdout
+    active = [task for tasks in json.loads(out).values() for task in tasks]
+    assert [(t["id"], t["args"]) for t in active] == [(posted["streamId"], [posted["streamId"]])]
+    client.request("POST", f"/api/v1/streams/{posted['streamId']}/cancel")
+
+
+def test_streams_commands(isolated_stack: Stack) -> None:
+    stack = isolated_stack
+    stack.start_worker("w1")
+    client = stack.client()
+    posted = client.post_chat(f"Admin me {LONG}")
+    sid = posted["streamId"]
+    seen = client.attach(sid, until=lambda a: len(a.events) >= 5)
+    listed = celery(stack, "streams", "list", "--status", "running", check=True).stdout
+    assert sid in listed and "running" in listed
+    shown = json.loads(celery(stack, "streams", "show", sid, check=True).stdout)
+    assert shown["status"] == "running" and shown["taskId"] == sid and shown["worker"]
+    # Retrying a running stream is an illegal transition, with a clear message.
+    refused = celery(stack, "streams", "retry", sid)
+    assert refused.returncode == 2 and "only failed or cancelled" in refused.stderr
+    out = celery(stack, "streams", "cancel", sid, check=True).stdout
+    assert "cancel requested" in out
+    first = read_rest(client, sid, seen)
+    assert first[-1]["type"] == "cancelled"
+    partial = client.answer(posted["chatId"])["content"]
+    # Retry continues the same stream ID after a "resumed" event; viewers see it continue.
+    out = celery(stack, "streams", "retry", sid, check=True).stdout
+    assert "retrying" in out
+    rest = client.attach(sid, after=first[-1]["seq"])
+    assert rest.events[0] == {"type": "resumed", "seq": first[-1]["seq"] + 1, "attempt": 2}
+    assert rest.last["type"] == "done"
+    events = first + rest.events
+    assert_coherent(client, posted["chatId"], events)
+    final = client.answer(posted["chatId"])
+    assert final["status"] == "complete" and final["content"].startswith(partial)
+    # A fresh viewer replays the whole history: chunks, cancelled, resumed, chunks, done.
+    assert client.attach(sid).events == events
+    assert celery(stack, "streams", "list", check=True).stdout.count(sid) == 1
+    for command in ("show", "cancel", "retry"):
+        missing = celery(stack, "streams", command, "no-such-stream")
+        assert missing.returncode == 1 and "no stream 'no-such-stream'" in missing.stderr
+    done = celery(stack, "streams", "cancel", sid)
+    assert done.returncode == 2 and "already ended" in done.stdout
+
+
+# -- worker crashes ---------------------------------------------------------------------------
+
+
+def test_sigkill_of_the_writing_worker_with_another_running(isolated_stack: Stack) -> None:
+    stack = isolated_stack
+    workers = [stack.start_worker("w1"), stack.start_worker("w2")]
+    client = stack.client()
+    posted = client.post_chat(f"Crash test {LONG}")
+    sid = posted["streamId"]
+    seen = client.attach(sid, until=lambda a: len(a.events) >= 20)
+    victim = writer_of(stack, sid, workers)
+    victim.kill()
+    events = read_rest(client, sid, seen)
+    assert events[-1]["type"] == "done"
+    assert_coherent(client, posted["chatId"], events)
+    survivor = next(w for w in workers if w is not victim)
+    assert f"stream={sid} attempt=2" in survivor.output()
+    assert client.stream(sid)["attempt"] == 2
+
+
+def test_sigkill_of_the_only_worker_then_a_new_one(isolated_stack: Stack) -> None:
+    stack = isolated_stack
+    first = stack.start_worker("w1")
+    client = stack.client()
+    posted = client.post_chat(f"Lonely crash {LONG}")
+    sid = posted["streamId"]
+    seen = client.attach(sid, until=lambda a: len(a.events) >= 20)
+    first.kill()
+    stack.start_worker("w2")
+    events = read_rest(client, sid, seen)
+    assert events[-1]["type"] == "done"
+    assert_coherent(client, posted["chatId"], events)
+
+
+@pytest.mark.stack_env(RELAY_FAULT_PAUSE="before-terminal=60")
+def test_sigkill_during_the_final_write(isolated_stack: Stack) -> None:
+    stack = isolated_stack
+    worker = stack.start_worker("w1")
+    client = stack.client()
+    posted = client.post_chat("Die at the very end [demo:words=20]")
+    sid = posted["streamId"]
+    # The answer is stored in SQL; the worker now pauses before writing the terminal event.
+    wait_for(lambda: "fault point before-terminal" in worker.output(), timeout=30)
+    seen = client.attach(sid, until=lambda a: bool(a.events) and a.events[-1]["seq"] >= 3)
+    worker.kill()
+    stack.env.pop("RELAY_FAULT_PAUSE")
+    stack.start_worker("w2")  # its sweeper writes the missing end from SQL
+    events = read_rest(client, sid, seen)
+    assert events[-1]["type"] == "done"
+    assert_coherent(client, posted["chatId"], events)
+    assert client.stream(sid)["status"] == "done"
+
+
+def test_a_redelivered_copy_of_a_live_stream_does_nothing(isolated_stack: Stack) -> None:
+    stack = isolated_stack
+    worker = stack.start_worker("w1")
+    client = stack.client()
+    posted = client.post_chat(f"Redelivery {LONG}")
+    sid = posted["streamId"]
+    seen = client.attach(sid, until=lambda a: len(a.events) >= 5)
+    # What the broker does after a visibility timeout: deliver the same task again.
+    subprocess.run(
+        [str(BIN / "python"), "-c",
+         f"from workers import app; app.send_task('relay.generate', args=['{sid}'], "
+         f"task_id='{sid}')"],
+        env=stack.env, cwd=ROOT, check=True, timeout=60,
+    )  # fmt: skip
+    wait_for(lambda: f"stream={sid} task={sid} not started: busy" in worker.output(), 20)
+    events = read_rest(client, sid, seen)
+    assert events[-1]["type"] == "done"
+    assert_coherent(client, posted["chatId"], events)
+    assert client.stream(sid)["attempt"] == 1
+
+
+# -- graceful shutdown -----------------------------------------------------------------------
+
+
+def test_sigterm_hands_running_generations_to_another_worker(isolated_stack: Stack) -> None:
+    stack = isolated_stack
+    workers = [stack.start_worker("w1"), stack.start_worker("w2")]
+    client = stack.client()
+    posted = client.post_chat("Long goodbye [demo:words=1200]")
+    sid = posted["streamId"]
+    seen = client.attach(sid, until=lambda a: len(a.events) >= 10)
+    leaving = writer_of(stack, sid, workers)
+    leaving.popen.send_signal(signal.SIGTERM)
+    leaving.popen.wait(30)  # exits after the 1 s grace, without waiting for the answer
+    assert "handed back for another worker" in leaving.output()
+    events = read_rest(client, sid, seen)
+    assert events[-1]["type"] == "done"
+    assert_coherent(client, posted["chatId"], events)
+
+
+def test_sigterm_to_web_closes_sockets_with_going_away(isolated_stack: Stack) -> None:
+    stack = isolated_stack
+    stack.start_worker("w1")
+    web, port = stack.start_web()
+    client = stack.client(f"http://127.0.0.1:{port}")
+    posted = client.post_chat(f"Web going away {LONG}")
+    got: list[Attach] = []
+
+    def view() -> None:
+        got.append(client.attach(posted["streamId"]))
+
+    viewer = threading.Thread(target=view)
+    viewer.start()
+    wait_for(lambda: client.stream(posted["streamId"])["lastSeq"] >= 5, timeout=20)
+    os.kill(web.pid, signal.SIGTERM)
+    viewer.join(30)
+    assert got and got[0].close_code == 1001 and "reconnect" in got[0].close_reason
+    assert got[0].events and got[0].last["type"] == "chunk"
+    web.popen.wait(30)
+    # The client re-attaches on another web process and completes the answer.
+    other = stack.client()
+    other.http.cookies = client.http.cookies
+    events = read_rest(other, posted["streamId"], got[0])
+    assert_coherent(other, posted["chatId"], events)
