@@ -194,8 +194,21 @@ def test_resume_endpoint_answers_204_when_nothing_is_recent(stack: Stack) -> Non
     web.stop()
 
 
-def test_health(client: Client) -> None:
+def test_health_readiness_and_metrics(client: Client) -> None:
     assert client.get_json("/healthz") == {"status": "ok"}
+    assert client.get_json("/readyz") == {
+        "status": "ok",
+        "checks": {"redis": "ok", "database": "ok"},
+    }
+    posted = client.post_chat("measure me [demo:words=10]")
+    client.attach(posted["streamId"])
+    client.attach(posted["streamId"], after=3)
+    metrics = client.request("GET", "/metrics").text
+    assert 'relay_streams{status="done"}' in metrics
+    assert 'relay_attaches_total{kind="resume",transport="ws"}' in metrics
+    assert "relay_catchup_events_bucket" in metrics
+    assert "relay_hub_dispatch_seconds_count" in metrics
+    assert 'relay_viewers_connected{transport="ws"} 0.0' in metrics
 
 
 def test_bearer_token_users(stack: Stack) -> None:

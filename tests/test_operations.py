@@ -9,11 +9,15 @@ import signal
 import subprocess
 import threading
 
+from pathlib import Path
+
 import pytest
+import requests
 
 from tests.client import Attach, Client, chunk_text, wait_for
 from tests.conftest import Stack
-from tests.procs import BIN, ROOT, Proc
+from ops.redis_server import free_port
+from tests.procs import BIN, ROOT, Proc, start_web
 
 LONG = "[demo:words=300]"
 
@@ -260,3 +264,32 @@ def test_sigterm_to_web_closes_sockets_with_going_away(isolated_stack: Stack) ->
     other.http.cookies = client.http.cookies
     events = read_rest(other, posted["streamId"], got[0])
     assert_coherent(other, posted["chatId"], events)
+
+
+# -- observability ----------------------------------------------------------------------------
+
+
+def test_readyz_fails_when_redis_is_gone_and_worker_metrics(
+    isolated_stack: Stack, tmp_path: Path
+) -> None:
+    stack = isolated_stack
+    port = free_port()
+    stack.env["RELAY_WORKER_METRICS_PORT"] = str(port)
+    stack.start_worker("w1")
+    client = stack.client()
+    posted = client.post_chat("metrics [demo:words=20]")
+    assert client.attach(posted["streamId"]).last["type"] == "done"
+    text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    assert 'relay_generations_total{outcome="done"} 1.0' in text
+    assert "relay_time_to_first_chunk_seconds_count 1.0" in text
+    assert "relay_chunks_appended_total" in text
+    # A web process pointed at a Redis that is not there is alive but not ready.
+    dead = {**stack.env, "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}
+    web = start_web(dead, (web_port := free_port()), tmp_path)
+    try:
+        resp = requests.get(f"http://127.0.0.1:{web_port}/readyz", timeout=30)
+        assert resp.status_code == 503
+        assert resp.json()["checks"]["redis"].startswith("error")
+        assert resp.json()["checks"]["database"] == "ok"
+    finally:
+        web.stop()

@@ -13,7 +13,7 @@ from flask import Flask, send_from_directory
 from flask.typing import ResponseReturnValue
 
 from models.settings import VAR_DIR, Settings
-from web import api, errors, runtime, streaming
+from web import api, errors, metrics, runtime, streaming
 
 
 def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
@@ -41,6 +41,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     errors.init_app(app)
     api.init_app(app)
     streaming.init_app(app)
+    metrics.init_app(app)
     _register_pages(app)
     _register_cli(app)
     return app

@@ -171,7 +171,3 @@ def _cancel_status(result: str) -> str:
 
 def init_app(app: Flask) -> None:
     app.register_blueprint(bp)
-
-    @app.get("/healthz")
-    def healthz() -> Response:
-        return jsonify(status="ok")

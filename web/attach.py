@@ -19,6 +19,7 @@ from models.chunklog import ChunkLog, LogState
 from models.events import Event
 from models.tables import TERMINAL_STREAM_STATUSES, Message, Stream
 from web.hub import Hub, Subscription
+from web.instruments import CATCHUP
 
 # Drain result: (new cursor, whether the terminal event was yielded).
 Drain = Generator[Event, None, tuple[int, bool]]
@@ -67,6 +68,7 @@ class Follower:
             yield from initial.events(after)  # the log expired: SQL has it all
             return
         cursor, ended = yield from self._drain(after)
+        CATCHUP.observe(cursor - after)
         if ended:
             return
         sub = self.hub.subscribe(self.stream_id, cursor)

@@ -19,6 +19,7 @@ import redis
 from models import keys
 from models.events import Event
 from models.redisconn import make_blocking_client
+from web.instruments import HUB_DISPATCH, HUB_LAGGED
 
 log = logging.getLogger("relay.hub")
 
@@ -167,6 +168,7 @@ class Hub:
                 self._dispatch(keys.stream_id_from_key(key), entries)
 
     def _dispatch(self, stream_id: str, entries: list[tuple[str, dict[str, str]]]) -> None:
+        started = time.perf_counter()
         events = [Event.from_entry(eid, fields) for eid, fields in entries]
         if not events:
             return
@@ -175,5 +177,9 @@ class Hub:
                 self._cursors[stream_id] = max(self._cursors[stream_id], events[-1].seq)
             subs = list(self._subs.get(stream_id, ()))
         for sub in subs:
+            was_lagged = sub.lagged
             for event in events:
                 sub.offer(event)
+            if sub.lagged and not was_lagged:
+                HUB_LAGGED.inc()
+        HUB_DISPATCH.observe(time.perf_counter() - started)

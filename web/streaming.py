@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Generator, Iterator
-from contextlib import closing
+from contextlib import closing, contextmanager
 from urllib.parse import urlparse
 
 from flask import Flask, Response, request
@@ -16,10 +16,11 @@ from sqlalchemy.orm import Session
 from models.events import Event
 from models.exceptions import BadRequest, ForbiddenOrigin, InvalidAfter, RelayError, StreamNotFound
 from models.tables import Stream
+from web import shutdown
 from web.attach import Follower, Snapshot, load_snapshot
 from web.auth import current_user_id
 from web.chats import cancel_stream, get_chat, get_stream, latest_stream
-from web import shutdown
+from web.instruments import ATTACHES, VIEWERS
 from web.runtime import Runtime, get_runtime
 
 SSE_KEEPALIVE_S = 10.0
@@ -73,6 +74,7 @@ def sse_response(rt: Runtime, snap: Snapshot, after: int) -> Response:
     if nothing_after(rt, snap, after):
         return Response(status=204)
     events = follower(rt, snap.stream.id).follow(after, snap)
+    ATTACHES.labels("sse", "resume" if after else "new").inc()
     return Response(
         _sse_body(events),
         mimetype="text/event-stream",
@@ -93,7 +95,8 @@ def snapshot_response(text: str, message_id: str) -> Response:
 def _sse_body(events: Generator[Event | None, None, None]) -> Iterator[str]:
     yield "retry: 1000\n\n"
     last_write = time.monotonic()
-    with closing(events):
+    VIEWERS.labels("sse").inc()
+    with closing(events), _finally(VIEWERS.labels("sse").dec):
         for event in events:
             now = time.monotonic()
             if shutdown.going_away():
@@ -105,6 +108,14 @@ def _sse_body(events: Generator[Event | None, None, None]) -> Iterator[str]:
                 continue
             last_write = now
             yield event.to_sse()
+
+
+@contextmanager
+def _finally(action: Callable[[], None]) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        action()
 
 
 # -- WebSocket -------------------------------------------------------------------------------
@@ -137,7 +148,12 @@ def serve_socket(ws: Server, resolve: Resolver) -> None:
     except RelayError as exc:
         ws.close(exc.ws_close, exc.message[:120])
         return
-    with closing(follower(rt, stream.id).follow(after, snap)) as events:
+    ATTACHES.labels("ws", "resume" if after else "new").inc()
+    VIEWERS.labels("ws").inc()
+    with (
+        _finally(VIEWERS.labels("ws").dec),
+        closing(follower(rt, stream.id).follow(after, snap)) as events,
+    ):
         for event in events:
             _read_client(ws, rt, uid, stream.id)
             if shutdown.going_away():
