@@ -14,8 +14,9 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# Extra honcho arguments: make run ARGS="-c worker=3"
 run: install
-	$(PY) -m ops.run
+	$(PY) -m ops.run $(ARGS)
 
 # Browser tests drive Debian's chromium through Playwright (never a downloaded browser).
 chromium:

@@ -6,6 +6,7 @@ Ctrl-C or SIGTERM stops honcho (and with it web and workers), then the embedded 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,6 +23,11 @@ def build_env() -> tuple[dict[str, str], EmbeddedRedis | None]:
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.setdefault("PORT", "8000")
     env.setdefault("DATABASE_URL", f"sqlite:///{VAR_DIR / 'relay.db'}")
+    # /metrics adds up every gunicorn worker process through this directory (emptied here).
+    metrics_dir = VAR_DIR / "prometheus"
+    shutil.rmtree(metrics_dir, ignore_errors=True)
+    metrics_dir.mkdir(parents=True)
+    env.setdefault("PROMETHEUS_MULTIPROC_DIR", str(metrics_dir))
     embedded = None
     if not env.get("REDIS_URL"):
         embedded = EmbeddedRedis(VAR_DIR / "redis", persistent=True).start()

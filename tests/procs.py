@@ -80,7 +80,7 @@ def start_web(env: Mapping[str, str], port: int, logdir: Path, timeout: float = 
         try:
             if requests.get(f"http://127.0.0.1:{port}/healthz", timeout=1).ok:
                 return proc
-        except requests.ConnectionError:
+        except requests.RequestException:  # not listening yet, or still loading the app
             time.sleep(0.1)
     proc.kill()
     raise RuntimeError(f"web server did not start:\n{proc.output()}")
