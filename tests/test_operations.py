@@ -8,15 +8,14 @@ import os
 import signal
 import subprocess
 import threading
-
 from pathlib import Path
 
 import pytest
 import requests
 
+from ops.redis_server import free_port
 from tests.client import Attach, Client, chunk_text, wait_for
 from tests.conftest import Stack
-from ops.redis_server import free_port
 from tests.procs import BIN, ROOT, Proc, start_web
 
 LONG = "[demo:words=300]"
