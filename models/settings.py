@@ -45,7 +45,8 @@ class Settings:
     # A generation running longer than this ends with a "timeout" error.
     max_generation_s: float = 1800.0
     # On SIGTERM a worker lets generations run this long, then hands them to another worker.
-    shutdown_grace_s: float = 20.0
+    # Keep it below the supervisor's kill timeout (honcho: 5 s; Heroku: 30 s).
+    shutdown_grace_s: float = 3.0
     worker_metrics_port: int = 0
     # Test aid only: "point=seconds" pauses (see WorkerRuntime.fault).
     fault_pause: tuple[str, ...] = ()
