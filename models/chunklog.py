@@ -92,9 +92,10 @@ return {'ok', cancel}
 _HEARTBEAT = (
     _NOW_MS
     + """
-local st = redis.call('HMGET', KEYS[1], 'attempt', 'status')
+local st = redis.call('HMGET', KEYS[1], 'attempt', 'status', 'cancel')
 if st[1] ~= ARGV[1] or st[2] ~= 'running' then return 0 end
 redis.call('HSET', KEYS[1], 'hb', now)
+if st[3] == '1' then return 2 end
 return 1
 """
 )
@@ -273,9 +274,10 @@ class ChunkLog:
             raise StaleAttempt(f"attempt {attempt} of stream {stream_id} was fenced off")
         return bool(int(res[1]))
 
-    def heartbeat(self, stream_id: str, attempt: int) -> bool:
-        """Refresh the attempt's heartbeat; False when the attempt was fenced off."""
-        return bool(self._heartbeat(keys=[keys.state_key(stream_id)], args=[attempt]))
+    def heartbeat(self, stream_id: str, attempt: int) -> tuple[bool, bool]:
+        """Refresh the attempt's heartbeat: (still the owner, cancel requested)."""
+        res = int(self._heartbeat(keys=[keys.state_key(stream_id)], args=[attempt]))
+        return res > 0, res == 2
 
     def cancel(self, stream_id: str, stale_after_s: float) -> tuple[str, int]:
         """Request a cancel: ('requested'|'finalized'|'finished', seq of a cancelled event)."""

@@ -33,6 +33,10 @@ class InvalidAfter(BadRequest):
     code = "invalid_after"
 
 
+class ModelNotAllowed(BadRequest):
+    code = "model_not_allowed"
+
+
 class MessageTooLarge(RelayError):
     code = "message_too_large"
     status = 413

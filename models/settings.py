@@ -51,6 +51,21 @@ class Settings:
     # Test aid only: "point=seconds" pauses (see WorkerRuntime.fault).
     fault_pause: tuple[str, ...] = ()
     generator: str = "demo"
+    # The default model, and the others a request may pick with "model" (comma-separated).
+    model: str = "demo"
+    allowed_models: tuple[str, ...] = ()
+    # OpenAI-compatible provider (RELAY_GENERATOR=openai).
+    openai_base_url: str = ""
+    openai_api_key: str = ""
+    openai_timeout_s: float = 60.0
+    openai_retries: int = 3
+    openai_retry_backoff_s: float = 0.5
+    # How to continue a partial answer: none | vllm | prefix | trailing (docs/providers.md).
+    openai_continuation: str = "none"
+    max_output_tokens: int = 0  # 0: the provider's default
+    system_prompt: str = ""
+    # The conversation sent upstream is cut to the newest turns within this many characters.
+    history_max_chars: int = 24_000
     demo_chunks_per_second: float = 30.0
     demo_directives: bool = True
     # Viewers wake at least this often to notice a closed client or a lost stream.
@@ -77,6 +92,12 @@ class Settings:
             settings = replace(settings, broker_url=settings.redis_url)
         return settings
 
+    def allows_model(self, model: str) -> bool:
+        return model == self.model or model in self.allowed_models
+
+    def __repr__(self) -> str:  # never print the API key
+        return f"Settings(generator={self.generator!r}, model={self.model!r}, ...)"
+
     def override(self, overrides: Mapping[str, Any] | None) -> Settings:
         """Return a copy with the given lower-case field overrides applied."""
         if not overrides:
@@ -89,7 +110,7 @@ class Settings:
         return updated
 
 
-_UNPREFIXED = {"database_url", "redis_url", "secret_key"}
+_UNPREFIXED = {"database_url", "redis_url", "secret_key", "openai_base_url", "openai_api_key"}
 
 
 def _env_name(field_name: str) -> str:

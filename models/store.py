@@ -81,6 +81,7 @@ def finalize(
     layout: Layout,
     attempt: int | None,
     error: ErrorInfo | None = None,
+    usage: dict[str, Any] | None = None,
 ) -> bool:
     """Store the final text and status (the terminal event's seq is len(layout) + 1);
     with ``attempt``, only if that attempt still owns the stream."""
@@ -103,7 +104,10 @@ def finalize(
     if res.rowcount == 0:  # type: ignore[attr-defined]
         db.rollback()
         return False
-    _set_message(db, stream_id, content=text, status=MESSAGE_STATUS[status], updated_at=now)
+    _set_message(
+        db, stream_id, content=text, status=MESSAGE_STATUS[status], updated_at=now,
+        **(usage or {}),
+    )  # fmt: skip
     db.commit()
     return True
 

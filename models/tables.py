@@ -76,6 +76,11 @@ class Message(Base):
     content: Mapped[str] = mapped_column(Text, default="")
     # pending | streaming | complete | cancelled | failed
     status: Mapped[str] = mapped_column(String(16), default="complete")
+    # Assistant messages: the model asked for, and what the provider reported.
+    model: Mapped[str | None] = mapped_column(String(200))
+    prompt_tokens: Mapped[int | None] = mapped_column(Integer)
+    completion_tokens: Mapped[int | None] = mapped_column(Integer)
+    finish_reason: Mapped[str | None] = mapped_column(String(32))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 

@@ -51,8 +51,8 @@ def test_a_stale_attempt_is_fenced_off(log: ChunkLog, redis_client: redis.Redis)
     with pytest.raises(StaleAttempt):
         log.append("s3", 1, chunk(2, "from the dead"))
     log.append("s3", 2, chunk(2, "from the living"))
-    assert log.heartbeat("s3", 1) is False
-    assert log.heartbeat("s3", 2) is True
+    assert log.heartbeat("s3", 1) == (False, False)
+    assert log.heartbeat("s3", 2) == (True, False)
     assert [e.text for e in log.read("s3", 0, 10)] == ["x", "from the living"]
 
 
@@ -85,6 +85,7 @@ def test_cancel_of_a_running_stream_is_reported_to_the_writer(log: ChunkLog) -> 
     log.claim("s6", "t1", 5)
     log.append("s6", 1, chunk(1))
     assert log.cancel("s6", 5) == ("requested", 0)
+    assert log.heartbeat("s6", 1) == (True, True)
     assert log.append("s6", 1, chunk(2)) is True
 
 

@@ -13,8 +13,10 @@ from models.exceptions import (
     InvalidJSON,
     InvalidMessage,
     MessageTooLarge,
+    ModelNotAllowed,
     StreamFinished,
 )
+from models.settings import Settings
 from models.tables import ACTIVE_STREAM_STATUSES, Chat, Message, utcnow
 from web.attach import load_snapshot
 from web.auth import current_user_id, ensure_user
@@ -62,6 +64,17 @@ def optional_id(body: dict[str, Any], name: str) -> str | None:
     return value
 
 
+def requested_model(body: dict[str, Any], settings: Settings) -> str:
+    """The model to answer with: the default, or an allowed one named in the request."""
+    model = body.get("model")
+    if model is None:
+        return settings.model
+    if not isinstance(model, str) or not settings.allows_model(model):
+        allowed = ", ".join(sorted({settings.model, *settings.allowed_models}))
+        raise ModelNotAllowed(f"model {model!r} is not available here; allowed: {allowed}")
+    return model
+
+
 def last_event_id() -> int:
     """Where an SSE client resumes: Last-Event-ID (sent on reconnect) wins over ?after."""
     return parse_after(request.headers.get("Last-Event-ID") or request.args.get("after"))
@@ -74,13 +87,14 @@ def post_chat() -> tuple[Response, int]:
     body = json_body()
     text = message_text(body, rt.settings.max_message_chars)
     chat_id = optional_id(body, "chatId")
+    model = requested_model(body, rt.settings)
     interrupt = body.get("interrupt") is True
     uid = current_user_id(db)
     ensure_user(db, uid)
     if chat_id is not None:
         get_chat(db, uid, chat_id)
     check_not_busy(rt, db, chat_id, interrupt)
-    chat, stream = add_turn(db, uid, chat_id, text)
+    chat, stream = add_turn(db, uid, chat_id, text, model)
     commit_turn(db)  # the rows exist before any worker can look for them
     enqueue(rt, db, stream)
     return jsonify(

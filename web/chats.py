@@ -48,7 +48,9 @@ def active_stream(db: Session, chat_id: str) -> Stream | None:
     return stream if stream is not None and stream.status in ACTIVE_STREAM_STATUSES else None
 
 
-def add_turn(db: Session, uid: str, chat_id: str | None, text: str) -> tuple[Chat, Stream]:
+def add_turn(
+    db: Session, uid: str, chat_id: str | None, text: str, model: str | None = None
+) -> tuple[Chat, Stream]:
     """Create the user message, the pending answer and its stream (not yet committed)."""
     if chat_id is None:
         chat = Chat(user_id=uid, title=_title(text))
@@ -63,7 +65,9 @@ def add_turn(db: Session, uid: str, chat_id: str | None, text: str) -> tuple[Cha
     now = utcnow()
     chat.updated_at = now
     db.add(Message(chat_id=chat.id, position=position, role="user", content=text))
-    answer = Message(chat_id=chat.id, position=position + 1, role="assistant", status="pending")
+    answer = Message(
+        chat_id=chat.id, position=position + 1, role="assistant", status="pending", model=model
+    )
     db.add(answer)
     db.flush()
     stream = Stream(chat_id=chat.id, message_id=answer.id, status="queued")
@@ -156,10 +160,21 @@ def chat_detail_json(db: Session, chat: Chat) -> dict[str, Any]:
             # The seq of the last chunk included in ``content``: attach with after=<this>.
             "streamSeq": store.chunk_count(stream) if stream else None,
             "createdAt": _iso(m.created_at),
+            **(
+                {"model": m.model, "usage": _usage(m), "finishReason": m.finish_reason}
+                if m.role == "assistant"
+                else {}
+            ),
         }
         for m, stream in rows.tuples()
     ]
     return {**chat_json(chat), "messages": messages}
+
+
+def _usage(m: Message) -> dict[str, int] | None:
+    if m.prompt_tokens is None and m.completion_tokens is None:
+        return None
+    return {"promptTokens": m.prompt_tokens or 0, "completionTokens": m.completion_tokens or 0}
 
 
 def stream_json(rt: Runtime, stream: Stream) -> dict[str, Any]:

@@ -11,6 +11,7 @@ import time
 from collections.abc import Generator, Iterator
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import select
 
@@ -30,6 +31,7 @@ class Job:
     message_id: str
     status: str
     history: tuple[Turn, ...]
+    model: str | None = None
 
 
 class HandedOff(Exception):
@@ -50,7 +52,7 @@ def load_job(rt: WorkerRuntime, stream_id: str) -> Job | None:
             .order_by(Message.position)
         )
         history = tuple(Turn(m.role, m.content) for m in rows if m.content)
-        return Job(stream.id, stream.message_id, stream.status, history)
+        return Job(stream.id, stream.message_id, stream.status, history, answer.model)
 
 
 def run_generation(rt: WorkerRuntime, stream_id: str, task_id: str) -> str:
@@ -102,6 +104,9 @@ class LogWriter:
         self.checkpointed_at = self.started
         self.handoff = threading.Event()  # set by the watcher when the worker shuts down
         self.first_chunk_at: float | None = None
+        self.request = GenerationRequest(
+            job.stream_id, job.history, partial=self.text, model=job.model
+        )
 
     def run(self) -> str:
         generator = self.rt.generator
@@ -111,17 +116,18 @@ class LogWriter:
                 f"the worker running this answer stopped, and the {generator.name} generator "
                 "cannot continue a partial answer; retry to start it again",
             )
-        request = GenerationRequest(self.job.stream_id, self.job.history, partial=self.text)
         try:
-            with closing(generator.generate(request)) as pieces:
-                if self.write_all(pieces):
+            with closing(generator.generate(self.request)) as pieces:
+                if self.write_all(pieces) or self.request.abort.requested:
                     return self.finish("cancelled")
-        except GenerationError as exc:
-            log.warning("stream=%s generator failed: %s", self.job.stream_id, exc)
-            return self.fail(exc.code, str(exc))
         except (StaleAttempt, HandedOff):
             raise
         except Exception as exc:
+            if self.request.abort.requested:  # the upstream was closed because of a cancel
+                return self.finish("cancelled")
+            if isinstance(exc, GenerationError):
+                log.warning("stream=%s generator failed: %s", self.job.stream_id, exc)
+                return self.fail(exc.code, str(exc))
             log.exception("stream=%s generator crashed", self.job.stream_id)
             return self.fail("generation_failed", f"the generator failed ({type(exc).__name__})")
         return self.finish("done")
@@ -174,6 +180,7 @@ class LogWriter:
                 layout=self.layout,
                 attempt=self.attempt,
                 error=error,
+                usage=self.usage(),
             )
         if not ok:
             raise StaleAttempt(f"stream {self.job.stream_id} finalize refused")
@@ -187,6 +194,16 @@ class LogWriter:
         log.info("stream=%s attempt=%d ended %s at seq=%d", self.job.stream_id, self.attempt,
                  status, seq)  # fmt: skip
         return status
+
+    def usage(self) -> dict[str, Any]:
+        report = self.request.report
+        values = {
+            "model": report.model or self.job.model,
+            "prompt_tokens": report.prompt_tokens,
+            "completion_tokens": report.completion_tokens,
+            "finish_reason": report.finish_reason,
+        }
+        return {k: v for k, v in values.items() if v is not None}
 
     def ttfc(self) -> float | None:
         return None if self.first_chunk_at is None else self.first_chunk_at - self.started
@@ -202,8 +219,12 @@ def watch(rt: WorkerRuntime, writer: LogWriter) -> Iterator[None]:
     def beat() -> None:
         while not stop.wait(rt.settings.heartbeat_interval_s):
             try:
-                if not rt.log.heartbeat(sid, attempt):
+                owner, cancel = rt.log.heartbeat(sid, attempt)
+                if not owner:
+                    writer.request.abort.abort()  # fenced off: stop paying for tokens
                     return
+                if cancel:
+                    writer.request.abort.abort()  # closes the upstream at once
                 if rt.is_revoked(writer.task_id):
                     rt.log.cancel(sid, rt.settings.heartbeat_stale_s)
                 if rt.shutting_down():

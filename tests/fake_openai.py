@@ -1,0 +1,144 @@
+"""A local server speaking the OpenAI chat-completions streaming protocol, for tests.
+
+Behaviour is chosen by the requested model:
+  fake-ok        streams ANSWER in small chunks, finish_reason "stop", then a usage chunk
+  fake-length    like fake-ok but stops early with finish_reason "length"
+  fake-slow      a long answer, one chunk every 20 ms (to cancel or crash in the middle)
+  fake-drop      streams 10 chunks, then drops the connection (no [DONE])
+  fake-429       answers 429 to the first request of a conversation, then like fake-ok
+  fake-500       always answers 500
+  fake-401       always answers 401 with a body that quotes the API key
+A trailing assistant message is a prefix to continue: the answer resumes after it.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+ANSWER = (
+    "Resumable streams keep every chunk in a durable log. A client that drops can come back "
+    "and ask for what it missed. Nothing is generated twice, and nothing is lost. "
+) * 3
+
+
+def answer_for(model: str) -> str:
+    return ANSWER * 8 if model == "fake-slow" else ANSWER
+
+
+@dataclass
+class Exchange:
+    """One request the fake server received, and what happened to its response."""
+
+    body: dict[str, Any]
+    headers: dict[str, str]
+    chunks_sent: int = 0
+    disconnected: bool = False
+    completed: bool = False
+
+
+@dataclass
+class FakeOpenAI:
+    exchanges: list[Exchange] = field(default_factory=list)
+    seen: set[str] = field(default_factory=set)
+    server: ThreadingHTTPServer | None = None
+
+    @property
+    def base_url(self) -> str:
+        assert self.server is not None
+        return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    def start(self) -> FakeOpenAI:
+        fake = self
+
+        class Handler(_Handler):
+            owner = fake
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    owner: FakeOpenAI
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def do_POST(self) -> None:
+        length = int(self.headers.get("Content-Length", 0))
+        body = json.loads(self.rfile.read(length))
+        exchange = Exchange(body, dict(self.headers.items()))
+        self.owner.exchanges.append(exchange)
+        model = body["model"]
+        key = json.dumps(body["messages"][:2])
+        if model == "fake-429" and key not in self.owner.seen:
+            self.owner.seen.add(key)
+            return self._error(429, "Rate limit reached for requests", "rate_limit_exceeded")
+        if model == "fake-500":
+            return self._error(500, "The server had an error", "server_error")
+        if model == "fake-401":
+            auth = self.headers.get("Authorization", "")
+            return self._error(401, f"Incorrect API key provided: {auth[7:]}", "invalid_api_key")
+        self._stream(exchange, model, body["messages"])
+
+    def _error(self, status: int, message: str, code: str) -> None:
+        payload = json.dumps({"error": {"message": message, "type": code, "code": code}})
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload.encode())
+
+    def _stream(self, exchange: Exchange, model: str, messages: list[dict[str, Any]]) -> None:
+        text = answer_for(model)
+        if messages and messages[-1]["role"] == "assistant":
+            prefix = messages[-1]["content"]
+            text = text[len(prefix) :] if text.startswith(prefix) else "[contradiction]"
+        finish = "stop"
+        if model == "fake-length":
+            text, finish = text[:60], "length"
+        pieces = [text[i : i + 7] for i in range(0, len(text), 7)]
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        try:
+            for n, piece in enumerate(pieces, start=1):
+                if model == "fake-drop" and n > 10:
+                    self.connection.shutdown(2)  # an abrupt end, no [DONE]
+                    return
+                self._event(_chunk(model, {"content": piece}, None))
+                exchange.chunks_sent = n
+                time.sleep(0.02 if model == "fake-slow" else 0.002)
+            self._event(_chunk(model, {}, finish))
+            usage = {"prompt_tokens": 42, "completion_tokens": len(pieces), "total_tokens": 0}
+            self._event({**_chunk(model, None, None), "choices": [], "usage": usage})
+            self.wfile.write(b"data: [DONE]\n\n")
+            self.wfile.flush()
+            exchange.completed = True
+        except (BrokenPipeError, ConnectionResetError):
+            exchange.disconnected = True
+
+    def _event(self, payload: dict[str, Any]) -> None:
+        self.wfile.write(f"data: {json.dumps(payload)}\n\n".encode())
+        self.wfile.flush()
+
+
+def _chunk(model: str, delta: dict[str, Any] | None, finish: str | None) -> dict[str, Any]:
+    choice = {"index": 0, "delta": delta or {}, "finish_reason": finish}
+    return {
+        "id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": int(time.time()),
+        "model": model, "choices": [choice] if delta is not None else [],
+    }  # fmt: skip

@@ -1,0 +1,269 @@
+"""The OpenAI-compatible provider, through the real ``openai`` client, against a local
+server speaking the streaming protocol: in-process, and end to end through a real worker."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from dataclasses import replace
+
+import pytest
+
+from models.exceptions import GenerationError
+from models.settings import Settings
+from tests.client import chunk_text, wait_for
+from tests.conftest import Stack
+from tests.fake_openai import ANSWER, FakeOpenAI, answer_for
+from tests.procs import BIN, ROOT
+from workers.generators import GenerationRequest, Turn
+from workers.generators.openai_chat import OpenAIChatGenerator, trim
+
+KEY = "sk-test-secret-0123456789"
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeOpenAI]:
+    server = FakeOpenAI().start()
+    yield server
+    server.stop()
+
+
+def generator(fake: FakeOpenAI, **overrides: object) -> OpenAIChatGenerator:
+    settings = replace(
+        Settings(), generator="openai", model="fake-ok", openai_base_url=fake.base_url,
+        openai_api_key=KEY, openai_retry_backoff_s=0.01, system_prompt="Be brief.",
+    )  # fmt: skip
+    return OpenAIChatGenerator(replace(settings, **overrides))  # type: ignore[arg-type]
+
+
+def request(model: str = "fake-ok", partial: str = "") -> GenerationRequest:
+    history = (Turn("user", "hi"), Turn("assistant", "hello"), Turn("user", "explain logs"))
+    return GenerationRequest("sid", history, partial=partial, model=model)
+
+
+# -- in process -------------------------------------------------------------------------------
+
+
+def test_streams_the_answer_and_reports_usage(fake: FakeOpenAI) -> None:
+    req = request()
+    assert "".join(generator(fake).generate(req)) == ANSWER
+    assert (req.report.finish_reason, req.report.prompt_tokens) == ("stop", 42)
+    assert req.report.completion_tokens and req.report.model == "fake-ok"
+    sent = fake.exchanges[0]
+    assert sent.headers["Authorization"] == f"Bearer {KEY}"
+    assert sent.body["stream"] is True and sent.body["stream_options"] == {"include_usage": True}
+    assert [m["role"] for m in sent.body["messages"]] == ["system", "user", "assistant", "user"]
+    assert sent.body["messages"][0]["content"] == "Be brief."
+
+
+def test_history_is_capped_to_the_newest_turns() -> None:
+    turns = tuple(Turn("user", "x" * 10) for _ in range(5))
+    assert len(trim(turns, 35)) == 3
+    assert len(trim((Turn("user", "y" * 100),), 10)) == 1  # the latest turn always goes
+
+
+def test_429_then_success_is_retried(fake: FakeOpenAI) -> None:
+    req = request("fake-429")
+    assert "".join(generator(fake).generate(req)) == ANSWER
+    assert len(fake.exchanges) == 2
+
+
+def test_persistent_5xx_gives_up_with_a_clear_error(fake: FakeOpenAI) -> None:
+    with pytest.raises(GenerationError) as info:
+        list(generator(fake, openai_retries=2).generate(request("fake-500")))
+    assert info.value.code == "upstream_error" and "500" in str(info.value)
+    assert len(fake.exchanges) == 3
+
+
+def test_errors_never_carry_the_api_key(fake: FakeOpenAI) -> None:
+    with pytest.raises(GenerationError) as info:
+        list(generator(fake).generate(request("fake-401")))
+    assert info.value.code == "upstream_rejected"
+    assert KEY not in str(info.value) and "[redacted]" in str(info.value)
+    assert len(fake.exchanges) == 1  # a 4xx is not retried
+
+
+def test_a_drop_after_text_is_not_retried(fake: FakeOpenAI) -> None:
+    pieces = []
+    with pytest.raises(GenerationError) as info:
+        for piece in generator(fake).generate(request("fake-drop")):
+            pieces.append(piece)
+    assert info.value.code == "upstream_disconnected"
+    assert len(pieces) == 10 and len(fake.exchanges) == 1
+
+
+def test_abort_closes_the_upstream_connection(fake: FakeOpenAI) -> None:
+    req = request("fake-slow")
+    pieces = generator(fake).generate(req)
+    assert next(pieces)
+    req.abort.abort()  # what the worker does when a cancel arrives while it waits
+    assert list(pieces) == []
+    wait_for(lambda: fake.exchanges[0].disconnected, timeout=5)
+    sent = fake.exchanges[0].chunks_sent
+    assert sent < 100 and not fake.exchanges[0].completed
+
+
+@pytest.mark.parametrize(
+    ("mode", "extra"),
+    [
+        ("prefix", {"prefix": True}),
+        ("trailing", {}),
+        ("vllm", {}),
+    ],
+)
+def test_continuation_sends_the_partial_as_an_assistant_prefix(
+    fake: FakeOpenAI, mode: str, extra: dict[str, object]
+) -> None:
+    gen = generator(fake, openai_continuation=mode)
+    assert gen.supports_continuation
+    rest = "".join(gen.generate(request(partial=ANSWER[:50])))
+    assert ANSWER[:50] + rest == ANSWER
+    last = fake.exchanges[0].body["messages"][-1]
+    assert last == {"role": "assistant", "content": ANSWER[:50], **extra}
+    if mode == "vllm":
+        assert fake.exchanges[0].body["continue_final_message"] is True
+    assert not generator(fake).supports_continuation  # "none", the default
+
+
+# -- end to end, through a real worker --------------------------------------------------------
+
+OPENAI_ENV = {
+    "RELAY_GENERATOR": "openai",
+    "RELAY_MODEL": "fake-ok",
+    "RELAY_ALLOWED_MODELS": "fake-slow,fake-drop,fake-429,fake-length",
+    "OPENAI_API_KEY": KEY,
+    "RELAY_OPENAI_CONTINUATION": "prefix",
+    "RELAY_OPENAI_RETRY_BACKOFF_S": "0.05",
+}
+
+
+@pytest.fixture
+def openai_stack(isolated_stack: Stack, fake: FakeOpenAI) -> Stack:
+    isolated_stack.env["OPENAI_BASE_URL"] = fake.base_url
+    return isolated_stack
+
+
+pytestmark_e2e = pytest.mark.stack_env(**OPENAI_ENV)
+
+
+@pytestmark_e2e
+def test_e2e_answer_usage_and_history(openai_stack: Stack, fake: FakeOpenAI) -> None:
+    worker = openai_stack.start_worker("w1")
+    client = openai_stack.client()
+    first = client.post_chat("first question")
+    assert client.attach(first["streamId"]).text == ANSWER
+    second = client.post_chat("and another", chat_id=first["chatId"], model="fake-length")
+    got = client.attach(second["streamId"])
+    answer = client.answer(first["chatId"])
+    assert answer["content"] == got.text == ANSWER[:60]
+    assert answer["model"] == "fake-length" and answer["finishReason"] == "length"
+    assert answer["usage"]["promptTokens"] == 42
+    sent = [m["content"] for m in fake.exchanges[-1].body["messages"]]
+    assert sent == ["first question", ANSWER, "and another"]  # the whole conversation
+    assert KEY not in worker.output()
+
+
+@pytestmark_e2e
+def test_e2e_unknown_model_is_rejected(openai_stack: Stack) -> None:
+    client = openai_stack.client()
+    resp = client.request("POST", "/api/v1/chat", json={"message": "hi", "model": "gpt-9"})
+    assert resp.status_code == 400
+    assert resp.json()["error"]["code"] == "model_not_allowed"
+    assert client.get_json("/api/v1/chats")["chats"] == []
+
+
+@pytestmark_e2e
+def test_e2e_429_then_success(openai_stack: Stack, fake: FakeOpenAI) -> None:
+    openai_stack.start_worker("w1")
+    client = openai_stack.client()
+    posted = client.post_chat("rate limited", model="fake-429")
+    assert client.attach(posted["streamId"]).last["type"] == "done"
+    assert len(fake.exchanges) == 2
+
+
+@pytestmark_e2e
+def test_e2e_cancel_closes_the_upstream_stream(openai_stack: Stack, fake: FakeOpenAI) -> None:
+    openai_stack.start_worker("w1")
+    client = openai_stack.client()
+    posted = client.post_chat("a long one", model="fake-slow")
+    seen = client.attach(posted["streamId"], until=lambda a: len(a.events) >= 5)
+    client.request("POST", f"/api/v1/streams/{posted['streamId']}/cancel")
+    wait_for(lambda: fake.exchanges[0].disconnected, timeout=10)
+    sent_at_close = fake.exchanges[0].chunks_sent
+    rest = client.attach(posted["streamId"], after=seen.last["seq"])
+    assert rest.last["type"] == "cancelled"
+    assert not fake.exchanges[0].completed
+    assert sent_at_close < len(answer_for("fake-slow")) // 7 // 2
+    assert client.answer(posted["chatId"])["content"] == seen.text + rest.text
+
+
+@pytestmark_e2e
+def test_e2e_upstream_drop_then_admin_retry_continues(
+    openai_stack: Stack, fake: FakeOpenAI
+) -> None:
+    openai_stack.start_worker("w1")
+    client = openai_stack.client()
+    posted = client.post_chat("drop me", model="fake-drop")
+    sid = posted["streamId"]
+    first = client.attach(sid)
+    assert first.last["type"] == "error"
+    assert first.last["error"]["code"] == "upstream_disconnected"
+    assert "lost in the middle of the answer" in first.last["error"]["message"]
+    assert client.answer(posted["chatId"])["content"] == first.text
+    # The provider recovers; the admin retries and the answer continues after the prefix.
+    subprocess.run(
+        [str(BIN / "python"), "-c",
+         f"from models.db import make_engine\nfrom sqlalchemy import text\n"
+         f"e = make_engine({openai_stack.env['DATABASE_URL']!r})\n"
+         f"with e.begin() as c: c.execute(text(\"UPDATE messages SET model='fake-ok' "
+         f"WHERE role='assistant'\"))"],
+        env=openai_stack.env, cwd=ROOT, check=True,
+    )  # fmt: skip
+    subprocess.run(
+        [str(BIN / "celery"), "-A", "workers", "streams", "retry", sid],
+        env=openai_stack.env, cwd=ROOT, check=True, capture_output=True,
+    )  # fmt: skip
+    rest = client.attach(sid, after=first.last["seq"])
+    assert rest.events[0]["type"] == "resumed" and rest.last["type"] == "done"
+    events = first.events + rest.events
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+    assert chunk_text(events) == ANSWER == client.answer(posted["chatId"])["content"]
+    assert fake.exchanges[-1].body["messages"][-1] == {
+        "role": "assistant", "content": first.text, "prefix": True,
+    }  # fmt: skip
+
+
+@pytestmark_e2e
+def test_e2e_worker_crash_is_continued_with_a_prefix(openai_stack: Stack, fake: FakeOpenAI) -> None:
+    first = openai_stack.start_worker("w1")
+    client = openai_stack.client()
+    posted = client.post_chat("crash in the middle", model="fake-slow")
+    seen = client.attach(posted["streamId"], until=lambda a: len(a.events) >= 20)
+    first.kill()
+    openai_stack.start_worker("w2")
+    events = list(seen.events)
+    while events[-1]["type"] not in {"done", "error", "cancelled"}:
+        events += client.attach(posted["streamId"], after=events[-1]["seq"]).events
+    assert events[-1]["type"] == "done"
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+    assert chunk_text(events) == answer_for("fake-slow")
+    assert client.answer(posted["chatId"])["content"] == answer_for("fake-slow")
+
+
+@pytest.mark.stack_env(**{**OPENAI_ENV, "RELAY_OPENAI_CONTINUATION": "none"})
+def test_e2e_worker_crash_without_continuation_fails_clearly(
+    openai_stack: Stack, fake: FakeOpenAI
+) -> None:
+    first = openai_stack.start_worker("w1")
+    client = openai_stack.client()
+    posted = client.post_chat("crash, no prefix support", model="fake-slow")
+    seen = client.attach(posted["streamId"], until=lambda a: len(a.events) >= 20)
+    first.kill()
+    openai_stack.start_worker("w2")
+    events = list(seen.events)
+    while events[-1]["type"] not in {"done", "error", "cancelled"}:
+        events += client.attach(posted["streamId"], after=events[-1]["seq"]).events
+    assert events[-1]["type"] == "error"
+    assert events[-1]["error"]["code"] == "cannot_continue"
+    answer = client.answer(posted["chatId"])
+    assert answer["status"] == "failed" and answer["content"] == chunk_text(events)
