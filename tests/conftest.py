@@ -3,6 +3,7 @@ TEST_DATABASE_URL is set), and a running stack of real web and worker processes.
 
 from __future__ import annotations
 
+import itertools
 import os
 import uuid
 from collections.abc import Iterator
@@ -152,7 +153,8 @@ def stack(
     running.stop()
 
 
-_isolated = iter(range(2, 16))
+# Redis database numbers for isolated stacks; each is flushed when its stack stops.
+_isolated = itertools.cycle(range(2, 16))
 
 
 @pytest.fixture

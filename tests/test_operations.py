@@ -292,3 +292,23 @@ def test_readyz_fails_when_redis_is_gone_and_worker_metrics(
         assert resp.json()["checks"]["database"] == "ok"
     finally:
         web.stop()
+
+
+def test_two_web_processes_and_two_workers(isolated_stack: Stack) -> None:
+    """Streams spread over two workers; every client attaches to one web process, drops,
+    and the other web process serves its re-attach."""
+    stack = isolated_stack
+    workers = [stack.start_worker("w1"), stack.start_worker("w2")]
+    _, port_b = stack.start_web()
+    web_a = stack.client()
+    posted = [web_a.post_chat(f"multi {i} [demo:words=120]") for i in range(6)]
+    web_b = stack.client(f"http://127.0.0.1:{port_b}")
+    web_b.http.cookies = web_a.http.cookies
+    for p in posted:
+        first = web_a.attach(p["streamId"], until=lambda a: len(a.events) >= 5)
+        rest = web_b.attach(p["streamId"], after=first.last["seq"])
+        events = first.events + rest.events
+        assert events[-1]["type"] == "done"
+        assert_coherent(web_a, p["chatId"], events)
+    names = {stack.redis().hget(f"relay:{{{p['streamId']}}}:state", "worker") for p in posted}
+    assert {n.rsplit(":", 1)[1] for n in names} == {str(w.pid) for w in workers}

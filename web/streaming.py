@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable, Generator, Iterator
 from contextlib import closing, contextmanager
@@ -23,6 +24,7 @@ from web.chats import cancel_stream, get_chat, get_stream, latest_stream
 from web.instruments import ATTACHES, VIEWERS
 from web.runtime import Runtime, get_runtime
 
+log = logging.getLogger("relay.web")
 SSE_KEEPALIVE_S = 10.0
 CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001
@@ -75,6 +77,7 @@ def sse_response(rt: Runtime, snap: Snapshot, after: int) -> Response:
         return Response(status=204)
     events = follower(rt, snap.stream.id).follow(after, snap)
     ATTACHES.labels("sse", "resume" if after else "new").inc()
+    log.info("stream=%s attach transport=sse after=%d", snap.stream.id, after)
     return Response(
         _sse_body(events),
         mimetype="text/event-stream",
@@ -150,6 +153,7 @@ def serve_socket(ws: Server, resolve: Resolver) -> None:
         return
     ATTACHES.labels("ws", "resume" if after else "new").inc()
     VIEWERS.labels("ws").inc()
+    log.info("stream=%s attach transport=ws after=%d", stream.id, after)
     with (
         _finally(VIEWERS.labels("ws").dec),
         closing(follower(rt, stream.id).follow(after, snap)) as events,
