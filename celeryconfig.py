@@ -31,8 +31,9 @@ worker_prefetch_multiplier = 1
 broker_transport_options = {"visibility_timeout": 3600}
 broker_connection_retry_on_startup = True
 
-# A runaway generation is stopped: the soft limit raises inside the task so it can end the
-# stream with an error event; the hard limit kills it ten seconds later.
+# Backstops for pools that enforce them (prefork). The threads pool in the Procfile ignores
+# Celery time limits: there RELAY_MAX_GENERATION_S, checked by the generation itself, ends a
+# runaway answer with a "timeout" error event.
 task_soft_time_limit = 1800
 task_time_limit = 1810
 

@@ -46,7 +46,8 @@ return redis.call('HGET', KEYS[1], 'attempt') or '0'
 """
 )
 
-# KEYS: state, log. ARGV: task id, stale ms, running ttl, worker name.
+# KEYS: state, log. ARGV: task id, stale ms, running ttl, worker name, last attempt in SQL.
+# The attempt never goes back below SQL's, even if Redis lost the state hash.
 _CLAIM = (
     _NOW_MS
     + _LAST_SEQ
@@ -57,6 +58,10 @@ if st[1] == 'running' and st[3] and (now - tonumber(st[3])) < tonumber(ARGV[2]) 
   return {'busy', tonumber(st[2] or '0'), 0, 0}
 end
 local attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
+if attempt <= tonumber(ARGV[5]) then
+  attempt = tonumber(ARGV[5]) + 1
+  redis.call('HSET', KEYS[1], 'attempt', attempt)
+end
 redis.call('HSET', KEYS[1], 'status', 'running', 'hb', now, 'task', ARGV[1], 'worker', ARGV[4])
 redis.call('HDEL', KEYS[1], 'rq')
 redis.call('EXPIRE', KEYS[1], ARGV[3])
@@ -244,11 +249,19 @@ class ChunkLog:
         """Mark a stream queued (new, or about to be retried)."""
         self._init(keys=self._keys(stream_id), args=[self.running_ttl_s])
 
-    def claim(self, stream_id: str, task_id: str, stale_after_s: float, worker: str = "") -> Claim:
-        """Start a new attempt unless the stream is finished or a live attempt owns it."""
+    def claim(
+        self,
+        stream_id: str,
+        task_id: str,
+        stale_after_s: float,
+        worker: str = "",
+        min_attempt: int = 0,
+    ) -> Claim:
+        """Start a new attempt (numbered above ``min_attempt``) unless the stream is finished
+        or a live attempt owns it."""
         res = self._claim(
             keys=self._keys(stream_id),
-            args=[task_id, int(stale_after_s * 1000), self.running_ttl_s, worker],
+            args=[task_id, int(stale_after_s * 1000), self.running_ttl_s, worker, min_attempt],
         )
         return Claim(str(res[0]), int(res[1]), int(res[2]), bool(int(res[3])))
 

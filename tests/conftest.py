@@ -154,7 +154,7 @@ def stack(
 
 
 # Redis database numbers for isolated stacks; each is flushed when its stack stops.
-_isolated = itertools.cycle(range(2, 16))
+_isolated = itertools.cycle(range(3, 16))
 
 
 @pytest.fixture
@@ -187,7 +187,7 @@ def client(stack: Stack) -> Client:
 
 @pytest.fixture
 def redis_client(redis_server: EmbeddedRedis) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_server.url + "5", decode_responses=True)
+    client = redis.Redis.from_url(f"redis://127.0.0.1:{redis_server.port}/2", decode_responses=True)
     client.flushdb()  # our own server, our own database number: never a shared one
     yield client
     client.flushdb()

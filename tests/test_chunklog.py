@@ -113,3 +113,14 @@ def test_keys_share_a_cluster_hash_tag() -> None:
     assert keys.log_key("abc") == "relay:{abc}:log"
     assert keys.state_key("abc") == "relay:{abc}:state"
     assert keys.stream_id_from_key(keys.log_key("abc")) == "abc"
+
+
+def test_attempts_never_go_below_sql_after_redis_lost_the_state(
+    log: ChunkLog, redis_client: redis.Redis
+) -> None:
+    log.init("s9")
+    redis_client.delete(keys.state_key("s9"))  # Redis lost the hash; SQL says attempt 4
+    claim = log.claim("s9", "t5", 5, min_attempt=4)
+    assert (claim.result, claim.attempt) == ("claimed", 5)
+    with pytest.raises(StaleAttempt):
+        log.append("s9", 1, chunk(1))  # an old writer from before the loss

@@ -15,7 +15,7 @@ from web.hub import Hub
 
 @pytest.fixture
 def hub(redis_server: EmbeddedRedis, redis_client: redis.Redis) -> Iterator[Hub]:
-    url = redis_server.url + "5"
+    url = f"redis://127.0.0.1:{redis_server.port}/2"
     h = Hub(url, redis_client, block_s=5.0, queue_size=4)
     yield h
     h.stop()

@@ -312,3 +312,10 @@ def test_two_web_processes_and_two_workers(isolated_stack: Stack) -> None:
         assert_coherent(web_a, p["chatId"], events)
     names = {stack.redis().hget(f"relay:{{{p['streamId']}}}:state", "worker") for p in posted}
     assert {n.rsplit(":", 1)[1] for n in names} == {str(w.pid) for w in workers}
+
+
+@pytest.mark.stack_env(RELAY_GENERATOR="no-such-generator")
+def test_a_misconfigured_worker_refuses_to_start(isolated_stack: Stack) -> None:
+    with pytest.raises(RuntimeError) as info:
+        isolated_stack.start_worker("w1")
+    assert "unknown generator 'no-such-generator'" in str(info.value)

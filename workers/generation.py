@@ -32,6 +32,7 @@ class Job:
     status: str
     history: tuple[Turn, ...]
     model: str | None = None
+    attempt: int = 0
 
 
 class HandedOff(Exception):
@@ -52,7 +53,9 @@ def load_job(rt: WorkerRuntime, stream_id: str) -> Job | None:
             .order_by(Message.position)
         )
         history = tuple(Turn(m.role, m.content) for m in rows if m.content)
-        return Job(stream.id, stream.message_id, stream.status, history, answer.model)
+        return Job(
+            stream.id, stream.message_id, stream.status, history, answer.model, stream.attempt
+        )
 
 
 def run_generation(rt: WorkerRuntime, stream_id: str, task_id: str) -> str:
@@ -63,7 +66,9 @@ def run_generation(rt: WorkerRuntime, stream_id: str, task_id: str) -> str:
         return "missing"
     if job.status in TERMINAL_STREAM_STATUSES:
         return "finished"
-    claim = rt.log.claim(stream_id, task_id, rt.settings.heartbeat_stale_s, rt.worker_name)
+    claim = rt.log.claim(
+        stream_id, task_id, rt.settings.heartbeat_stale_s, rt.worker_name, job.attempt
+    )
     if claim.result != "claimed":
         log.info("stream=%s task=%s not started: %s", stream_id, task_id, claim.result)
         return claim.result
@@ -103,6 +108,7 @@ class LogWriter:
         self.started = time.monotonic()
         self.checkpointed_at = self.started
         self.handoff = threading.Event()  # set by the watcher when the worker shuts down
+        self.timed_out = threading.Event()  # set by the watcher past max_generation_s
         self.first_chunk_at: float | None = None
         self.request = GenerationRequest(
             job.stream_id, job.history, partial=self.text, model=job.model
@@ -118,19 +124,31 @@ class LogWriter:
             )
         try:
             with closing(generator.generate(self.request)) as pieces:
-                if self.write_all(pieces) or self.request.abort.requested:
-                    return self.finish("cancelled")
+                cancelled = self.write_all(pieces)
         except (StaleAttempt, HandedOff):
             raise
         except Exception as exc:
-            if self.request.abort.requested:  # the upstream was closed because of a cancel
-                return self.finish("cancelled")
+            if self.request.abort.requested:  # the watcher closed the upstream on purpose
+                return self.after_abort()
             if isinstance(exc, GenerationError):
                 log.warning("stream=%s generator failed: %s", self.job.stream_id, exc)
                 return self.fail(exc.code, str(exc))
             log.exception("stream=%s generator crashed", self.job.stream_id)
             return self.fail("generation_failed", f"the generator failed ({type(exc).__name__})")
+        if cancelled:
+            return self.finish("cancelled")
+        if self.request.abort.requested:
+            return self.after_abort()
         return self.finish("done")
+
+    def after_abort(self) -> str:
+        """The generator was stopped from the watcher: say why."""
+        if self.handoff.is_set():
+            raise HandedOff(self.job.stream_id)
+        if self.timed_out.is_set():
+            limit = self.rt.settings.max_generation_s
+            return self.fail("timeout", f"the answer took longer than {limit:.0f}s")
+        return self.finish("cancelled")
 
     def write_all(self, pieces: Generator[str, None, None]) -> bool:
         """Append every piece; return True when a cancel was requested."""
@@ -149,7 +167,7 @@ class LogWriter:
                 self.first_chunk_at = time.monotonic()
             if cancel:
                 return True
-            if self.handoff.is_set():
+            if self.handoff.is_set() or self.rt.shutting_down():
                 raise HandedOff(self.job.stream_id)
             if time.monotonic() - self.started > limit:
                 raise GenerationError(f"the answer took longer than {limit:.0f}s", "timeout")
@@ -229,6 +247,10 @@ def watch(rt: WorkerRuntime, writer: LogWriter) -> Iterator[None]:
                     rt.log.cancel(sid, rt.settings.heartbeat_stale_s)
                 if rt.shutting_down():
                     writer.handoff.set()
+                    writer.request.abort.abort()  # a silent generator must not hold us up
+                if time.monotonic() - writer.started > rt.settings.max_generation_s:
+                    writer.timed_out.set()
+                    writer.request.abort.abort()
             except Exception:  # keep beating through a Redis blip; the next beat retries
                 log.warning("stream=%s heartbeat failed", sid, exc_info=True)
 

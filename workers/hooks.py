@@ -4,6 +4,7 @@ cancels, and begin the shutdown grace period."""
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from typing import Any
 
@@ -19,10 +20,20 @@ _stop = threading.Event()
 
 @worker_ready.connect  # type: ignore[untyped-decorator]
 def on_worker_ready(**_: Any) -> None:
-    rt = get_runtime()  # fails fast on a bad configuration (e.g. an unknown generator)
-    if rt.settings.worker_metrics_port:
-        rt.metrics.serve(rt.settings.worker_metrics_port)
+    try:
+        rt = get_runtime()
+    except Exception:
+        # A worker that cannot generate must not take tasks (they would sit half-started):
+        # refuse to run, loudly, so the supervisor shows the failure.
+        log.critical("relay worker cannot start: bad configuration", exc_info=True)
+        os._exit(78)  # EX_CONFIG
     threading.Thread(target=sweep_forever, args=(rt,), name="relay-sweeper", daemon=True).start()
+    if rt.settings.worker_metrics_port:
+        try:
+            rt.metrics.serve(rt.settings.worker_metrics_port)
+        except OSError as exc:  # e.g. a second worker on the same machine and port
+            log.warning("worker metrics not served on port %d: %s",
+                        rt.settings.worker_metrics_port, exc)  # fmt: skip
     log.info("relay worker %s ready (generator=%s)", rt.worker_name, rt.generator.name)
 
 
