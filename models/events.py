@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,8 +46,13 @@ class Event:
             out["attempt"] = self.attempt
         return out
 
-    def to_json(self) -> str:
+    @functools.cached_property
+    def json(self) -> str:
+        """The wire form, built once: the hub hands one Event to every viewer."""
         return json.dumps(self.to_dict(), separators=(",", ":"), ensure_ascii=False)
+
+    def to_json(self) -> str:
+        return self.json
 
     def to_sse(self) -> str:
         return f"id: {self.seq}\nevent: {self.type}\ndata: {self.to_json()}\n\n"
