@@ -35,6 +35,8 @@ def test_post_chat_returns_ids_and_links(client: Client) -> None:
     assert roles == [("user", "complete"), ("assistant", "complete")]
     assert chat["messages"][0]["content"] == "hi [demo:words=10]"
     assert chat["messages"][1]["streamId"] == sid
+    assert chat["messages"][0]["id"] == body["userMessageId"]
+    assert chat["messages"][1]["id"] == body["messageId"]
     listed = client.get_json("/api/v1/chats")["chats"]
     assert [c["id"] for c in listed] == [body["chatId"]]
 

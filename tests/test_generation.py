@@ -97,6 +97,7 @@ def test_generator_error_ends_the_stream_with_an_error_event(client: Client) -> 
     answer = client.answer(posted["chatId"])
     assert answer["status"] == "failed"
     assert answer["content"] == got.text
+    assert answer["error"] == got.last["error"]
     # A viewer attaching after the failure gets the same ending, never a hang.
     assert client.attach(sid).events == got.events
 

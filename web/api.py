@@ -94,12 +94,13 @@ def post_chat() -> tuple[Response, int]:
     if chat_id is not None:
         get_chat(db, uid, chat_id)
     check_not_busy(rt, db, chat_id, interrupt)
-    chat, stream = add_turn(db, uid, chat_id, text, model)
+    chat, stream, question_id = add_turn(db, uid, chat_id, text, model)
     commit_turn(db)  # the rows exist before any worker can look for them
     enqueue(rt, db, stream)
     return jsonify(
         chatId=chat.id,
         messageId=stream.message_id,
+        userMessageId=question_id,
         streamId=stream.id,
         ws=f"/api/v1/streams/{stream.id}/ws",
         events=f"/api/v1/streams/{stream.id}/events",

@@ -50,8 +50,9 @@ def active_stream(db: Session, chat_id: str) -> Stream | None:
 
 def add_turn(
     db: Session, uid: str, chat_id: str | None, text: str, model: str | None = None
-) -> tuple[Chat, Stream]:
-    """Create the user message, the pending answer and its stream (not yet committed)."""
+) -> tuple[Chat, Stream, str]:
+    """Create the user message, the pending answer and its stream (not yet committed);
+    returns the chat, the stream and the user message's id."""
     if chat_id is None:
         chat = Chat(user_id=uid, title=_title(text))
         db.add(chat)
@@ -64,7 +65,8 @@ def add_turn(
         position += 1
     now = utcnow()
     chat.updated_at = now
-    db.add(Message(chat_id=chat.id, position=position, role="user", content=text))
+    question = Message(chat_id=chat.id, position=position, role="user", content=text)
+    db.add(question)
     answer = Message(
         chat_id=chat.id, position=position + 1, role="assistant", status="pending", model=model
     )
@@ -72,7 +74,8 @@ def add_turn(
     db.flush()
     stream = Stream(chat_id=chat.id, message_id=answer.id, status="queued")
     db.add(stream)
-    return chat, stream
+    db.flush()
+    return chat, stream, question.id
 
 
 def commit_turn(db: Session) -> None:
@@ -160,6 +163,9 @@ def chat_detail_json(db: Session, chat: Chat) -> dict[str, Any]:
             # The seq of the last chunk included in ``content``: attach with after=<this>.
             "streamSeq": store.chunk_count(stream) if stream else None,
             "createdAt": _iso(m.created_at),
+            "error": {"code": stream.error_code, "message": stream.error_message or ""}
+            if stream is not None and stream.error_code
+            else None,
             **(
                 {"model": m.model, "usage": _usage(m), "finishReason": m.finish_reason}
                 if m.role == "assistant"

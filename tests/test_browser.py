@@ -1,0 +1,505 @@
+"""The chat page in a real Chromium (Debian's, driven by Playwright) against the real stack.
+
+Every test checks the page against the server: the raw text the page accumulated for an
+answer (``data-raw``) must equal the stored message exactly, and every value it showed on
+the way must be a prefix of that final text (nothing flashed, duplicated or dropped).
+Screenshots go to test-artifacts/ (git-ignored).
+"""
+
+from __future__ import annotations
+
+import itertools
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from playwright.sync_api import (
+    Browser,
+    BrowserContext,
+    Locator,
+    Page,
+    ViewportSize,
+    expect,
+    sync_playwright,
+)
+
+from tests.client import wait_for
+from tests.conftest import Stack
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+DESKTOP: ViewportSize = {"width": 1280, "height": 800}
+PHONE: ViewportSize = {"width": 390, "height": 844}
+T = 30_000  # ms: generous, these are upper bounds for waits, never expectations
+
+# Records every value of data-raw an assistant message ever had, per message id.
+RAW_LOG_SCRIPT = """
+window.__rawLog = {};
+new MutationObserver((mutations) => {
+  for (const m of mutations) {
+    const nodes = m.type === "attributes" ? [m.target] : [...m.addedNodes];
+    for (const el of nodes) {
+      if (el.nodeType !== 1 || !el.matches(".msg.assistant[data-raw]")) continue;
+      (window.__rawLog[el.dataset.id] ||= []).push(el.dataset.raw);
+    }
+  }
+}).observe(document, {
+  subtree: true, childList: true, attributes: true, attributeFilter: ["data-raw"],
+});
+"""
+
+pytestmark = pytest.mark.skipif(shutil.which(CHROMIUM) is None, reason="needs Debian's chromium")
+
+
+# -- fixtures --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        yield b
+        b.close()
+
+
+class Session:
+    """One browser context (one guest user) with its page errors collected."""
+
+    def __init__(self, browser: Browser, viewport: ViewportSize) -> None:
+        self.context: BrowserContext = browser.new_context(viewport=viewport)
+        self.context.add_init_script(RAW_LOG_SCRIPT)
+        self.errors: list[str] = []
+
+    def new_page(self) -> Page:
+        page = self.context.new_page()
+        page.on("pageerror", lambda exc: self.errors.append(str(exc)))
+        return page
+
+    def close(self) -> None:
+        self.context.close()
+
+
+@pytest.fixture
+def session(browser: Browser) -> Iterator[Session]:
+    s = Session(browser, DESKTOP)
+    yield s
+    s.close()
+    assert not s.errors, f"uncaught errors in the page: {s.errors}"
+
+
+@pytest.fixture
+def page(session: Session) -> Page:
+    return session.new_page()
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+def open_app(page: Page, base_url: str, chat_id: str | None = None) -> None:
+    page.goto(f"{base_url}/" + (f"#{chat_id}" if chat_id else ""))
+    expect(page.locator("html")).to_have_attribute("data-ready", "true", timeout=T)
+
+
+def send(page: Page, text: str | None) -> str:
+    """Type a message (None: keep what is typed) and press Enter; returns the chat id."""
+    if text is not None:
+        page.fill("#input", text)
+    page.press("#input", "Enter")
+    page.wait_for_function("location.hash.length > 1", timeout=T)
+    return str(page.evaluate("decodeURIComponent(location.hash.slice(1))"))
+
+
+def answer(page: Page) -> Locator:
+    return page.locator(".msg.assistant").last
+
+
+def raw(page: Page) -> str:
+    return str(answer(page).get_attribute("data-raw"))
+
+
+def wait_text(page: Page, chars: int) -> None:
+    page.wait_for_function(
+        """(n) => { const a = [...document.querySelectorAll('.msg.assistant')].pop();
+                    return a && (a.dataset.raw || '').length >= n; }""",
+        arg=chars,
+        timeout=T,
+    )
+
+
+def wait_status(page: Page, status: str) -> None:
+    expect(answer(page)).to_have_attribute("data-status", status, timeout=T)
+
+
+def stored_answer(page: Page, base_url: str, chat_id: str) -> dict[str, Any]:
+    resp = page.request.get(f"{base_url}/api/v1/chats/{chat_id}")
+    assert resp.ok, resp.text()
+    messages = resp.json()["messages"]
+    return [m for m in messages if m["role"] == "assistant"][-1]  # type: ignore[no-any-return]
+
+
+def assert_exact(page: Page, base_url: str, chat_id: str, status: str = "complete") -> str:
+    """The shown answer equals the stored one; everything shown on the way was a prefix."""
+    stored = stored_answer(page, base_url, chat_id)
+    assert stored["status"] == status
+    shown = raw(page)
+    assert shown == stored["content"]
+    history = page.evaluate("(id) => window.__rawLog[id] || []", stored["id"])
+    assert history, "the answer was never rendered"
+    for before, after in itertools.pairwise(history):
+        assert after.startswith(before), "shown text shrank or changed"
+    assert all(shown.startswith(h) for h in history)
+    # What people see: the opening words once, not twice.
+    opening = shown[:40]
+    visible = answer(page).locator(".md").inner_text()
+    assert visible.count(opening.split("\n")[0][:30]) == 1
+    return shown
+
+
+def log_length(stack: Stack, stream_id: str) -> int:
+    return int(stack.redis().xlen(f"relay:{{{stream_id}}}:log"))
+
+
+def stream_id(page: Page) -> str:
+    sid = answer(page).get_attribute("data-stream-id")
+    assert sid
+    return sid
+
+
+def shot(page: Page, name: str) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"))
+
+
+# -- tests -----------------------------------------------------------------------------------
+
+
+def test_send_streams_and_matches_the_stored_message(page: Page, stack: Stack) -> None:
+    open_app(page, stack.base_url)
+    expect(page.locator("#empty")).to_be_visible()
+    shot(page, "desktop-empty")
+    # Shift+Enter is a new line, Enter sends.
+    page.fill("#input", "Explain write-ahead logs in databases")
+    page.press("#input", "Shift+Enter")
+    assert page.locator("#input").input_value() == "Explain write-ahead logs in databases\n"
+    expect(page.locator(".msg")).to_have_count(0)
+    page.locator("#input").press_sequentially("[demo:words=140]")
+    chat_id = send(page, None)
+    expect(page.locator("#input")).to_have_value("")
+    user = page.locator(".msg.user").last
+    expect(user).to_have_attribute(
+        "data-raw", "Explain write-ahead logs in databases\n[demo:words=140]"
+    )
+    wait_status(page, "streaming")
+    expect(page.locator("#stop")).to_be_visible()
+    wait_text(page, 300)
+    shot(page, "desktop-mid-stream")
+    wait_status(page, "done")
+    expect(page.locator("#send")).to_be_visible()
+    assert_exact(page, stack.base_url, chat_id)
+    # Markdown is rendered: the demo answer has a bullet list with bold lead-ins.
+    assert answer(page).locator(".md li").count() >= 3
+    assert answer(page).locator(".md li strong").count() >= 3
+    expect(answer(page).locator(".status")).to_have_text("Done")
+    expect(page.locator("#chat-list .chat-link[aria-current=page]")).to_contain_text("Explain")
+    expect(page.locator("#conn")).to_have_attribute("data-state", "live")
+    shot(page, "desktop-done")
+
+
+def test_reload_mid_stream_continues_without_duplicates(page: Page, stack: Stack) -> None:
+    open_app(page, stack.base_url)
+    chat_id = send(page, "Tell me about durable queues [demo:words=220]")
+    wait_text(page, 200)
+    page.reload()
+    expect(page.locator("html")).to_have_attribute("data-ready", "true", timeout=T)
+    # History first, then the live tail continues it.
+    expect(page.locator(".msg.user")).to_have_count(1)
+    expect(page.locator(".msg.assistant")).to_have_count(1)
+    wait_status(page, "done")
+    assert_exact(page, stack.base_url, chat_id)
+
+
+def test_offline_mid_stream_then_back_online(page: Page, session: Session, stack: Stack) -> None:
+    open_app(page, stack.base_url)
+    chat_id = send(page, "Offline resilience [demo:words=220]")
+    wait_text(page, 150)
+    sid = stream_id(page)
+    session.context.set_offline(True)
+    expect(page.locator("#conn")).to_have_attribute("data-state", "offline", timeout=T)
+    shot(page, "desktop-offline")
+    shown_offline = len(raw(page))
+    # Generation goes on without us: wait until the log is well ahead of the page.
+    at_drop = log_length(stack, sid)
+    wait_for(lambda: log_length(stack, sid) > at_drop + 40, timeout=20)
+    assert len(raw(page)) == shown_offline  # nothing arrives while offline
+    session.context.set_offline(False)
+    wait_status(page, "done")
+    expect(page.locator("#conn")).to_have_attribute("data-state", "live", timeout=T)
+    assert_exact(page, stack.base_url, chat_id)
+
+
+def test_web_server_killed_and_restarted_mid_stream(page: Page, stack: Stack) -> None:
+    web, port = stack.start_web()
+    base = f"http://127.0.0.1:{port}"
+    open_app(page, base)
+    chat_id = send(page, "Survive a server restart [demo:words=260]")
+    wait_text(page, 150)
+    sid = stream_id(page)
+    web.kill()
+    expect(page.locator("#conn")).to_have_attribute("data-state", "reconnecting", timeout=T)
+    at_kill = log_length(stack, sid)
+    wait_for(lambda: log_length(stack, sid) > at_kill + 40, timeout=20)
+    restarted, _ = stack.start_web(port=port)
+    try:
+        wait_status(page, "done")
+        expect(page.locator("#conn")).to_have_attribute("data-state", "live", timeout=T)
+        assert_exact(page, base, chat_id)
+    finally:
+        restarted.stop()
+
+
+def test_stop_button_cancels_and_stays_cancelled(page: Page, stack: Stack) -> None:
+    open_app(page, stack.base_url)
+    chat_id = send(page, "A long answer to stop [demo:words=400]")
+    wait_text(page, 120)
+    page.click("#stop")
+    wait_status(page, "cancelled")
+    expect(answer(page).locator(".status")).to_have_text("Cancelled")
+    shot(page, "desktop-cancelled")
+    expect(page.locator("#send")).to_be_visible()
+    partial = assert_exact(page, stack.base_url, chat_id, status="cancelled")
+    assert len(partial) >= 120
+    status = page.request.get(f"{stack.base_url}/api/v1/streams/{stream_id(page)}").json()
+    assert status["status"] == "cancelled"
+    page.reload()
+    expect(page.locator("html")).to_have_attribute("data-ready", "true", timeout=T)
+    wait_status(page, "cancelled")
+    assert raw(page) == partial
+    expect(page.locator("#stop")).to_be_hidden()
+
+
+def test_two_tabs_show_the_same_answer(page: Page, session: Session, stack: Stack) -> None:
+    open_app(page, stack.base_url)
+    chat_id = send(page, "Two tabs [demo:words=160]")
+    wait_text(page, 100)
+    other = session.new_page()
+    open_app(other, stack.base_url, chat_id)
+    wait_status(other, "streaming")
+    wait_status(page, "done")
+    wait_status(other, "done")
+    first = assert_exact(page, stack.base_url, chat_id)
+    second = assert_exact(other, stack.base_url, chat_id)
+    assert first == second
+    html = answer(page).locator(".md").inner_html()
+    assert html == answer(other).locator(".md").inner_html()
+    # A follow-up sent in one tab shows up live in the other, which was already open.
+    send(page, "And a follow-up [demo:words=110]")
+    expect(other.locator(".msg.assistant")).to_have_count(2, timeout=T)
+    wait_status(other, "streaming")
+    wait_status(page, "done")
+    wait_status(other, "done")
+    final = assert_exact(page, stack.base_url, chat_id)
+    assert assert_exact(other, stack.base_url, chat_id) == final
+
+
+def test_html_in_model_output_is_shown_as_text(page: Page, stack: Stack) -> None:
+    payload = '<script>window.__pwned=1</script><img src=x onerror="window.__pwned=2">'
+    open_app(page, stack.base_url)
+    chat_id = send(page, f"{payload} [demo:echo]")
+    wait_status(page, "done")
+    assert_exact(page, stack.base_url, chat_id)
+    assert page.evaluate("window.__pwned") is None
+    thread = page.locator("#thread")
+    assert thread.locator("script").count() == 0
+    assert thread.locator("img").count() == 0
+    assert thread.locator("[onerror]").count() == 0
+    expect(answer(page).locator(".md")).to_contain_text("<script>window.__pwned=1</script>")
+    expect(answer(page).locator(".md")).to_contain_text('onerror="window.__pwned=2"')
+    expect(page.locator(".msg.user .bubble")).to_contain_text("<img src=x onerror=")
+    # Reloaded from history, it is still just text.
+    page.reload()
+    expect(page.locator("html")).to_have_attribute("data-ready", "true", timeout=T)
+    expect(answer(page).locator(".md")).to_contain_text("<script>window.__pwned=1</script>")
+    assert page.evaluate("window.__pwned") is None
+    assert thread.locator("img").count() == 0
+
+
+def test_failed_generation_shows_the_error(page: Page, stack: Stack) -> None:
+    open_app(page, stack.base_url)
+    chat_id = send(page, "This one breaks [demo:fail-after=15]")
+    wait_status(page, "failed")
+    expect(answer(page).locator(".status")).to_contain_text("Failed: demo generator failed")
+    shot(page, "desktop-failed")
+    assert_exact(page, stack.base_url, chat_id, status="failed")
+    page.reload()
+    expect(page.locator("html")).to_have_attribute("data-ready", "true", timeout=T)
+    expect(answer(page).locator(".status")).to_contain_text("Failed: demo generator failed")
+
+
+def test_switching_chats_reattaches_to_the_running_answer(page: Page, stack: Stack) -> None:
+    open_app(page, stack.base_url)
+    first = send(page, "A long answer to come back to [demo:words=220]")
+    wait_text(page, 100)
+    page.click("#new-chat")
+    expect(page.locator(".msg")).to_have_count(0)
+    expect(page.locator("#empty")).to_be_visible()
+    second = send(page, "Meanwhile, a short one [demo:words=15]")
+    assert second != first
+    wait_status(page, "done")
+    assert_exact(page, stack.base_url, second)
+    page.click(f"#chat-list .chat-link[data-chat-id='{first}']")
+    expect(page.locator(".msg.user")).to_have_count(1)
+    expect(page.locator(".msg.user")).to_contain_text("A long answer to come back to")
+    wait_status(page, "done")
+    assert_exact(page, stack.base_url, first)
+    page.go_back()  # browser history follows the chats
+    expect(page.locator(".msg.user")).to_contain_text("Meanwhile, a short one")
+
+
+def test_relay_stream_module_contract(page: Page, stack: Stack) -> None:
+    """relay-stream.js on its own: resume after a seq, and a 44xx close is final."""
+    open_app(page, stack.base_url)
+    posted = page.request.post(
+        f"{stack.base_url}/api/v1/chat", data={"message": "Module check [demo:words=30]"}
+    ).json()
+    status_url = f"{stack.base_url}/api/v1/streams/{posted['streamId']}"
+    # after=k must not be beyond what is written: wait until the log has more than 5 events.
+    wait_for(lambda: page.request.get(status_url).json()["lastSeq"] > 10, timeout=20)
+    result = page.evaluate(
+        """async (sid) => {
+          const { attach, backoffDelay } = await import('/static/relay-stream.js');
+          const events = [], states = [];
+          const h = attach(sid, { after: 5, onEvent: (e) => events.push(e),
+                                  onState: (s) => states.push(s) });
+          const terminal = await h.done;
+          const bad = [];
+          const g = attach('no-such-stream', { onState: (s, d) => bad.push([s, d.code ?? null]) });
+          await g.done;
+          const delays = [0, 1, 2, 3, 10, 20].map((n) => backoffDelay(n, 300, 10000));
+          return { seqs: events.map((e) => e.seq), terminal, states, bad, delays,
+                   lastSeq: h.lastSeq };
+        }""",
+        posted["streamId"],
+    )
+    seqs = result["seqs"]
+    assert seqs == list(range(6, 6 + len(seqs))) and len(seqs) > 5
+    assert result["terminal"]["type"] == "done" and result["terminal"]["seq"] == seqs[-1]
+    assert result["lastSeq"] == seqs[-1]
+    assert result["states"][0] == "connecting" and result["states"][-1] == "ended"
+    # The handshake completes, then the server closes with 4404: final, no retries.
+    assert result["bad"][-1] == ["failed", 4404]
+    assert [st for st, _ in result["bad"]] == ["connecting", "live", "failed"]
+    ceilings = [300, 600, 1200, 2400, 10000, 10000]
+    for delay, ceiling in zip(result["delays"], ceilings, strict=True):
+        assert ceiling / 2 <= delay <= ceiling
+
+
+FAKE_SOCKET_SCRIPT = """async () => {
+  const { attach } = await import('/static/relay-stream.js');
+  const sockets = [];
+  class FakeSocket {  // driven by hand: open, events, drops
+    constructor(url) { this.url = url; this.readyState = 0; this.sent = []; sockets.push(this); }
+    send(data) { this.sent.push(data); }
+    close() { this.readyState = 3; }
+    open() { this.readyState = 1; this.onopen?.({}); }
+    emit(event) { this.onmessage?.({ data: JSON.stringify(event) }); }
+    drop(code, reason = '') { this.readyState = 3; this.onclose?.({ code, reason }); }
+  }
+  const chunk = (seq) => ({ type: 'chunk', seq, text: `t${seq}` });
+  const out = { events: [], states: [] };
+  const offlineFetch = async () => { throw new TypeError('network down'); };
+  const h = attach('s1', {
+    after: 2, WebSocket: FakeSocket, fetch: offlineFetch, stallMs: 1e9,
+    minDelayMs: 60000, maxDelayMs: 60000,  // a retry would only come from a browser signal
+    onEvent: (e) => out.events.push(e.seq), onState: (st) => out.states.push(st),
+  });
+  sockets[0].open();
+  sockets[0].emit(chunk(3)); sockets[0].emit(chunk(4)); sockets[0].emit(chunk(4));
+  sockets[0].drop(1006);
+  out.socketsAfterDrop = sockets.length;
+  document.dispatchEvent(new Event('visibilitychange'));  // back on the page: retry now
+  sockets[1].open();
+  sockets[1].emit(chunk(3)); sockets[1].emit(chunk(5));
+  window.dispatchEvent(new Event('offline'));
+  out.closedWhenOffline = sockets[1].readyState === 3;
+  out.socketsWhileOffline = sockets.length;
+  window.dispatchEvent(new Event('online'));
+  sockets[2].open();
+  out.cancelled = await h.cancel();  // HTTP unreachable: falls back to the socket
+  out.sent = sockets[2].sent;
+  sockets[2].emit(chunk(6)); sockets[2].emit({ type: 'cancelled', seq: 7 });
+  out.stateAfterTerminal = h.state;  // not the end yet: an admin retry may continue it
+  sockets[2].emit({ type: 'resumed', seq: 8, attempt: 2 }); sockets[2].emit(chunk(9));
+  sockets[2].emit({ type: 'done', seq: 10, messageId: 'm' });
+  sockets[2].drop(1000, 'stream ended');  // the server closes after the final terminal event
+  out.terminal = await h.done;
+  const g = attach('s2', { WebSocket: FakeSocket, minDelayMs: 1 });
+  sockets[3].open();
+  sockets[3].drop(4404, 'no such stream');
+  await g.done;
+  out.fatalState = g.state;
+  out.urls = sockets.map((s) => new URL(s.url).pathname + new URL(s.url).search);
+  return out;
+}"""
+
+
+def test_relay_stream_reconnects_dedupes_and_follows_the_browser(page: Page, stack: Stack) -> None:
+    """relay-stream.js with a hand-driven socket: drops, duplicates, visibility, offline."""
+    open_app(page, stack.base_url)
+    out = page.evaluate(FAKE_SOCKET_SCRIPT)
+    assert out["events"] == [3, 4, 5, 6, 7, 8, 9, 10]  # each seq once, in order
+    assert out["urls"] == [
+        "/api/v1/streams/s1/ws?after=2",
+        "/api/v1/streams/s1/ws?after=4",  # resumed after the last seq seen
+        "/api/v1/streams/s1/ws?after=5",
+        "/api/v1/streams/s2/ws?after=0",
+    ]
+    assert out["socketsAfterDrop"] == 1  # the backoff waits...
+    assert out["closedWhenOffline"] and out["socketsWhileOffline"] == 2  # ...offline waits
+    assert out["cancelled"] is True and out["sent"] == ['{"type":"cancel"}']
+    assert out["stateAfterTerminal"] == "live"
+    assert out["terminal"] == {"type": "done", "seq": 10, "messageId": "m"}
+    states = [s for s, nxt in itertools.zip_longest(out["states"], out["states"][1:]) if s != nxt]
+    assert states == [
+        "connecting", "live", "reconnecting", "live", "offline", "reconnecting", "live", "ended",
+    ]  # fmt: skip
+    assert out["fatalState"] == "failed"  # 44xx: no retry
+
+
+def test_phone_layout(browser: Browser, stack: Stack) -> None:
+    s = Session(browser, PHONE)
+    try:
+        page = s.new_page()
+        open_app(page, stack.base_url)
+        sidebar = page.locator("#sidebar")
+        expect(sidebar).not_to_be_in_viewport()
+        shot(page, "phone-empty")
+        chat_id = send(page, "How do durable queues work? [demo:words=120]")
+        wait_text(page, 250)
+        shot(page, "phone-mid-stream")
+        wait_status(page, "done")
+        assert_exact(page, stack.base_url, chat_id)
+        shot(page, "phone-done")
+        page.click("#open-sidebar")
+        expect(sidebar).to_be_in_viewport()
+        expect(page.locator("#chat-list .chat-link")).to_have_count(1)
+        page.wait_for_function(
+            "document.getElementById('sidebar').getBoundingClientRect().left >= 0"
+        )
+        shot(page, "phone-sidebar")
+        page.click("#chat-list .chat-link")
+        expect(sidebar).not_to_be_in_viewport()
+        assert not s.errors, s.errors
+    finally:
+        s.close()

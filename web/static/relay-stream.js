@@ -1,0 +1,298 @@
+// relay-stream.js: attach to a relay stream over WebSocket and never lose an event.
+//
+//   import { attach } from "/static/relay-stream.js";
+//   const handle = attach(streamId, { after: 0, onEvent, onState });
+//   handle.cancel();  // ask the server to stop generating
+//   handle.close();   // stop listening (generation goes on)
+//
+// Events are delivered exactly once and in seq order; a dropped socket is reopened with
+// exponential backoff and jitter and resumes with ?after=<last seq seen>. The handle ends when
+// the server closes normally (1000, right after the stream's final terminal event) or with a
+// 44xx code. A terminal event is not necessarily the end: an admin retry can continue the
+// stream after it with a "resumed" event, and the handle delivers that too.
+// See docs/client.md for the full API.
+
+const TERMINAL = new Set(["done", "cancelled", "error"]);
+
+export const STATES = Object.freeze({
+  CONNECTING: "connecting", // first socket opening
+  LIVE: "live", // socket open, events flowing
+  RECONNECTING: "reconnecting", // socket dropped, retry scheduled
+  OFFLINE: "offline", // browser is offline; waiting for the "online" event
+  ENDED: "ended", // terminal event received (or the server closed with 1000)
+  FAILED: "failed", // the server refused the stream (close 44xx) or retries ran out
+  CLOSED: "closed", // handle.close() was called
+});
+
+const DEFAULTS = {
+  after: 0,
+  baseUrl: null, // http(s) origin of the relay server; default: the page's origin
+  minDelayMs: 300, // first retry waits between minDelayMs/2 and minDelayMs
+  maxDelayMs: 10_000, // backoff ceiling
+  maxRetries: Infinity, // consecutive failed connects before giving up (FAILED)
+  stallMs: 15_000, // silence after which the stream's status is checked over HTTP
+  WebSocket: globalThis.WebSocket,
+  fetch: (...args) => globalThis.fetch(...args),
+  onEvent: () => {},
+  onState: () => {},
+};
+
+/** Exponential backoff with "equal jitter": half the delay fixed, half random. */
+export function backoffDelay(attempt, minDelayMs, maxDelayMs, random = Math.random) {
+  const ceiling = Math.min(maxDelayMs, minDelayMs * 2 ** attempt);
+  return Math.round(ceiling / 2 + random() * (ceiling / 2));
+}
+
+/** Is this close code the server telling us to stop (no retry)? */
+export function isFatalClose(code) {
+  return code >= 4400 && code < 4500;
+}
+
+function wsUrl(baseUrl, streamId, after) {
+  const base = new URL(baseUrl || globalThis.location.origin);
+  base.protocol = base.protocol === "https:" ? "wss:" : "ws:";
+  base.pathname = `/api/v1/streams/${encodeURIComponent(streamId)}/ws`;
+  base.search = `?after=${after}`;
+  return base.toString();
+}
+
+function httpUrl(baseUrl, path) {
+  return new URL(path, baseUrl || globalThis.location.origin).toString();
+}
+
+/**
+ * Attach to a stream. Returns a handle:
+ *   handle.lastSeq   last seq delivered to onEvent
+ *   handle.state     one of STATES
+ *   handle.done      Promise resolved with the terminal event (or null) when the handle ends
+ *   handle.cancel()  Promise: POST /api/v1/streams/<id>/cancel (socket message as fallback)
+ *   handle.close()   stop for good; does not cancel the generation
+ */
+export function attach(streamId, options = {}) {
+  const opt = { ...DEFAULTS, ...options };
+  const s = {
+    lastSeq: Number(opt.after) || 0,
+    state: null,
+    ws: null,
+    attempt: 0,
+    retryTimer: null,
+    stallTimer: null,
+    finished: false,
+    terminal: null,
+  };
+  let resolveDone;
+  const done = new Promise((resolve) => (resolveDone = resolve));
+
+  function setState(state, detail = {}) {
+    if (s.state === state && state !== STATES.RECONNECTING) return;
+    s.state = state;
+    safeCall(opt.onState, state, detail);
+  }
+
+  function finish(state, detail) {
+    if (s.finished) return;
+    s.finished = true;
+    clearTimers();
+    dropSocket();
+    removeListeners();
+    setState(state, detail);
+    resolveDone(s.terminal);
+  }
+
+  function clearTimers() {
+    clearTimeout(s.retryTimer);
+    clearTimeout(s.stallTimer);
+    s.retryTimer = s.stallTimer = null;
+  }
+
+  function dropSocket() {
+    const ws = s.ws;
+    s.ws = null;
+    if (!ws) return;
+    ws.onopen = ws.onmessage = ws.onerror = ws.onclose = null;
+    if (ws.readyState <= 1) ws.close(1000);
+  }
+
+  function connect() {
+    clearTimers();
+    if (s.finished) return;
+    if (globalThis.navigator?.onLine === false) {
+      setState(STATES.OFFLINE);
+      return; // the "online" listener resumes
+    }
+    dropSocket();
+    setState(s.state === null ? STATES.CONNECTING : STATES.RECONNECTING, { attempt: s.attempt });
+    const ws = new opt.WebSocket(wsUrl(opt.baseUrl, streamId, s.lastSeq));
+    s.ws = ws;
+    ws.onopen = () => {
+      setState(STATES.LIVE);
+      armStallCheck();
+    };
+    ws.onmessage = (msg) => onMessage(ws, msg);
+    ws.onclose = (ev) => onClose(ws, ev);
+  }
+
+  function onMessage(ws, msg) {
+    if (ws !== s.ws) return;
+    let event;
+    try {
+      event = JSON.parse(msg.data);
+    } catch {
+      return;
+    }
+    if (typeof event?.seq !== "number") return;
+    s.attempt = 0; // data flows again: the next drop starts the backoff from scratch
+    armStallCheck();
+    if (event.seq <= s.lastSeq) return; // already delivered: never twice
+    if (event.seq !== s.lastSeq + 1) {
+      reconnectSoon(); // a hole should never happen; re-read from what we have
+      return;
+    }
+    s.lastSeq = event.seq;
+    if (TERMINAL.has(event.type)) s.terminal = event;
+    else if (event.type === "resumed") s.terminal = null;
+    safeCall(opt.onEvent, event);
+  }
+
+  function onClose(ws, ev) {
+    if (ws !== s.ws) return;
+    s.ws = null;
+    if (ev.code === 1000) {
+      // The server ends with 1000 only after the final terminal event, or when `after`
+      // already was that event's seq: either way there is nothing more to read.
+      finish(STATES.ENDED, { code: ev.code, reason: ev.reason, event: s.terminal });
+    } else if (isFatalClose(ev.code)) {
+      finish(STATES.FAILED, { code: ev.code, reason: ev.reason });
+    } else {
+      scheduleRetry(ev.code);
+    }
+  }
+
+  function scheduleRetry(code) {
+    clearTimers();
+    if (s.finished) return;
+    if (s.attempt >= opt.maxRetries) {
+      finish(STATES.FAILED, { code, reason: "gave up reconnecting" });
+      return;
+    }
+    if (globalThis.navigator?.onLine === false) {
+      setState(STATES.OFFLINE);
+      return;
+    }
+    const delayMs = backoffDelay(s.attempt, opt.minDelayMs, opt.maxDelayMs);
+    s.attempt += 1;
+    setState(STATES.RECONNECTING, { attempt: s.attempt, delayMs, code });
+    s.retryTimer = setTimeout(connect, delayMs);
+  }
+
+  function reconnectSoon() {
+    dropSocket();
+    scheduleRetry(0);
+  }
+
+  // A socket can look open while nothing arrives (a half-open connection). After a quiet
+  // spell, ask the server how far the stream is; if it is ahead of us, reopen.
+  function armStallCheck() {
+    clearTimeout(s.stallTimer);
+    s.stallTimer = setTimeout(checkStall, opt.stallMs);
+  }
+
+  async function checkStall() {
+    if (s.finished || !s.ws) return;
+    const seenAt = s.lastSeq;
+    let behind = false;
+    try {
+      const resp = await opt.fetch(httpUrl(opt.baseUrl, `/api/v1/streams/${streamId}`), {
+        credentials: "same-origin",
+        cache: "no-store",
+      });
+      behind = resp.ok && (await resp.json()).lastSeq > seenAt;
+    } catch {
+      behind = true; // the server is unreachable: the socket is not to be trusted either
+    }
+    if (s.finished || !s.ws) return;
+    if (behind && s.lastSeq === seenAt) reconnectSoon();
+    else armStallCheck();
+  }
+
+  // -- browser signals ----------------------------------------------------------------------
+
+  function onOffline() {
+    if (s.finished) return;
+    clearTimers();
+    dropSocket(); // its packets would go nowhere; resume cleanly when back
+    setState(STATES.OFFLINE);
+  }
+
+  function onOnline() {
+    if (s.finished) return;
+    s.attempt = 0;
+    connect();
+  }
+
+  function onVisible() {
+    if (s.finished || globalThis.document?.visibilityState !== "visible") return;
+    if (!s.ws) {
+      s.attempt = 0; // back on the page: retry now rather than after the backoff
+      connect();
+    } else if (s.ws.readyState === 1) {
+      checkStall();
+    }
+  }
+
+  function addListeners() {
+    globalThis.addEventListener?.("online", onOnline);
+    globalThis.addEventListener?.("offline", onOffline);
+    globalThis.document?.addEventListener("visibilitychange", onVisible);
+  }
+
+  function removeListeners() {
+    globalThis.removeEventListener?.("online", onOnline);
+    globalThis.removeEventListener?.("offline", onOffline);
+    globalThis.document?.removeEventListener("visibilitychange", onVisible);
+  }
+
+  // -- the handle ---------------------------------------------------------------------------
+
+  async function cancel() {
+    let resp;
+    try {
+      resp = await opt.fetch(httpUrl(opt.baseUrl, `/api/v1/streams/${streamId}/cancel`), {
+        method: "POST",
+        credentials: "same-origin",
+      });
+    } catch (err) {
+      if (s.ws?.readyState !== 1) throw err;
+      s.ws.send(JSON.stringify({ type: "cancel" })); // HTTP is unreachable; the socket is not
+      return true;
+    }
+    if (resp.ok || resp.status === 409) return resp.ok; // 409: it had already finished
+    throw new Error(`cancel failed with HTTP ${resp.status}`);
+  }
+
+  addListeners();
+  connect();
+
+  return {
+    get lastSeq() {
+      return s.lastSeq;
+    },
+    get state() {
+      return s.state;
+    },
+    get streamId() {
+      return streamId;
+    },
+    done,
+    cancel,
+    close: () => finish(STATES.CLOSED, {}),
+  };
+}
+
+function safeCall(fn, ...args) {
+  try {
+    fn(...args);
+  } catch (err) {
+    console.error("relay-stream callback failed", err);
+  }
+}
