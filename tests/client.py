@@ -166,3 +166,17 @@ def wait_for(probe: Callable[[], Any], timeout: float = 30, interval: float = 0.
 
 def chunk_text(events: list[dict[str, Any]]) -> str:
     return "".join(e["text"] for e in events if e["type"] == "chunk")
+
+
+def read_rest(client: Client, sid: str, seen: Attach) -> list[dict[str, object]]:
+    """Keep re-attaching with after=<last seq> until the terminal event, as a client would."""
+    events = list(seen.events)
+    while not events or events[-1]["type"] not in {"done", "cancelled", "error"}:
+        after = int(events[-1]["seq"]) if events else 0  # type: ignore[call-overload]
+        events += client.attach(sid, after=after, timeout=60).events
+    return events
+
+
+def assert_coherent(client: Client, chat_id: str, events: list[dict[str, object]]) -> None:
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+    assert chunk_text(events) == client.answer(chat_id)["content"]

@@ -11,7 +11,7 @@ import pytest
 
 from models.exceptions import GenerationError
 from models.settings import Settings
-from tests.client import chunk_text, wait_for
+from tests.client import chunk_text, read_rest, wait_for
 from tests.conftest import Stack
 from tests.fake_openai import ANSWER, FakeOpenAI, answer_for
 from tests.procs import BIN, ROOT
@@ -241,9 +241,7 @@ def test_e2e_worker_crash_is_continued_with_a_prefix(openai_stack: Stack, fake: 
     seen = client.attach(posted["streamId"], until=lambda a: len(a.events) >= 20)
     first.kill()
     openai_stack.start_worker("w2")
-    events = list(seen.events)
-    while events[-1]["type"] not in {"done", "error", "cancelled"}:
-        events += client.attach(posted["streamId"], after=events[-1]["seq"]).events
+    events = read_rest(client, posted["streamId"], seen)
     assert events[-1]["type"] == "done"
     assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
     assert chunk_text(events) == answer_for("fake-slow")
@@ -260,9 +258,7 @@ def test_e2e_worker_crash_without_continuation_fails_clearly(
     seen = client.attach(posted["streamId"], until=lambda a: len(a.events) >= 20)
     first.kill()
     openai_stack.start_worker("w2")
-    events = list(seen.events)
-    while events[-1]["type"] not in {"done", "error", "cancelled"}:
-        events += client.attach(posted["streamId"], after=events[-1]["seq"]).events
+    events = read_rest(client, posted["streamId"], seen)
     assert events[-1]["type"] == "error"
     assert events[-1]["error"]["code"] == "cannot_continue"
     answer = client.answer(posted["chatId"])

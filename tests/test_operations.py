@@ -14,7 +14,7 @@ import pytest
 import requests
 
 from ops.redis_server import free_port
-from tests.client import Attach, Client, chunk_text, wait_for
+from tests.client import Attach, assert_coherent, read_rest, wait_for
 from tests.conftest import Stack
 from tests.procs import BIN, ROOT, Proc, start_web
 
@@ -33,20 +33,6 @@ def writer_of(stack: Stack, sid: str, workers: list[Proc]) -> Proc:
     name = wait_for(lambda: stack.redis().hget(f"relay:{{{sid}}}:state", "worker"), timeout=20)
     pid = int(name.rsplit(":", 1)[1])
     return next(w for w in workers if w.pid == pid)
-
-
-def read_rest(client: Client, sid: str, seen: Attach) -> list[dict[str, object]]:
-    """Keep re-attaching with after=<last seq> until the terminal event, as a client would."""
-    events = list(seen.events)
-    while not events or events[-1]["type"] not in {"done", "cancelled", "error"}:
-        after = int(events[-1]["seq"]) if events else 0  # type: ignore[call-overload]
-        events += client.attach(sid, after=after, timeout=60).events
-    return events
-
-
-def assert_coherent(client: Client, chat_id: str, events: list[dict[str, object]]) -> None:
-    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
-    assert chunk_text(events) == client.answer(chat_id)["content"]
 
 
 # -- admin commands ---------------------------------------------------------------------------

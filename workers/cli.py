@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 from celery.bin.base import CeleryCommand, CLIContext
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from models import lifecycle
 from models.exceptions import RelayError, StreamNotFound
@@ -34,9 +35,16 @@ def _runtime(ctx: click.Context) -> WorkerRuntime:
     return build_runtime(Settings.from_env(), enqueue, lambda _task_id: False)
 
 
-def _fail(message: str, code: int = 1) -> None:
+def _fail(message: str, code: int = 1) -> NoReturn:
     click.echo(f"error: {message}", err=True)
     sys.exit(code)
+
+
+def _stream(db: Session, stream_id: str) -> Stream:
+    stream = db.get(Stream, stream_id)
+    if stream is None:
+        _fail(f"no stream {stream_id!r}")
+    return stream
 
 
 def _describe(rt: WorkerRuntime, stream: Stream) -> dict[str, Any]:
@@ -95,11 +103,7 @@ def show(ctx: click.Context, stream_id: str) -> None:
     """Show one stream as JSON."""
     rt = _runtime(ctx)
     with rt.sessions() as db:
-        stream = db.get(Stream, stream_id)
-        if stream is None:
-            _fail(f"no stream {stream_id!r}")
-            return
-        click.echo(json.dumps(_describe(rt, stream), indent=2))
+        click.echo(json.dumps(_describe(rt, _stream(db, stream_id)), indent=2))
 
 
 @streams.command(cls=CeleryCommand)
@@ -109,10 +113,7 @@ def cancel(ctx: click.Context, stream_id: str) -> None:
     """Cancel a stream; viewers get a cancelled event, the partial text is kept."""
     rt = _runtime(ctx)
     with rt.sessions() as db:
-        stream = db.get(Stream, stream_id)
-        if stream is None:
-            _fail(f"no stream {stream_id!r}")
-            return
+        stream = _stream(db, stream_id)
         result = lifecycle.cancel(rt.log, db, stream, rt.settings.heartbeat_stale_s)
     messages = {
         "requested": "cancel requested; the worker ends the stream at its next chunk",
@@ -135,10 +136,8 @@ def retry(ctx: click.Context, stream_id: str) -> None:
             seq, task_id = lifecycle.retry(rt.log, db, stream_id, rt.enqueue)
         except StreamNotFound as exc:
             _fail(exc.message)
-            return
         except RelayError as exc:
             _fail(exc.message, 2)
-            return
     click.echo(f"{stream_id}: retrying as task {task_id}; the answer continues after seq {seq}")
 
 
