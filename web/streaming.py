@@ -11,7 +11,7 @@ from urllib.parse import urlparse
 
 from flask import Flask, Response, request
 from flask_sock import Sock
-from simple_websocket import Server
+from simple_websocket import ConnectionClosed, Server
 from sqlalchemy.orm import Session
 
 from models.events import Event
@@ -171,8 +171,13 @@ def serve_socket(ws: Server, resolve: Resolver) -> None:
 
 
 def _read_client(ws: Server, rt: Runtime, uid: str, stream_id: str) -> None:
-    """Handle what the client sent (cancel); raises ConnectionClosed once it has gone."""
-    while (raw := ws.receive(timeout=0)) is not None:
+    """Handle what the client sent (cancel); raises ConnectionClosed once it has gone.
+
+    Runs before every event sent, so it only looks at what the socket's reader already
+    buffered (``receive(timeout=0)`` would arm and fire a timer each time)."""
+    if not ws.connected:
+        raise ConnectionClosed(ws.close_reason, ws.close_message)
+    while ws.input_buffer and (raw := ws.receive(timeout=0)) is not None:
         try:
             message = json.loads(raw)
             kind = message.get("type") if isinstance(message, dict) else None
