@@ -93,6 +93,14 @@ class BrokerUnavailable(RelayError):
     ws_close = 1013
 
 
+class ServiceUnavailable(RelayError):
+    """Redis or the database did not answer; the request may be retried."""
+
+    code = "service_unavailable"
+    status = 503
+    ws_close = 1013  # try again later
+
+
 class StaleAttempt(Exception):
     """This attempt no longer owns the stream: another attempt (or a cancel) fenced it off."""
 

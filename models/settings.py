@@ -74,6 +74,8 @@ class Settings:
     viewer_queue_size: int = 2048
     redis_max_connections: int = 200
     allowed_origins: tuple[str, ...] = ()
+    # Mark the session cookie Secure (set it when relay is served over HTTPS).
+    secure_cookies: bool = False
     chat_busy_policy: str = "reject"
 
     @classmethod

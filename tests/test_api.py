@@ -154,6 +154,21 @@ def test_cross_site_socket_is_refused(client: Client) -> None:
     assert same.last["type"] == "done"
 
 
+def test_cross_site_writes_are_refused(client: Client) -> None:
+    resp = client.request(
+        "POST", "/api/v1/chat", json={"message": "forged"},
+        headers={"Origin": "http://evil.example"},
+    )  # fmt: skip
+    _error(resp, 403, "forbidden_origin")
+    assert client.get_json("/api/v1/chats")["chats"] == []
+    same_site = client.request(
+        "POST", "/api/v1/chat", json={"message": "mine [demo:words=5]"},
+        headers={"Origin": client.base_url},
+    )  # fmt: skip
+    assert same_site.status_code == 202
+    client.attach(same_site.json()["streamId"])
+
+
 def test_bad_client_message_closes_the_socket_with_a_reason(client: Client) -> None:
     posted = client.post_chat("chatty client [demo:words=300]")
     with client.connect_ws(f"/api/v1/streams/{posted['streamId']}/ws") as ws:

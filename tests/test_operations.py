@@ -276,6 +276,24 @@ def test_readyz_fails_when_redis_is_gone_and_worker_metrics(
         assert resp.status_code == 503
         assert resp.json()["checks"]["redis"].startswith("error")
         assert resp.json()["checks"]["database"] == "ok"
+        # Requests that need Redis get a clear, retryable 503, never a 500.
+        cut_off = stack.client(f"http://127.0.0.1:{web_port}")
+        cut_off.http.cookies = client.http.cookies
+        resp = cut_off.request("GET", f"/api/v1/streams/{posted['streamId']}")
+        assert resp.status_code == 503
+        assert resp.json()["error"]["code"] == "service_unavailable"
+        assert "Redis" in resp.json()["error"]["message"]
+        got = cut_off.attach(posted["streamId"])
+        assert got.events == [] and got.close_code == 1013
+        resp = cut_off.request("POST", "/api/v1/chat", json={"message": "hello?"})
+        assert resp.status_code == 503
+        assert resp.json()["error"]["code"] == "broker_unavailable"
+        # The question is kept, with a failed answer saying why (the user can send it again).
+        chats = [c["id"] for c in cut_off.get_json("/api/v1/chats")["chats"]]
+        assert len(chats) == 2 and posted["chatId"] in chats
+        failed = cut_off.answer(next(c for c in chats if c != posted["chatId"]))
+        assert failed["status"] == "failed"
+        assert failed["error"]["code"] == "broker_unavailable"
     finally:
         web.stop()
 

@@ -9,11 +9,12 @@ from datetime import timedelta
 from typing import Any
 
 import click
-from flask import Flask, send_from_directory
+from flask import Flask, request, send_from_directory
 from flask.typing import ResponseReturnValue
 
 from models.settings import VAR_DIR, Settings
 from web import api, errors, metrics, runtime, streaming
+from web.auth import check_origin
 
 
 def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
@@ -30,6 +31,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
         MAX_CONTENT_LENGTH=settings.max_request_bytes,
         SESSION_COOKIE_HTTPONLY=True,
         SESSION_COOKIE_SAMESITE="Lax",
+        SESSION_COOKIE_SECURE=settings.secure_cookies,
         PERMANENT_SESSION_LIFETIME=timedelta(days=365),
         # Keepalive pings find dead peers; the size cap bounds what a client can send.
         SOCK_SERVER_OPTIONS={"ping_interval": 25, "max_message_size": 64 * 1024},
@@ -43,6 +45,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     streaming.init_app(app)
     metrics.init_app(app)
     _register_pages(app)
+    _guard_writes(app, settings)
     _register_cli(app)
     return app
 
@@ -62,6 +65,13 @@ def _register_pages(app: Flask) -> None:
     def index() -> ResponseReturnValue:
         assert app.static_folder is not None
         return send_from_directory(app.static_folder, "index.html")
+
+
+def _guard_writes(app: Flask, settings: Settings) -> None:
+    @app.before_request
+    def same_origin_writes() -> None:
+        if request.method not in ("GET", "HEAD", "OPTIONS"):
+            check_origin(settings.allowed_origins)
 
 
 def _register_cli(app: Flask) -> None:

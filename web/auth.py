@@ -5,13 +5,24 @@ from __future__ import annotations
 import hashlib
 import secrets
 import uuid
+from urllib.parse import urlparse
 
 from flask import request, session
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from models.exceptions import Unauthorized
+from models.exceptions import ForbiddenOrigin, Unauthorized
 from models.tables import User
+
+
+def check_origin(allowed: tuple[str, ...]) -> None:
+    """Refuse cross-site WebSockets and writes: browsers attach the session cookie to them.
+
+    Requests without an Origin header (curl, API clients) are not cross-site requests."""
+    origin = request.headers.get("Origin")
+    if not origin or urlparse(origin).netloc == request.host or origin in allowed:
+        return
+    raise ForbiddenOrigin(f"origin {origin} may not do this on {request.host}")
 
 
 def hash_token(token: str) -> str:

@@ -5,9 +5,13 @@ from __future__ import annotations
 import logging
 
 from flask import Flask, Response, jsonify
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from sqlalchemy.exc import OperationalError
 from werkzeug.exceptions import HTTPException
 
-from models.exceptions import RelayError
+from models.exceptions import RelayError, ServiceUnavailable
 
 log = logging.getLogger("relay.web")
 
@@ -28,6 +32,17 @@ def _http_error(exc: HTTPException) -> tuple[Response, int]:
     return error_response(status, code, exc.description or exc.name)
 
 
+def _backend_down(exc: Exception) -> tuple[Response, int]:
+    log.warning("backend unavailable: %s", type(exc).__name__, exc_info=True)
+    return _relay_error(as_unavailable(exc))
+
+
+def as_unavailable(exc: Exception) -> ServiceUnavailable:
+    """Map a Redis or database outage to one clear, retryable error."""
+    which = "Redis" if isinstance(exc, RedisError) else "the database"
+    return ServiceUnavailable(f"{which} is not answering; try again shortly")
+
+
 def _unexpected(exc: Exception) -> tuple[Response, int]:
     log.exception("unhandled error", exc_info=exc)
     return error_response(500, "internal_error", "something went wrong on our side")
@@ -36,4 +51,7 @@ def _unexpected(exc: Exception) -> tuple[Response, int]:
 def init_app(app: Flask) -> None:
     app.register_error_handler(RelayError, _relay_error)
     app.register_error_handler(HTTPException, _http_error)
+    app.register_error_handler(RedisConnectionError, _backend_down)
+    app.register_error_handler(RedisTimeoutError, _backend_down)
+    app.register_error_handler(OperationalError, _backend_down)
     app.register_error_handler(Exception, _unexpected)

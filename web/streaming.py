@@ -7,20 +7,23 @@ import logging
 import time
 from collections.abc import Callable, Generator, Iterator
 from contextlib import closing, contextmanager
-from urllib.parse import urlparse
 
 from flask import Flask, Response, request
 from flask_sock import Sock
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from simple_websocket import ConnectionClosed, Server
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from models.events import Event
-from models.exceptions import BadRequest, ForbiddenOrigin, InvalidAfter, RelayError, StreamNotFound
+from models.exceptions import BadRequest, InvalidAfter, RelayError, StreamNotFound
 from models.tables import Stream
 from web import shutdown
 from web.attach import Follower, Snapshot, load_snapshot
-from web.auth import current_user_id
+from web.auth import check_origin, current_user_id
 from web.chats import cancel_stream, get_chat, get_stream, latest_stream
+from web.errors import as_unavailable
 from web.instruments import ATTACHES, VIEWERS
 from web.runtime import Runtime, get_runtime
 
@@ -124,21 +127,11 @@ def _finally(action: Callable[[], None]) -> Iterator[None]:
 # -- WebSocket -------------------------------------------------------------------------------
 
 
-def check_origin(rt: Runtime) -> None:
-    """Refuse cross-site WebSocket handshakes (browsers send cookies with them)."""
-    origin = request.headers.get("Origin")
-    if not origin:
-        return
-    if urlparse(origin).netloc == request.host or origin in rt.settings.allowed_origins:
-        return
-    raise ForbiddenOrigin(f"origin {origin} may not open this socket")
-
-
 def serve_socket(ws: Server, resolve: Resolver) -> None:
     """Validate, then stream events to the socket until the terminal event (close 1000)."""
     rt = get_runtime()
     try:
-        check_origin(rt)
+        check_origin(rt.settings.allowed_origins)
         after = parse_after(request.args.get("after"))
         with rt.sessions() as db:
             uid = current_user_id(db)
@@ -229,3 +222,7 @@ def _guarded(ws: Server, resolve: Resolver) -> None:
         serve_socket(ws, resolve)
     except RelayError as exc:  # raised while streaming, e.g. a bad client message
         ws.close(exc.ws_close, exc.message[:120])
+    except (RedisConnectionError, RedisTimeoutError, OperationalError) as exc:
+        log.warning("socket ended: backend unavailable (%s)", type(exc).__name__)
+        unavailable = as_unavailable(exc)  # 1013: the client retries later, after=<last>
+        ws.close(unavailable.ws_close, unavailable.message[:120])
