@@ -29,14 +29,29 @@ def make_run(tmp_path: Path, args: str = "", **env: str) -> Iterator[subprocess.
         ["make", "--no-print-directory", "run", f"ARGS={args}"], cwd=ROOT, env=environ,
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
+    started: set[int] = set()
     try:
         wait_for(lambda: _up(int(environ["PORT"])), timeout=60, interval=0.2)
+        started = _descendants(proc.pid)
         yield proc
     finally:
-        if proc.poll() is None:
+        _stop_all(proc, started | _descendants(proc.pid))
+        log.close()
+
+
+def _stop_all(proc: subprocess.Popen[bytes], pids: set[int]) -> None:
+    """SIGTERM the launcher's group (it stops honcho, web, workers and Redis), then SIGKILL
+    by pid whatever is left: honcho's children and Redis run in sessions of their own."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-        log.close()
+    for pid in pids:
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
 
 
 def test_make_run_serves_and_stops_everything_on_sigterm(tmp_path: Path) -> None:
