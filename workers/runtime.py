@@ -7,7 +7,6 @@ import functools
 import logging
 import os
 import socket
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -92,9 +91,6 @@ def build_runtime(
         is_revoked=is_revoked,
         shutdown=Shutdown(settings.shutdown_grace_s),
     )
-
-
-_lock = threading.Lock()
 
 
 @functools.cache
