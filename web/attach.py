@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from models import store
@@ -44,12 +45,14 @@ SnapshotLoader = Callable[[], Snapshot]
 
 
 def load_snapshot(db: Session, stream_id: str) -> Snapshot | None:
-    """Read a stream row and its message's content."""
-    stream = db.get(Stream, stream_id)
-    if stream is None:
-        return None
-    message = db.get(Message, stream.message_id)
-    return Snapshot(stream, message.content if message else "")
+    """Read a stream row and its message's content in one statement (one snapshot, so the
+    seq layout and the text always belong together)."""
+    row = db.execute(
+        select(Stream, Message.content)
+        .join(Message, Message.id == Stream.message_id)
+        .where(Stream.id == stream_id)
+    ).first()
+    return None if row is None else Snapshot(row[0], row[1])
 
 
 @dataclass
