@@ -20,60 +20,17 @@ from models.exceptions import GenerationError
 from workers.generators.base import GenerationRequest
 
 _DIRECTIVE = re.compile(r"\[demo:([a-z-]+)(?:=(\d+))?\]")
+# Words that do not name a topic: function words and the verbs questions are made of.
 _STOPWORDS = frozenset(
-    [
-        "a",
-        "an",
-        "and",
-        "are",
-        "as",
-        "at",
-        "be",
-        "but",
-        "by",
-        "can",
-        "could",
-        "do",
-        "does",
-        "for",
-        "from",
-        "have",
-        "how",
-        "i",
-        "if",
-        "in",
-        "is",
-        "it",
-        "me",
-        "my",
-        "of",
-        "on",
-        "or",
-        "please",
-        "so",
-        "tell",
-        "that",
-        "the",
-        "this",
-        "to",
-        "was",
-        "what",
-        "when",
-        "where",
-        "which",
-        "who",
-        "why",
-        "will",
-        "with",
-        "would",
-        "you",
-        "your",
-        "about",
-        "explain",
-        "give",
-        "some",
-    ]
+    """a about after all also an and any are as at be been best but by can could did do does
+    doing explain for from get give good happen happens have help how i if in into is it its
+    just know let like make makes me more most my need no not of on or our please should so
+    some survive tell than that the their them then there these they this to use used using
+    very want was way we well were what when where which who why will with work works would
+    you your""".split()  # noqa: SIM905 - a word list reads better as text
 )
+# What {b} can be besides the prompt's own phrases, so a sentence never pairs a topic with itself.
+_RELATED = ("the failure modes", "the data you keep", "the people using it", "the cost")
 _OPENERS = (
     "Here is a short take on {topic}.",
     "Good question about {topic}.",
@@ -110,23 +67,29 @@ def parse_directives(prompt: str) -> tuple[str, dict[str, int]]:
 
 
 def keywords(prompt: str) -> list[str]:
-    words = re.findall(r"[A-Za-z][A-Za-z'-]{2,}", prompt)
-    seen: dict[str, None] = {}
-    for word in words:
+    """The prompt's topic phrases: runs of up to three consecutive content words, in order."""
+    phrases: dict[str, None] = {}
+    run: list[str] = []
+    for word in [*re.findall(r"[A-Za-z][A-Za-z'-]*", prompt), "."]:
         low = word.lower()
-        if low not in _STOPWORDS:
-            seen.setdefault(low, None)
-    return list(seen) or ["this topic", "the details"]
+        if len(low) > 2 and low not in _STOPWORDS and len(run) < 3:
+            run.append(low)
+            continue
+        if run:
+            phrases.setdefault(" ".join(run), None)
+        run = [low] if len(low) > 2 and low not in _STOPWORDS else []
+    return list(phrases) or ["this topic", "the details"]
 
 
 def compose(prompt: str, seed: str, words: int) -> str:
     """A deterministic Markdown answer of about ``words`` words about the prompt."""
     rng = random.Random(hashlib.sha256(f"{seed}\x00{prompt}".encode()).digest())
     terms = keywords(prompt)
-    topic = " ".join(terms[:3])
+    topic = terms[0]
 
     def fill(template: str) -> str:
-        a, b = rng.choice(terms), rng.choice(terms)
+        a = rng.choice(terms)
+        b = rng.choice([t for t in (*terms, *_RELATED) if t != a])
         return template.format(topic=topic, Topic=topic.capitalize(), a=a, b=b)
 
     parts = [fill(rng.choice(_OPENERS))]
