@@ -104,15 +104,21 @@ class LogWriter:
         self.attempt = attempt
         self.task_id = task_id
         self.next_seq = last_seq + 1
-        self.text, self.layout = rt.log.text(job.stream_id, last_seq) if last_seq else ("", [])
+        text, self.layout = rt.log.text(job.stream_id, last_seq) if last_seq else ("", [])
+        # Pieces kept in a list (joined at checkpoints): `str +=` on an attribute copies the
+        # whole answer on every append.
+        self.parts = [text] if text else []
+        self.length = len(text)
         self.started = time.monotonic()
         self.checkpointed_at = self.started
         self.handoff = threading.Event()  # set by the watcher when the worker shuts down
         self.timed_out = threading.Event()  # set by the watcher past max_generation_s
         self.first_chunk_at: float | None = None
-        self.request = GenerationRequest(
-            job.stream_id, job.history, partial=self.text, model=job.model
-        )
+        self.request = GenerationRequest(job.stream_id, job.history, partial=text, model=job.model)
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
 
     def run(self) -> str:
         generator = self.rt.generator
@@ -160,8 +166,9 @@ class LogWriter:
                 self.job.stream_id, self.attempt, Event(self.next_seq, CHUNK, text=piece)
             )
             self.next_seq += 1
-            self.text += piece
-            self.layout.append(len(self.text))
+            self.parts.append(piece)
+            self.length += len(piece)
+            self.layout.append(self.length)
             self.rt.metrics.chunk()
             if self.first_chunk_at is None:
                 self.first_chunk_at = time.monotonic()
