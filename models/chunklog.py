@@ -105,27 +105,26 @@ return 1
 """
 )
 
-# KEYS: state, log. ARGV: stale ms, retention.
+# KEYS: state, log. ARGV: stale ms, running ttl.
 # A running attempt with a live heartbeat gets the cancel flag and ends the stream itself at
 # its next append. Nobody is writing a queued stream (or one whose writer is dead), so the
-# cancel ends it here, bumping the attempt so a late worker is fenced off.
+# canceller takes it over as a new attempt (fencing off any late worker) and ends it like a
+# writer would: final text to SQL first, then the cancelled event. If the canceller dies in
+# between, the sweeper's next attempt sees the cancel flag and ends it.
 _CANCEL = (
     _NOW_MS
     + _LAST_SEQ
     + """
 local st = redis.call('HMGET', KEYS[1], 'status', 'hb')
-if finished(st[1]) then return {'finished', 0} end
+if finished(st[1]) then return {'finished', 0, 0} end
 redis.call('HSET', KEYS[1], 'cancel', '1')
 if st[1] == 'running' and st[2] and (now - tonumber(st[2])) < tonumber(ARGV[1]) then
-  return {'requested', 0}
+  return {'requested', 0, 0}
 end
-local seq = last_seq(KEYS[2]) + 1
-redis.call('XADD', KEYS[2], '0-' .. seq, 't', 'cancelled', 'd', '')
-redis.call('HINCRBY', KEYS[1], 'attempt', 1)
-redis.call('HSET', KEYS[1], 'status', 'cancelled', 'seq', seq)
+local attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
+redis.call('HSET', KEYS[1], 'status', 'running', 'hb', now)
 redis.call('EXPIRE', KEYS[1], ARGV[2])
-redis.call('EXPIRE', KEYS[2], ARGV[2])
-return {'finalized', seq}
+return {'taken', attempt, last_seq(KEYS[2])}
 """
 )
 
@@ -292,12 +291,13 @@ class ChunkLog:
         res = int(self._heartbeat(keys=[keys.state_key(stream_id)], args=[attempt]))
         return res > 0, res == 2
 
-    def cancel(self, stream_id: str, stale_after_s: float) -> tuple[str, int]:
-        """Request a cancel: ('requested'|'finalized'|'finished', seq of a cancelled event)."""
+    def cancel(self, stream_id: str, stale_after_s: float) -> tuple[str, int, int]:
+        """Request a cancel: ('requested' | 'taken' | 'finished', attempt, last seq). With
+        'taken' the caller now owns the stream as ``attempt`` and must end it."""
         res = self._cancel(
-            keys=self._keys(stream_id), args=[int(stale_after_s * 1000), self.retention_s]
+            keys=self._keys(stream_id), args=[int(stale_after_s * 1000), self.running_ttl_s]
         )
-        return str(res[0]), int(res[1])
+        return str(res[0]), int(res[1]), int(res[2])
 
     def release(self, stream_id: str, attempt: int) -> bool:
         """Give the stream up (worker shutting down): the next claim may start at once."""

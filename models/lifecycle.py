@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from models import store
 from models.chunklog import ChunkLog
-from models.events import ERROR, STATUS_FOR_TERMINAL, TERMINAL_TYPES, Event
+from models.events import CANCELLED, ERROR, STATUS_FOR_TERMINAL, TERMINAL_TYPES, Event
 from models.exceptions import IllegalTransition, StreamNotFound
 from models.tables import (
     ACTIVE_STREAM_STATUSES,
@@ -34,11 +34,14 @@ def cancel(chunks: ChunkLog, db: Session, stream: Stream, stale_after_s: float) 
     nobody was writing it) or 'finished' (it had already ended)."""
     if stream.status in TERMINAL_STREAM_STATUSES:
         return "finished"
-    result, seq = chunks.cancel(stream.id, stale_after_s)
-    if result == "finalized":
-        text, layout = chunks.text(stream.id, seq - 1)
+    result, attempt, last_seq = chunks.cancel(stream.id, stale_after_s)
+    if result == "taken":
+        # Like a writer: SQL first, so a viewer that sees `cancelled` finds the text stored.
+        text, layout = chunks.text(stream.id, last_seq)
         store.finalize(db, stream.id, status="cancelled", text=text, layout=layout, attempt=None)
+        chunks.append(stream.id, attempt, Event(last_seq + 1, CANCELLED))
         db.refresh(stream)
+        result = "finalized"
     log.info("stream=%s cancel: %s", stream.id, result)
     return result
 

@@ -7,7 +7,7 @@ import redis
 
 from models import keys
 from models.chunklog import ChunkLog
-from models.events import CHUNK, DONE, Event
+from models.events import CANCELLED, CHUNK, DONE, Event
 from models.exceptions import StaleAttempt
 
 
@@ -84,17 +84,19 @@ def test_cancel_of_a_running_stream_is_reported_to_the_writer(log: ChunkLog) -> 
     log.init("s6")
     log.claim("s6", "t1", 5)
     log.append("s6", 1, chunk(1))
-    assert log.cancel("s6", 5) == ("requested", 0)
+    assert log.cancel("s6", 5) == ("requested", 0, 0)
     assert log.heartbeat("s6", 1) == (True, True)
     assert log.append("s6", 1, chunk(2)) is True
 
 
 def test_cancel_of_a_queued_stream_ends_it_and_fences_the_worker(log: ChunkLog) -> None:
     log.init("s7")
-    assert log.cancel("s7", 5) == ("finalized", 1)
+    assert log.cancel("s7", 5) == ("taken", 1, 0)
+    assert log.claim("s7", "t1", 5).result == "busy"  # the canceller owns it now
+    log.append("s7", 1, Event(1, CANCELLED))
     assert [e.type for e in log.read("s7", 0, 10)] == ["cancelled"]
     assert log.claim("s7", "t1", 5).result == "finished"
-    assert log.cancel("s7", 5) == ("finished", 0)
+    assert log.cancel("s7", 5) == ("finished", 0, 0)
 
 
 def test_cancel_of_a_stream_whose_writer_died_ends_it_here(
@@ -104,9 +106,9 @@ def test_cancel_of_a_stream_whose_writer_died_ends_it_here(
     log.claim("s8", "t1", 5)
     log.append("s8", 1, chunk(1, "partial"))
     redis_client.hset(keys.state_key("s8"), "hb", 0)
-    assert log.cancel("s8", 5) == ("finalized", 2)
+    assert log.cancel("s8", 5) == ("taken", 2, 1)
     with pytest.raises(StaleAttempt):
-        log.append("s8", 1, chunk(2))
+        log.append("s8", 1, chunk(2))  # the dead writer is fenced off
 
 
 def test_keys_share_a_cluster_hash_tag() -> None:
