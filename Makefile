@@ -33,6 +33,7 @@ lint: install
 	$(VENV)/bin/mypy
 
 bench: install
+	$(PY) -m pip install --quiet -e '.[dev,bench]'
 	$(PY) -m bench
 
 clean:
