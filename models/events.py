@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 CHUNK = "chunk"
+# Wire only (the batch form): consecutive chunk events in one message, never stored.
+CHUNKS = "chunks"
 DONE = "done"
 CANCELLED = "cancelled"
 ERROR = "error"
@@ -72,8 +75,11 @@ class Event:
     @classmethod
     def from_entry(cls, entry_id: str, fields: dict[str, str]) -> Event:
         seq = int(entry_id.rsplit("-", 1)[1])
-        kind = fields.get("t", CHUNK)
-        data = fields.get("d", "")
+        return cls.decode(seq, fields.get("t", CHUNK), fields.get("d", ""))
+
+    @classmethod
+    def decode(cls, seq: int, kind: str, data: str) -> Event:
+        """The event stored as type ``kind`` with field ``d`` = ``data``."""
         if kind == CHUNK:
             return cls(seq, kind, text=data)
         if kind == DONE:
@@ -87,3 +93,50 @@ class Event:
 
 def error_event(seq: int, code: str, message: str) -> Event:
     return Event(seq, ERROR, error={"code": code, "message": message})
+
+
+@dataclass(frozen=True)
+class Message:
+    """One wire message: a single event, or (batch form) a run of chunks.
+
+    ``first``..``last`` are the seqs it carries; ``json`` is its text.
+    """
+
+    first: int
+    last: int
+    type: str
+    json: str
+
+    def to_sse(self) -> str:
+        return f"id: {self.last}\nevent: {self.type}\ndata: {self.json}\n\n"
+
+
+def single_messages(events: Sequence[Event]) -> list[Message]:
+    """One message per event (the default form)."""
+    return [Message(e.seq, e.seq, e.type, e.json) for e in events]
+
+
+def batch_messages(events: Sequence[Event]) -> list[Message]:
+    """The batch form: each run of two or more consecutive chunks becomes one ``chunks``
+    message; a lone chunk and every other event travel as themselves."""
+    out: list[Message] = []
+    run: list[Event] = []
+    for event in events:
+        if event.type == CHUNK and (not run or event.seq == run[-1].seq + 1):
+            run.append(event)
+            continue
+        _flush_run(run, out)
+        run = [event] if event.type == CHUNK else []
+        if event.type != CHUNK:
+            out.append(Message(event.seq, event.seq, event.type, event.json))
+    _flush_run(run, out)
+    return out
+
+
+def _flush_run(run: list[Event], out: list[Message]) -> None:
+    if len(run) == 1:
+        out.append(Message(run[0].seq, run[0].seq, CHUNK, run[0].json))
+    elif run:
+        payload = {"type": CHUNKS, "seq": run[0].seq, "texts": [e.text for e in run]}
+        text = json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
+        out.append(Message(run[0].seq, run[-1].seq, CHUNKS, text))

@@ -33,6 +33,10 @@ class InvalidAfter(BadRequest):
     code = "invalid_after"
 
 
+class InvalidParameter(BadRequest):
+    code = "invalid_parameter"
+
+
 class ModelNotAllowed(BadRequest):
     code = "model_not_allowed"
 

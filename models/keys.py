@@ -26,6 +26,16 @@ def state_key(stream_id: str) -> str:
     return f"{PREFIX}:{{{stream_id}}}:state"
 
 
+def live_channel(stream_id: str) -> str:
+    """Pub/sub channel: every script that adds entries to the log publishes them here in the
+    same atomic step (``[first seq, [types], [data]]``), for the web tier's hubs."""
+    return f"{PREFIX}:{{{stream_id}}}:live"
+
+
+# Every web process's hub subscribes to this channel (nothing publishes on it), so its
+# pub/sub connection is open and subscribed before any stream is watched.
+HUB_CHANNEL = f"{PREFIX}:hub"
+
 # Held (SET NX PX, just under one sweep interval) by the worker sweeping this round.
 SWEEPER_LOCK = f"{PREFIX}:sweeper-lock"
 

@@ -62,16 +62,26 @@ class Settings:
     openai_retry_backoff_s: float = 0.5
     # How to continue a partial answer: none | vllm | prefix | trailing (docs/providers.md).
     openai_continuation: str = "none"
+    # How to stream: httpx (lean, the default) | sdk (the official client; docs/providers.md).
+    openai_transport: str = "httpx"
     max_output_tokens: int = 0  # 0: the provider's default
     system_prompt: str = ""
     # The conversation sent upstream is cut to the newest turns within this many characters.
     history_max_chars: int = 24_000
     demo_chunks_per_second: float = 30.0
     demo_directives: bool = True
-    # Viewers wake at least this often to notice a closed client or a lost stream.
-    idle_tick_s: float = 0.5
+    # A waiting viewer is woken by new events, its client and shutdown; it also wakes at
+    # least this often (an idle tick), which bounds how late a half-open SSE client is seen.
+    idle_tick_s: float = 10.0
     catchup_batch: int = 500
     viewer_queue_size: int = 2048
+    # The hub checks every watched stream's last seq and writer this often, so a missed
+    # live message or a dead writer is noticed even on a quiet stream.
+    hub_check_s: float = 5.0
+    # WebSocket permessage-deflate: "auto" accepts a client's offer and compresses messages
+    # of at least ws_compress_min_bytes (catch-up batches); "off" never negotiates it.
+    ws_compression: str = "auto"
+    ws_compress_min_bytes: int = 1024
     redis_max_connections: int = 200
     allowed_origins: tuple[str, ...] = ()
     # Mark the session cookie Secure (set it when relay is served over HTTPS).

@@ -1,24 +1,28 @@
-"""The per-process hub against a real Redis: one loop, many streams, bounded queues."""
+"""The per-process hub against a real Redis: one pub/sub connection, many streams, batches,
+bounded mailboxes, and the flags that send viewers back to the log."""
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
 
 import pytest
 import redis
 
+from models import keys
 from models.chunklog import ChunkLog
-from models.events import CHUNK, Event
+from models.events import CHUNK, DONE, Event
 from ops.redis_server import EmbeddedRedis
-from web.hub import Hub
+from tests.client import wait_for
+from web.frames import Batch
+from web.hub import Hub, Subscription
 
 
 @pytest.fixture
 def hub(redis_server: EmbeddedRedis, redis_client: redis.Redis) -> Iterator[Hub]:
     url = f"redis://127.0.0.1:{redis_server.port}/2"
-    # A block far longer than any wait below: entries can only arrive in time if the hub
-    # is woken (CLIENT UNBLOCK) when a stream is added.
-    h = Hub(url, redis_client, block_s=120.0, queue_size=4)
+    h = Hub(url, redis_client, queue_size=4, check_interval_s=3600)
     yield h
     h.stop()
 
@@ -33,36 +37,138 @@ def start(log: ChunkLog, sid: str) -> None:
     log.claim(sid, "t", 5)
 
 
-def test_delivers_new_entries_to_every_subscriber(hub: Hub, log: ChunkLog) -> None:
+def chunks(first: int, *texts: str) -> list[Event]:
+    return [Event(first + i, CHUNK, text=t) for i, t in enumerate(texts)]
+
+
+def listening(hub: Hub, sid: str, n: int = 1) -> list[tuple[Subscription, threading.Event]]:
+    """Subscribe ``n`` viewers and wait until Redis confirmed the channel (each viewer is
+    flagged then, to re-read the log)."""
+    out = []
+    for _ in range(n):
+        wake = threading.Event()
+        out.append((hub.subscribe(sid, 0, wake), wake))
+    for sub, wake in out:
+        assert wake.wait(30.0)
+        assert sub.take() == ([], True)
+        wake.clear()
+    return out
+
+
+def received(sub: Subscription, wake: threading.Event) -> list[Batch]:
+    assert wake.wait(30.0)
+    wake.clear()
+    batches, flagged = sub.take()
+    assert not flagged
+    return batches
+
+
+def test_every_subscriber_gets_each_append_as_one_batch(hub: Hub, log: ChunkLog) -> None:
     start(log, "a")
-    subs = [hub.subscribe("a", 0) for _ in range(3)]
-    log.append("a", 1, Event(1, CHUNK, text="one"))
-    for sub in subs:
-        assert sub.get(30.0) == Event(1, CHUNK, text="one")
+    viewers = listening(hub, "a", 3)
+    log.append_many("a", 1, chunks(1, "one", "two", "three"))
+    shared = None
+    for sub, wake in viewers:
+        (batch,) = received(sub, wake)
+        assert [e.text for e in batch.events] == ["one", "two", "three"]
+        assert (batch.first, batch.last) == (1, 3)
+        shared = shared or batch
+        assert batch is shared  # decoded once, handed to every viewer
     assert hub.stats() == {"streams": 1, "subscriptions": 3}
-    for sub in subs:
+    for sub, _ in viewers:
         hub.unsubscribe(sub)
     assert hub.stats() == {"streams": 0, "subscriptions": 0}
 
 
-def test_a_new_stream_wakes_the_blocked_loop(hub: Hub, log: ChunkLog) -> None:
+def test_the_terminal_event_and_resumed_travel_too(hub: Hub, log: ChunkLog) -> None:
+    start(log, "t")
+    ((sub, wake),) = listening(hub, "t")
+    log.append("t", 1, Event(1, DONE, message_id="m1"))
+    (batch,) = received(sub, wake)
+    assert batch.events == [Event(1, DONE, message_id="m1")]
+    assert log.reopen("t", "retry-task")[0] == "reopened"
+    (batch,) = received(sub, wake)
+    assert batch.events[0].type == "resumed" and batch.events[0].seq == 2
+
+
+def test_streams_added_later_are_followed(hub: Hub, log: ChunkLog) -> None:
     start(log, "b")
     start(log, "c")
-    first = hub.subscribe("b", 0)
+    ((first, wake_b),) = listening(hub, "b")
     log.append("b", 1, Event(1, CHUNK, text="b1"))
-    assert first.get(30.0) is not None  # the loop now blocks on b alone
-    second = hub.subscribe("c", 0)
+    assert received(first, wake_b)
+    ((second, wake_c),) = listening(hub, "c")
     log.append("c", 1, Event(1, CHUNK, text="c1"))
-    # Without a wake-up the loop would sit in its 120 s XREAD on b and never see c here.
-    assert second.get(30.0) == Event(1, CHUNK, text="c1")
+    (batch,) = received(second, wake_c)
+    assert batch.events == [Event(1, CHUNK, text="c1")]
 
 
-def test_a_slow_subscriber_is_marked_lagged_not_buffered(hub: Hub, log: ChunkLog) -> None:
+def test_a_slow_subscriber_is_flagged_not_buffered(hub: Hub, log: ChunkLog) -> None:
     start(log, "d")
-    slow = hub.subscribe("d", 0)
-    fast = hub.subscribe("d", 0)
+    (slow, _), (fast, fast_wake) = listening(hub, "d", 2)
     for seq in range(1, 11):
         log.append("d", 1, Event(seq, CHUNK, text=str(seq)))
-        assert fast.get(30.0) is not None
-    assert slow.queue.qsize() == 4  # the bound, not 10
-    assert slow.lagged
+        assert received(fast, fast_wake)
+    batches, flagged = slow.take()
+    assert sum(len(b) for b in batches) == 4  # the bound, not 10
+    assert flagged  # the viewer reads the rest from the log
+
+
+def test_the_check_flags_viewers_of_a_write_the_hub_did_not_see(
+    hub: Hub, log: ChunkLog, redis_client: redis.Redis
+) -> None:
+    start(log, "e")
+    ((sub, wake),) = listening(hub, "e")
+    hub.check()
+    assert not wake.is_set()  # a live writer and nothing new: nobody is disturbed
+    # An entry that reached the log without its live message (as if the hub had missed it).
+    redis_client.xadd(keys.log_key("e"), {"t": "chunk", "d": "x"}, id="0-1")
+    redis_client.hset(keys.state_key("e"), "seq", 1)
+    hub.check()
+    assert wake.is_set() and sub.take() == ([], True)
+
+
+def test_the_check_flags_viewers_of_a_dead_writer(
+    redis_server: EmbeddedRedis, redis_client: redis.Redis, log: ChunkLog
+) -> None:
+    url = f"redis://127.0.0.1:{redis_server.port}/2"
+    hub = Hub(url, redis_client, check_interval_s=0.2, stale_ms=500)
+    try:
+        start(log, "f")
+        ((sub, wake),) = listening(hub, "f")
+        redis_client.hset(keys.state_key("f"), "hb", 0)  # the writer's heartbeat stopped
+        assert wake.wait(30.0)
+        assert sub.take() == ([], True)
+    finally:
+        hub.stop()
+
+
+def test_the_hub_reconnects_and_sends_viewers_to_the_log(
+    hub: Hub, log: ChunkLog, redis_client: redis.Redis
+) -> None:
+    start(log, "g")
+    ((sub, wake),) = listening(hub, "g")
+    killed = redis_client.client_kill_filter(_type="pubsub")
+    assert killed >= 1
+    # Whatever was published while it was away is in the log: the viewer is flagged.
+    assert wake.wait(30.0)
+    assert sub.take() == ([], True)
+    wake.clear()
+    wait_for(lambda: redis_client.pubsub_numsub(keys.live_channel("g"))[0][1] == 1)
+    log.append("g", 1, Event(1, CHUNK, text="after"))
+    (batch,) = received(sub, wake)
+    assert batch.events == [Event(1, CHUNK, text="after")]
+
+
+def test_wake_all_wakes_every_viewer(hub: Hub, log: ChunkLog) -> None:
+    start(log, "h")
+    viewers = listening(hub, "h", 2)
+    hub.wake_all()
+    assert all(wake.is_set() for _, wake in viewers)
+
+
+def test_an_idle_viewer_is_not_woken(hub: Hub, log: ChunkLog) -> None:
+    start(log, "i")
+    ((_, wake),) = listening(hub, "i")
+    time.sleep(0.3)
+    assert not wake.is_set()

@@ -15,6 +15,7 @@ from flask.typing import ResponseReturnValue
 from models.settings import VAR_DIR, Settings
 from web import api, errors, metrics, runtime, streaming
 from web.auth import check_origin
+from web.websocket import COMPRESSION_MODES
 
 
 def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
@@ -25,6 +26,8 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     """
     overrides = dict(test_config or {})
     settings = Settings.from_env().override(overrides)
+    if settings.ws_compression not in COMPRESSION_MODES:
+        raise ValueError(f"RELAY_WS_COMPRESSION must be one of {', '.join(COMPRESSION_MODES)}")
     app = Flask(__name__, static_folder="static", static_url_path="/static")
     app.config.from_mapping(
         SECRET_KEY=settings.secret_key or _local_secret_key(),
@@ -34,7 +37,12 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
         SESSION_COOKIE_SECURE=settings.secure_cookies,
         PERMANENT_SESSION_LIFETIME=timedelta(days=365),
         # Keepalive pings find dead peers; the size cap bounds what a client can send.
-        SOCK_SERVER_OPTIONS={"ping_interval": 25, "max_message_size": 64 * 1024},
+        SOCK_SERVER_OPTIONS={
+            "ping_interval": 25,
+            "max_message_size": 64 * 1024,
+            "compression": settings.ws_compression,
+            "compress_min_bytes": settings.ws_compress_min_bytes,
+        },
         RELAY_SETTINGS=settings,
     )
     app.config.from_mapping({k: v for k, v in overrides.items() if k.isupper()})

@@ -34,7 +34,7 @@ from web.chats import (
     stream_json,
 )
 from web.runtime import get_db, get_runtime
-from web.streaming import parse_after, snapshot_response, sse_response
+from web.streaming import parse_after, parse_batch, snapshot_response, sse_response
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
 
@@ -121,7 +121,7 @@ def resume_chat() -> Response:
     if stream is not None and stream.status in ACTIVE_STREAM_STATUSES:
         snap = load_snapshot(db, stream.id)
         assert snap is not None
-        return sse_response(rt, snap, after)
+        return sse_response(rt, snap, after, parse_batch(request.args.get("batch")))
     recent = utcnow() - timedelta(seconds=rt.settings.resume_fallback_s)
     answer = db.scalar(
         select(Message)
@@ -174,10 +174,11 @@ def stream_events(stream_id: str) -> Response:
     rt = get_runtime()
     db = get_db()
     after = last_event_id()
+    batched = parse_batch(request.args.get("batch"))
     stream = get_stream(db, current_user_id(db), stream_id)
     snap = load_snapshot(db, stream.id)
     assert snap is not None
-    return sse_response(rt, snap, after)
+    return sse_response(rt, snap, after, batched)
 
 
 def _cancel_status(result: str) -> str:

@@ -1,16 +1,19 @@
 """Attach a viewer to a stream: catch-up from the log, then the live tail through the hub.
 
 ``follow`` yields the events with ``seq > after`` exactly once each, in order, ending with the
-terminal event; it yields ``None`` on idle ticks so the caller can notice a closed client,
-read client messages or send keepalives. It never yields a duplicate or skips a seq: every
-event from the hub is checked against the viewer's cursor, and any gap is filled from the log.
+terminal event, as batches of consecutive events (a catch-up read, or what one append
+published); it yields ``None`` when woken without events (an idle tick, a client message, a
+shutdown) so the caller can read the client, send keepalives or leave. It never yields a
+duplicate or skips a seq: every batch from the hub is cut at the viewer's cursor, and any gap
+is filled from the log.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Generator, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -19,11 +22,12 @@ from models import store
 from models.chunklog import ChunkLog, LogState
 from models.events import Event
 from models.tables import TERMINAL_STREAM_STATUSES, Message, Stream
+from web.frames import Batch
 from web.hub import Hub, Subscription
 from web.instruments import CATCHUP
 
 # Drain result: (new cursor, whether the terminal event was yielded).
-Drain = Generator[Event, None, tuple[int, bool]]
+Drain = Generator[Batch, None, tuple[int, bool]]
 
 
 @dataclass(frozen=True)
@@ -61,46 +65,53 @@ class Follower:
     hub: Hub
     stream_id: str
     snapshot: SnapshotLoader
-    idle_s: float = 0.5
+    # Set whenever the viewer should look again: the hub has events or a flag for it, the
+    # client sent something or went away, the process is shutting down.
+    wake: threading.Event = field(default_factory=threading.Event)
+    idle_s: float = 10.0  # the longest wait before an idle tick
     batch: int = 500
-    recheck_ticks: int = 20  # safety re-read of the log every recheck_ticks idle ticks
     stale_ms: float = 8000.0  # a running writer whose heartbeat is older is presumed dead
 
-    def follow(self, after: int, initial: Snapshot) -> Generator[Event | None, None, None]:
+    def follow(self, after: int, initial: Snapshot) -> Generator[Batch | None, None, None]:
         if initial.finished and not self.log.exists(self.stream_id):
-            yield from initial.events(after)  # the log expired: SQL has it all
+            events = initial.events(after)  # the log expired: SQL has it all
+            if events:
+                yield Batch(events)
             return
         cursor, ended = yield from self._drain(after)
         CATCHUP.observe(cursor - after)
         if ended:
             return
-        sub = self.hub.subscribe(self.stream_id, cursor)
+        sub = self.hub.subscribe(self.stream_id, cursor, self.wake)
         try:
             yield from self._tail(sub, cursor)
         finally:
             self.hub.unsubscribe(sub)
 
-    def _tail(self, sub: Subscription, cursor: int) -> Iterator[Event | None]:
+    def _tail(self, sub: Subscription, cursor: int) -> Iterator[Batch | None]:
         # Entries written between the catch-up and the subscription: read them now.
         cursor, ended = yield from self._drain(cursor)
-        ticks = 0
         while not ended:
-            event = sub.get(self.idle_s)
-            if event is None:
-                ticks += 1
-                if sub.lagged or ticks % self.recheck_ticks == 0:
-                    sub.lagged = False
-                    cursor, ended = yield from self._recheck(cursor)
-                if not ended:
-                    yield None
-                continue
-            if event.seq <= cursor:
-                continue  # already delivered by a catch-up read
-            if event.seq > cursor + 1:
-                cursor, ended = yield from self._drain(cursor)  # a gap: the log fills it
-                continue
-            yield event
-            cursor, ended = event.seq, self._final(event)
+            self.wake.wait(self.idle_s)
+            self.wake.clear()
+            batches, flagged = sub.take()
+            if flagged:
+                cursor, ended = yield from self._recheck(cursor)
+            for batch in batches:
+                if ended:
+                    break
+                cursor, ended = yield from self._deliver(batch, cursor)
+            if not batches and not ended:
+                yield None  # an idle tick: the caller reads the client, sends keepalives
+
+    def _deliver(self, batch: Batch, cursor: int) -> Drain:
+        part = batch.since(cursor)
+        if part is None:
+            return cursor, False  # already delivered by a log read
+        if part.first > cursor + 1:
+            return (yield from self._drain(cursor))  # a gap: the log fills it
+        yield part
+        return part.last, self._final(part.events[-1])
 
     def _final(self, event: Event) -> bool:
         """A terminal event ends the attach unless an admin retry has already continued the
@@ -108,14 +119,19 @@ class Follower:
         return event.terminal and not self.log.read(self.stream_id, event.seq, 1)
 
     def _drain(self, cursor: int) -> Drain:
-        for event in self.log.iter_from(self.stream_id, cursor, self.batch):
-            if event.seq != cursor + 1:
-                continue
-            yield event
-            cursor = event.seq
-            if self._final(event):
-                return cursor, True
-        return cursor, False
+        """Send what the log has after ``cursor``, a batch per read."""
+        while True:
+            events = self.log.read(self.stream_id, cursor, self.batch)
+            if not events or events[0].seq != cursor + 1:
+                return cursor, False
+            for i, event in enumerate(events):
+                if event.terminal and self._final(event):
+                    yield Batch(events[: i + 1])
+                    return event.seq, True
+            yield Batch(events)
+            cursor = events[-1].seq
+            if len(events) < self.batch:
+                return cursor, False
 
     def _recheck(self, cursor: int) -> Drain:
         """Re-read the log; if it has nothing new and the stream ended in SQL, finish from SQL
@@ -130,10 +146,11 @@ class Follower:
         snap = self.snapshot()
         if not snap.finished:
             return cursor, False
-        for event in snap.events(cursor):
-            yield event
-            cursor = event.seq
-        return cursor, True
+        events = snap.events(cursor)
+        if not events:
+            return cursor, True
+        yield Batch(events)
+        return events[-1].seq, True
 
     def _writer_alive(self, state: LogState) -> bool:
         now_ms = time.time() * 1000

@@ -1,185 +1,314 @@
-"""One hub per web process: a single loop tails every watched stream with ``XREAD``.
+"""One hub per web process: one pub/sub connection brings every watched stream's new events.
 
-Viewers cost memory, not Redis connections. The hub hands each new entry to every
-subscription of its stream through a bounded queue; a subscription that falls behind is
-marked ``lagged`` and its viewer re-reads the log at its own pace, so a slow viewer is never
-buffered without bound.
+The chunk log's scripts publish what they add on the stream's live channel in the same
+atomic step as the write. While a stream has viewers in this process, the hub subscribes to
+its channel, decodes each message once into a ``Batch`` and hands that batch to every
+subscription of the stream. A subscription is a mailbox: batches are appended and its viewer
+is woken once, however many events they carry. A viewer more than ``queue_size`` events
+behind is not buffered further: it is flagged and re-reads the log at its own pace.
+
+Pub/sub is not durable, the log is. Whenever the hub may have missed a message (a channel
+was just subscribed, the connection was lost and made again) the affected subscriptions are
+flagged and their viewers re-read the log. A periodic check compares each watched stream's
+last seq and writer heartbeat in Redis with what the hub has seen, so a missed event or a
+dead writer is noticed within ``check_interval_s`` even on a quiet stream.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-import queue
 import threading
 import time
-from typing import cast
+from dataclasses import dataclass, field
+from typing import Any
 
 import redis
+from redis.client import PubSub
 
 from models import keys
 from models.events import Event
-from models.redisconn import make_blocking_client
+from web.frames import Batch
 from web.instruments import HUB_DISPATCH, HUB_LAGGED
 
 log = logging.getLogger("relay.hub")
+FINISHED = frozenset({"done", "cancelled", "failed"})
 
 
 class Subscription:
     """A viewer's mailbox for one stream."""
 
-    def __init__(self, stream_id: str, maxsize: int) -> None:
+    def __init__(self, stream_id: str, wake: threading.Event, limit: int) -> None:
         self.stream_id = stream_id
-        self.queue: queue.Queue[Event] = queue.Queue(maxsize)
-        self.lagged = False
+        self.wake = wake
+        self.limit = limit
+        self._batches: list[Batch] = []
+        self._pending = 0
+        self._flagged = False
+        self._lock = threading.Lock()
 
-    def offer(self, event: Event) -> None:
-        try:
-            self.queue.put_nowait(event)
-        except queue.Full:
-            self.lagged = True
+    def offer(self, batch: Batch) -> None:
+        with self._lock:
+            if self._flagged or self._pending + len(batch) > self.limit:
+                if not self._flagged:
+                    HUB_LAGGED.inc()
+                self._flagged = True  # the viewer reads the log instead: never unbounded
+            else:
+                self._batches.append(batch)
+                self._pending += len(batch)
+        self.wake.set()
 
-    def get(self, timeout: float) -> Event | None:
-        try:
-            return self.queue.get(timeout=timeout)
-        except queue.Empty:
-            return None
+    def flag(self) -> None:
+        """Something may have been missed: the viewer re-reads the log."""
+        with self._lock:
+            self._flagged = True
+        self.wake.set()
+
+    def take(self) -> tuple[list[Batch], bool]:
+        """The batches offered since the last call, and whether the log must be re-read."""
+        with self._lock:
+            batches, flagged = self._batches, self._flagged
+            self._batches, self._pending, self._flagged = [], 0, False
+        return batches, flagged
+
+
+@dataclass
+class _Channel:
+    subs: set[Subscription] = field(default_factory=set)
+    confirmed: bool = False  # Redis has acknowledged the SUBSCRIBE
+    seen: int = 0  # the highest seq this process knows the viewers could have
 
 
 class Hub:
-    """Tail all streams that have viewers in this process with one blocking connection."""
+    """Follow every stream that has viewers in this process over one pub/sub connection."""
 
     def __init__(
         self,
         redis_url: str,
         control: redis.Redis,
         *,
-        block_s: float = 5.0,
-        count: int = 512,
         queue_size: int = 2048,
+        check_interval_s: float = 5.0,
+        stale_ms: float = 8000.0,
     ) -> None:
         self.redis_url = redis_url
-        self.control = control  # pool client for CLIENT UNBLOCK
-        self.block_s = block_s
-        self.count = count
+        self.control = control  # pool client for the periodic check
         self.queue_size = queue_size
-        self._subs: dict[str, set[Subscription]] = {}
-        self._cursors: dict[str, int] = {}
-        self._lock = threading.Lock()
-        self._wake = threading.Event()
+        self.check_interval_s = check_interval_s
+        self.stale_ms = stale_ms
+        self._channels: dict[str, _Channel] = {}
+        self._lock = threading.Lock()  # guards _channels
+        self._send_lock = threading.Lock()  # one writer on the pub/sub connection
+        self._pubsub: PubSub | None = None
         self._thread: threading.Thread | None = None
-        self._client_id: int | None = None
-        self._version = 0  # bumped when a stream is added
-        self._reading_version = -1  # version of the key set the current XREAD carries
         self._stopping = False
 
     # -- viewers -------------------------------------------------------------------------------
 
-    def subscribe(self, stream_id: str, cursor: int) -> Subscription:
-        """Watch ``stream_id`` from ``cursor`` (the last seq the viewer has)."""
-        sub = Subscription(stream_id, self.queue_size)
+    def subscribe(self, stream_id: str, cursor: int, wake: threading.Event) -> Subscription:
+        """Watch ``stream_id`` for a viewer that has everything up to ``cursor``; ``wake`` is
+        set whenever the subscription has something for it. The viewer must read the log
+        once after this call: events written before the hub listens are not offered."""
+        sub = Subscription(stream_id, wake, self.queue_size)
         with self._lock:
-            subs = self._subs.setdefault(stream_id, set())
-            subs.add(sub)
-            added = stream_id not in self._cursors
-            if added:
-                self._cursors[stream_id] = cursor
-                self._version += 1
-            version = self._version
+            channel = self._channels.get(stream_id)
+            added = channel is None
+            if channel is None:
+                channel = self._channels[stream_id] = _Channel(seen=cursor)
+            channel.subs.add(sub)
             self._ensure_thread()
         if added:
-            self._interrupt(version)
+            self._send("subscribe", stream_id)
         return sub
 
     def unsubscribe(self, sub: Subscription) -> None:
         with self._lock:
-            subs = self._subs.get(sub.stream_id)
-            if subs is None:
+            channel = self._channels.get(sub.stream_id)
+            if channel is None:
                 return
-            subs.discard(sub)
-            if not subs:
-                del self._subs[sub.stream_id]
-                self._cursors.pop(sub.stream_id, None)
+            channel.subs.discard(sub)
+            if channel.subs:
+                return
+            del self._channels[sub.stream_id]
+        self._send("unsubscribe", sub.stream_id)
+
+    def wake_all(self) -> None:
+        """Wake every viewer (the process is shutting down)."""
+        for sub in self._all_subs():
+            sub.wake.set()
 
     def stats(self) -> dict[str, int]:
         with self._lock:
             return {
-                "streams": len(self._subs),
-                "subscriptions": sum(len(s) for s in self._subs.values()),
+                "streams": len(self._channels),
+                "subscriptions": sum(len(c.subs) for c in self._channels.values()),
             }
 
     def stop(self) -> None:
         self._stopping = True
-        self._wake.set()
-        self._interrupt(self._version, tries=1)
+        with self._send_lock:
+            pubsub, self._pubsub = self._pubsub, None
+        if pubsub is not None:
+            pubsub.close()
 
-    # -- the loop ------------------------------------------------------------------------------
+    # -- the connection ------------------------------------------------------------------------
+
+    def _send(self, command: str, stream_id: str) -> None:
+        """SUBSCRIBE or UNSUBSCRIBE now; without a connection, the next one subscribes every
+        watched stream anyway."""
+        with self._send_lock:
+            if self._pubsub is None:
+                return
+            try:
+                getattr(self._pubsub, command)(keys.live_channel(stream_id))
+            except redis.RedisError:
+                log.warning("hub %s failed; the listener reconnects", command, exc_info=True)
 
     def _ensure_thread(self) -> None:
         if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(target=self._run, name="relay-hub", daemon=True)
             self._thread.start()
 
-    def _interrupt(self, version: int, tries: int = 40) -> None:
-        """Wake a blocked XREAD so it picks up a new stream, retrying if not yet blocked."""
-        self._wake.set()
-        for _ in range(tries):
-            if self._reading_version >= version or self._client_id is None:
-                return
-            try:
-                if self.control.client_unblock(self._client_id):
-                    return
-            except redis.RedisError:
-                return
-            time.sleep(0.005)
-
     def _run(self) -> None:
         backoff = 0.1
         while not self._stopping:
-            conn = None
             try:
-                conn = make_blocking_client(self.redis_url, self.block_s)
-                self._client_id = int(conn.client_id())
-                self._loop(conn)
+                self._connect()
                 backoff = 0.1
-            except redis.RedisError:
+                self._listen()
+            except Exception:
+                if self._stopping:
+                    return  # stop() closed the connection under the listener
                 log.warning("hub lost Redis; retrying in %.1fs", backoff, exc_info=True)
                 time.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
             finally:
-                self._client_id = None
-                if conn is not None:
-                    conn.close()
+                self._disconnect()
 
-    def _loop(self, conn: redis.Redis) -> None:
-        while not self._stopping:
+    def _connect(self) -> None:
+        """Open the pub/sub connection and subscribe every watched stream. Only this thread
+        reads the connection; viewers' threads only write SUBSCRIBE/UNSUBSCRIBE to it, once
+        it is open (HUB_CHANNEL keeps it subscribed even while no stream is watched)."""
+        client = redis.Redis.from_url(
+            self.redis_url,
+            decode_responses=True,
+            socket_connect_timeout=5,
+            socket_keepalive=True,
+            health_check_interval=30,  # a PING on an idle connection finds a dead one
+        )
+        pubsub = client.pubsub()  # type: ignore[no-untyped-call]
+        pubsub.subscribe(keys.HUB_CHANNEL)
+        with self._send_lock:
             with self._lock:
-                streams = {keys.log_key(sid): f"0-{seq}" for sid, seq in self._cursors.items()}
-                self._reading_version = self._version
-            if not streams:
-                self._wake.wait(1.0)
-                self._wake.clear()
-                continue
-            self._wake.clear()
-            result = cast(
-                list[tuple[str, list[tuple[str, dict[str, str]]]]] | None,
-                conn.xread(streams, count=self.count, block=int(self.block_s * 1000)),  # type: ignore[arg-type]
-            )
-            for key, entries in result or []:
-                self._dispatch(keys.stream_id_from_key(key), entries)
+                watched = list(self._channels)
+                for channel in self._channels.values():
+                    channel.confirmed = False
+            if watched:
+                pubsub.subscribe(*(keys.live_channel(sid) for sid in watched))
+            self._pubsub = pubsub
 
-    def _dispatch(self, stream_id: str, entries: list[tuple[str, dict[str, str]]]) -> None:
-        started = time.perf_counter()
-        events = [Event.from_entry(eid, fields) for eid, fields in entries]
-        if not events:
+    def _disconnect(self) -> None:
+        with self._send_lock:
+            pubsub, self._pubsub = self._pubsub, None
+        if pubsub is not None:
+            pubsub.close()
+
+    def _listen(self) -> None:
+        next_check = time.monotonic() + self.check_interval_s
+        while not self._stopping:
+            pubsub = self._pubsub
+            if pubsub is None:
+                return
+            timeout = max(0.0, min(1.0, next_check - time.monotonic()))
+            message = pubsub.get_message(timeout=timeout)
+            if message is not None:
+                self._handle(message)
+            if time.monotonic() >= next_check:
+                self.check()
+                next_check = time.monotonic() + self.check_interval_s
+
+    def _handle(self, message: dict[str, Any]) -> None:
+        kind = message["type"]
+        if message["channel"] == keys.HUB_CHANNEL:
             return
+        stream_id = keys.stream_id_from_key(message["channel"])
+        if kind == "message":
+            self._dispatch(stream_id, decode(message["data"]))
+        elif kind == "subscribe":
+            with self._lock:
+                channel = self._channels.get(stream_id)
+                if channel is None:
+                    return
+                channel.confirmed = True
+                subs = list(channel.subs)
+            for sub in subs:  # they read the log once more: nothing before this is missed
+                sub.flag()
+
+    def _dispatch(self, stream_id: str, batch: Batch) -> None:
+        started = time.perf_counter()
         with self._lock:
-            if stream_id in self._cursors:
-                self._cursors[stream_id] = max(self._cursors[stream_id], events[-1].seq)
-            subs = list(self._subs.get(stream_id, ()))
+            channel = self._channels.get(stream_id)
+            if channel is None:
+                return
+            channel.seen = max(channel.seen, batch.last)
+            subs = list(channel.subs)
         for sub in subs:
-            was_lagged = sub.lagged
-            for event in events:
-                sub.offer(event)
-            if sub.lagged and not was_lagged:
-                HUB_LAGGED.inc()
+            sub.offer(batch)
         HUB_DISPATCH.observe(time.perf_counter() - started)
+
+    # -- the periodic check ---------------------------------------------------------------------
+
+    def check(self) -> None:
+        """Flag the viewers of every watched stream that has moved past what the hub saw, or
+        whose writer is gone (finished, stale heartbeat, no state): they re-read the log,
+        and from SQL if the log cannot finish them."""
+        with self._lock:
+            watched = [(sid, c.seen) for sid, c in self._channels.items() if c.confirmed]
+        if not watched:
+            return
+        pipe = self.control.pipeline(transaction=False)
+        pipe.time()
+        for sid, _ in watched:
+            pipe.hmget(keys.state_key(sid), "status", "hb", "seq")
+        replies = pipe.execute()
+        seconds, micros = replies[0]
+        now_ms = int(seconds) * 1000 + int(micros) // 1000
+        for (sid, seen), state in zip(watched, replies[1:], strict=True):
+            if self._needs_look(state, seen, now_ms):
+                self._flag_stream(sid, state[2])
+
+    def _needs_look(self, state: list[str | None], seen: int, now_ms: int) -> bool:
+        status, heartbeat, seq = state
+        if seq is not None and int(seq) > seen:
+            return True
+        if status == "queued":
+            return False
+        if status == "running":
+            return heartbeat is None or now_ms - int(heartbeat) >= self.stale_ms
+        return True  # finished with viewers still waiting, or the state is gone
+
+    def _flag_stream(self, stream_id: str, seq: str | None) -> None:
+        with self._lock:
+            channel = self._channels.get(stream_id)
+            if channel is None:
+                return
+            if seq is not None:
+                channel.seen = max(channel.seen, int(seq))
+            subs = list(channel.subs)
+        for sub in subs:
+            sub.flag()
+
+    def _all_subs(self) -> list[Subscription]:
+        with self._lock:
+            return [sub for c in self._channels.values() for sub in c.subs]
+
+
+def decode(data: str) -> Batch:
+    """A live-channel message (``[first seq, [types], [data]]``) as a batch of events."""
+    first, types, datas = json.loads(data)
+    return Batch(
+        [
+            Event.decode(first + i, kind, d)
+            for i, (kind, d) in enumerate(zip(types, datas, strict=True))
+        ]
+    )

@@ -14,6 +14,7 @@ from models.chunklog import ChunkLog
 from models.db import make_engine, make_sessionmaker
 from models.redisconn import make_redis
 from models.settings import Settings
+from web import shutdown
 from web.hub import Hub
 
 
@@ -36,7 +37,10 @@ class Runtime:
                     self.settings.redis_url,
                     self.log.redis,
                     queue_size=self.settings.viewer_queue_size,
+                    check_interval_s=self.settings.hub_check_s,
+                    stale_ms=self.settings.heartbeat_stale_s * 1000,
                 )
+                shutdown.on_begin(self._hub.wake_all)
             return self._hub
 
 

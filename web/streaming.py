@@ -4,28 +4,29 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable, Generator, Iterator
 from contextlib import closing, contextmanager
 
 from flask import Flask, Response, request
-from flask_sock import Sock
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from simple_websocket import ConnectionClosed, Server
+from simple_websocket import ConnectionClosed
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
-from models.events import Event
-from models.exceptions import BadRequest, InvalidAfter, RelayError, StreamNotFound
+from models.exceptions import BadRequest, InvalidAfter, InvalidParameter, RelayError, StreamNotFound
 from models.tables import Stream
 from web import shutdown
 from web.attach import Follower, Snapshot, load_snapshot
 from web.auth import check_origin, current_user_id
 from web.chats import cancel_stream, get_chat, get_stream, latest_stream
 from web.errors import as_unavailable
+from web.frames import Batch
 from web.instruments import ATTACHES, VIEWERS
 from web.runtime import Runtime, get_runtime
+from web.websocket import RelayServer, RelaySock
 
 log = logging.getLogger("relay.web")
 SSE_KEEPALIVE_S = 10.0
@@ -47,6 +48,15 @@ def parse_after(raw: str | None) -> int:
     return value
 
 
+def parse_batch(raw: str | None) -> bool:
+    """Whether the client asked for the batch form (``batch=1``)."""
+    if raw in (None, "", "0", "false"):
+        return False
+    if raw in ("1", "true"):
+        return True
+    raise InvalidParameter(f"batch must be 1 or 0, got {raw!r}")
+
+
 def nothing_after(rt: Runtime, snap: Snapshot, after: int) -> bool:
     """Check ``after`` against the stream; True when the client has already seen its end."""
     last = max(rt.log.last_seq(snap.stream.id), snap.stream.last_seq)
@@ -55,7 +65,9 @@ def nothing_after(rt: Runtime, snap: Snapshot, after: int) -> bool:
     return snap.finished and after == last
 
 
-def follower(rt: Runtime, stream_id: str) -> Follower:
+def follower(
+    rt: Runtime, stream_id: str, wake: threading.Event, idle_s: float | None = None
+) -> Follower:
     def snapshot() -> Snapshot:
         with rt.sessions() as db:
             snap = load_snapshot(db, stream_id)
@@ -68,21 +80,23 @@ def follower(rt: Runtime, stream_id: str) -> Follower:
         rt.hub,
         stream_id,
         snapshot,
-        idle_s=rt.settings.idle_tick_s,
+        wake=wake,
+        idle_s=idle_s or rt.settings.idle_tick_s,
         stale_ms=rt.settings.heartbeat_stale_s * 1000,
         batch=rt.settings.catchup_batch,
     )
 
 
-def sse_response(rt: Runtime, snap: Snapshot, after: int) -> Response:
+def sse_response(rt: Runtime, snap: Snapshot, after: int, batched: bool = False) -> Response:
     """Serve the events after ``after`` as Server-Sent Events (204 when nothing is left)."""
     if nothing_after(rt, snap, after):
         return Response(status=204)
-    events = follower(rt, snap.stream.id).follow(after, snap)
+    idle_s = min(rt.settings.idle_tick_s, SSE_KEEPALIVE_S)
+    events = follower(rt, snap.stream.id, threading.Event(), idle_s).follow(after, snap)
     ATTACHES.labels("sse", "resume" if after else "new").inc()
     log.info("stream=%s attach transport=sse after=%d", snap.stream.id, after)
     return Response(
-        _sse_body(events),
+        _sse_body(events, batched),
         mimetype="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
@@ -98,22 +112,22 @@ def snapshot_response(text: str, message_id: str) -> Response:
     return Response(body, mimetype="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
-def _sse_body(events: Generator[Event | None, None, None]) -> Iterator[str]:
+def _sse_body(events: Generator[Batch | None, None, None], batched: bool) -> Iterator[str]:
     yield "retry: 1000\n\n"
     last_write = time.monotonic()
     VIEWERS.labels("sse").inc()
     with closing(events), _finally(VIEWERS.labels("sse").dec):
-        for event in events:
+        for batch in events:
             now = time.monotonic()
             if shutdown.going_away():
                 return  # the EventSource reconnects (to another process) with Last-Event-ID
-            if event is None:
+            if batch is None:
                 if now - last_write >= SSE_KEEPALIVE_S:
                     last_write = now
                     yield ": keepalive\n\n"
                 continue
             last_write = now
-            yield event.to_sse()
+            yield batch.sse_text(batched)
 
 
 @contextmanager
@@ -127,12 +141,13 @@ def _finally(action: Callable[[], None]) -> Iterator[None]:
 # -- WebSocket -------------------------------------------------------------------------------
 
 
-def serve_socket(ws: Server, resolve: Resolver) -> None:
+def serve_socket(ws: RelayServer, resolve: Resolver) -> None:
     """Validate, then stream events to the socket until the terminal event (close 1000)."""
     rt = get_runtime()
     try:
         check_origin(rt.settings.allowed_origins)
         after = parse_after(request.args.get("after"))
+        batched = parse_batch(request.args.get("batch"))
         with rt.sessions() as db:
             uid = current_user_id(db)
             stream = resolve(db, uid)
@@ -147,23 +162,23 @@ def serve_socket(ws: Server, resolve: Resolver) -> None:
     ATTACHES.labels("ws", "resume" if after else "new").inc()
     VIEWERS.labels("ws").inc()
     log.info("stream=%s attach transport=ws after=%d", stream.id, after)
+    # The socket's reader sets ws.event on a client message or close: it wakes the follower.
     with (
         _finally(VIEWERS.labels("ws").dec),
-        closing(follower(rt, stream.id).follow(after, snap)) as events,
+        closing(follower(rt, stream.id, ws.event).follow(after, snap)) as events,
     ):
-        for event in events:
+        for batch in events:
             _read_client(ws, rt, uid, stream.id)
             if shutdown.going_away():
                 ws.close(CLOSE_GOING_AWAY, "server restarting; reconnect with after=<last seq>")
                 return
-            if event is None:
-                continue
-            ws.send(event.to_json())
+            if batch is not None:
+                ws.send_batch(batch, batched)
     # The follower ends right after the stream's final terminal event.
     ws.close(CLOSE_NORMAL, "stream ended")
 
 
-def _read_client(ws: Server, rt: Runtime, uid: str, stream_id: str) -> None:
+def _read_client(ws: RelayServer, rt: Runtime, uid: str, stream_id: str) -> None:
     """Handle what the client sent (cancel); raises ConnectionClosed once it has gone.
 
     Runs before every event sent, so it only looks at what the socket's reader already
@@ -202,22 +217,18 @@ def _stream_by_id(stream_id: str) -> Resolver:
 
 
 def init_app(app: Flask) -> None:
-    sock = Sock(app)
+    sock = RelaySock(app)
 
-    @sock.route(  # type: ignore[untyped-decorator]
-        "/api/v1/streams/<stream_id>/ws"
-    )
-    def stream_socket(ws: Server, stream_id: str) -> None:
+    @sock.route("/api/v1/streams/<stream_id>/ws")
+    def stream_socket(ws: RelayServer, stream_id: str) -> None:
         _guarded(ws, _stream_by_id(stream_id))
 
-    @sock.route(  # type: ignore[untyped-decorator]
-        "/api/v1/chats/<chat_id>/ws"
-    )
-    def chat_socket(ws: Server, chat_id: str) -> None:
+    @sock.route("/api/v1/chats/<chat_id>/ws")
+    def chat_socket(ws: RelayServer, chat_id: str) -> None:
         _guarded(ws, _chat_latest(chat_id))
 
 
-def _guarded(ws: Server, resolve: Resolver) -> None:
+def _guarded(ws: RelayServer, resolve: Resolver) -> None:
     try:
         serve_socket(ws, resolve)
     except RelayError as exc:  # raised while streaming, e.g. a bad client message

@@ -1,0 +1,166 @@
+"""relay's WebSocket connections: simple-websocket's server with a compression policy, whole
+writes, and frames encoded once per process.
+
+simple-websocket accepts permessage-deflate whenever a client offers it and compresses every
+message, and flask-sock builds simple-websocket's ``Server`` itself. relay needs its own
+connection class, so ``RelaySock`` is flask-sock's ``route`` with that one class swapped.
+Compression is negotiated with ``server_no_context_takeover`` (RFC 7692 allows a server to
+add it), so a compressed message is the same bytes on every connection: the frames of a
+batch are compressed once, then shared.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import threading
+from collections.abc import Callable
+from functools import wraps
+from typing import Any
+
+from flask import Response, current_app, request
+from flask_sock import Sock
+from simple_websocket import ConnectionClosed, Server
+
+from web.frames import Batch, Deflate
+
+_EXTENSIONS = "HTTP_SEC_WEBSOCKET_EXTENSIONS"
+_REPLY_EXTENSIONS = re.compile(rb"\r\nsec-websocket-extensions:([^\r]*)", re.IGNORECASE)
+COMPRESSION_MODES = ("auto", "off")
+
+
+class _WholeWrites:
+    """The connection's socket, written completely and by one greenlet at a time.
+
+    simple-websocket writes with ``send``, which may write only part of a large frame, and
+    its reader thread answers pings while the handler writes events."""
+
+    def __init__(self, sock: Any) -> None:
+        self._sock = sock
+        self._lock = threading.Lock()
+        self.first_write = b""
+
+    def send(self, data: bytes) -> int:
+        with self._lock:
+            if not self.first_write:
+                self.first_write = bytes(data[:4096])
+            self._sock.sendall(data)
+        return len(data)
+
+    sendall = send
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
+def add_no_server_context_takeover(offers: str) -> str:
+    """Rewrite each permessage-deflate offer so the server never keeps its compression
+    context between messages."""
+    out = []
+    for offer in offers.split(","):
+        params = [p.strip() for p in offer.split(";")]
+        if params[0] == "permessage-deflate" and "server_no_context_takeover" not in params:
+            params.append("server_no_context_takeover")
+        out.append("; ".join(params))
+    return ", ".join(out)
+
+
+def negotiated_deflate(reply: bytes, min_bytes: int) -> Deflate | None:
+    """What the 101 reply told the client about permessage-deflate."""
+    match = _REPLY_EXTENSIONS.search(reply)
+    if match is None or b"permessage-deflate" not in match.group(1):
+        return None
+    bits = 15
+    for param in match.group(1).split(b";"):
+        name, _, value = param.strip().partition(b"=")
+        if name == b"server_max_window_bits" and value:
+            bits = int(value)
+    return Deflate(window_bits=bits, min_bytes=min_bytes)
+
+
+class RelayServer(Server):  # type: ignore[misc]
+    """A server-side WebSocket that sends pre-encoded frames (``send_batch``)."""
+
+    environ: dict[str, Any]
+    connected: bool
+
+    def __init__(
+        self,
+        environ: dict[str, Any],
+        *,
+        compression: str = "auto",
+        compress_min_bytes: int = 1024,
+        **options: Any,
+    ) -> None:
+        self.compression = compression
+        self.compress_min_bytes = compress_min_bytes
+        self.deflate: Deflate | None = None
+        environ = dict(environ)
+        for key in ("gunicorn.socket", "werkzeug.socket"):
+            if key in environ:
+                environ[key] = _WholeWrites(environ[key])
+        super().__init__(environ, **options)
+
+    def handshake(self) -> None:
+        offers = self.environ.get(_EXTENSIONS)
+        if offers is not None:
+            self.environ = dict(self.environ)
+            if self.compression == "off":
+                del self.environ[_EXTENSIONS]
+            else:
+                self.environ[_EXTENSIONS] = add_no_server_context_takeover(offers)
+        super().handshake()
+        if isinstance(self.sock, _WholeWrites):
+            self.deflate = negotiated_deflate(self.sock.first_write, self.compress_min_bytes)
+
+    def send_batch(self, batch: Batch, batched: bool) -> None:
+        """Send a batch's messages, encoded once for every connection alike."""
+        self.send_bytes(batch.ws_bytes(batched, self.deflate))
+
+    def send_bytes(self, frames: bytes) -> None:
+        if not self.connected:
+            raise ConnectionClosed(self.close_reason, self.close_message)
+        try:
+            self.sock.sendall(frames)
+        except OSError:
+            self.connected = False
+            raise ConnectionClosed(self.close_reason, self.close_message) from None
+
+
+Handler = Callable[..., None]
+
+
+class RelaySock(Sock):  # type: ignore[misc]
+    """flask-sock, building ``RelayServer`` connections (options: SOCK_SERVER_OPTIONS)."""
+
+    def route(self, path: str, bp: Any = None, **kwargs: Any) -> Callable[[Handler], None]:
+        def decorator(handler: Handler) -> None:
+            @wraps(handler)
+            def websocket_route(*args: Any, **kw: Any) -> Response:
+                options = current_app.config.get("SOCK_SERVER_OPTIONS", {})
+                ws = RelayServer(request.environ, **options)
+                with contextlib.suppress(ConnectionClosed):
+                    handler(ws, *args, **kw)
+                with contextlib.suppress(Exception):  # already closed by either side
+                    ws.close()
+                return _finished(ws)
+
+            kwargs["websocket"] = True
+            target = bp or self.app
+            target.route(path, **kwargs)(websocket_route)
+
+        return decorator
+
+
+def _finished(ws: RelayServer) -> Response:
+    """The WSGI response after the socket was taken over (what flask-sock returns)."""
+
+    class WebSocketResponse(Response):
+        def __call__(self, *args: Any, **kwargs: Any) -> Any:
+            if ws.mode == "gunicorn":
+                raise StopIteration()
+            if ws.mode == "werkzeug":
+                return super().__call__(*args, **kwargs)
+            return []
+
+    return WebSocketResponse()
