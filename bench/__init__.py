@@ -1,1 +1,1 @@
-"""Benchmarks: ``make bench`` (``python -m bench``) prints one JSON document."""
+"""Benchmarks: ``make bench`` (``python -m bench``) runs relay's workloads and the peer's."""

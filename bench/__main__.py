@@ -1,42 +1,48 @@
-"""Run every benchmark against private servers it starts, and print JSON."""
+"""``python -m bench [workload ...]``: run the benchmark workloads (all by default).
+
+Each workload prints one JSON object on one line on stdout (progress goes to stderr) and
+writes bench/results/<name>.json and <name>.png. Knobs: environment variables, see
+bench/config.py and docs/performance.md.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import json
-import platform
 import sys
-import tempfile
-from pathlib import Path
+import time
 
-import redis
+from bench.config import EXTRA_WORKLOADS, WORKLOADS, Knobs
+from bench.runner import log, run_workload
+from bench.workloads import REGISTRY
 
-from bench import fanout, log
-from ops.redis_server import EmbeddedRedis
-
-
-def main() -> int:
-    with tempfile.TemporaryDirectory() as tmp:
-        server = EmbeddedRedis(Path(tmp) / "redis").start()
-        try:
-            version = redis.Redis.from_url(server.url).info()["redis_version"]
-            report = {
-                "machine": {"python": platform.python_version(), "cpus": _cpus(),
-                            "redis": version},
-                "log": log.run(server.url),
-                "fanout": fanout.run(server.url, Path(tmp)),
-            }  # fmt: skip
-        finally:
-            server.stop()
-    json.dump(report, sys.stdout, indent=2)
-    print()
-    return 0
+USAGE = f"usage: python -m bench [{' | '.join(WORKLOADS + EXTRA_WORKLOADS)} ...]"
 
 
-def _cpus() -> int:
-    import os
+async def run_all(names: list[str], knobs: Knobs) -> int:
+    """Run each workload in turn; a failed or timed-out one does not stop the next."""
+    failed = 0
+    t0 = time.monotonic()
+    for name in names:
+        out = await run_workload(name, REGISTRY[name], knobs)
+        print(json.dumps(out), flush=True)
+        res = out["results"]
+        failed += bool(res.get("error") or res.get("timed_out"))
+    log(f"{len(names)} workload(s) in {time.monotonic() - t0:.0f} s; {failed} failed or timed out")
+    return 1 if failed else 0
 
-    return os.cpu_count() or 0
+
+def main(argv: list[str]) -> int:
+    if any(a in ("-h", "--help") for a in argv):
+        print(USAGE + "\n\n" + (__doc__ or ""), file=sys.stderr)
+        return 0
+    names = argv or list(WORKLOADS)
+    unknown = [n for n in names if n not in REGISTRY]
+    if unknown:
+        print(f"unknown workload(s): {', '.join(unknown)}\n{USAGE}", file=sys.stderr)
+        return 2
+    return asyncio.run(run_all(names, Knobs.from_env()))
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main(sys.argv[1:]))

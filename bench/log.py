@@ -1,8 +1,13 @@
-"""Chunk-log benchmarks against a private Redis: append rate through the fencing script,
-catch-up read rate, and Redis memory per chunk (for retention sizing)."""
+"""Chunk-log micro-benchmarks: append rate through the fencing script, catch-up read rate,
+and Redis memory per chunk (for retention sizing).
+
+Run by ``python -m bench log`` with the code under test's own interpreter
+(``python bench/log.py <redis url>`` from that checkout's root); prints one JSON object."""
 
 from __future__ import annotations
 
+import json
+import sys
 import time
 from typing import Any
 
@@ -73,6 +78,12 @@ def run(url: str) -> dict[str, Any]:
         "catchup": catchup_rate(log, 500),
         "memory": memory_per_chunk(client, sample_chunks(2000)),
     }
-    client.flushdb()
+    # Only this benchmark's keys: the Redis may not be ours to flush.
+    for sid in ("bench-append", "bench-memory"):
+        client.delete(keys.log_key(sid), keys.state_key(sid))
     client.close()
     return result
+
+
+if __name__ == "__main__":
+    print(json.dumps(run(sys.argv[1])))

@@ -1,0 +1,135 @@
+"""One-shot viewer runs of the load generator: catch-up readers and sequential dispatches."""
+
+from __future__ import annotations
+
+import asyncio
+from array import array
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import httpx
+from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import ConnectionClosed
+
+from bench.stats import now_us, r3
+from bench.viewer import Tally
+
+Opener = Callable[[str, str], Awaitable[ClientConnection]]
+
+
+async def catchup(
+    open_ws: Opener, url: str, token: str, k: int, reps: int, mode: str,
+    expect_chars: int, expect_sha: str, timeout_s: float,
+) -> dict[str, Any]:  # fmt: skip
+    """Run ``reps`` rounds of ``k`` viewers attaching at once from seq 0."""
+    runs = []
+    for _ in range(reps):
+        t0 = now_us()
+        one = _CatchupViewer(open_ws, url, token, mode, expect_chars, expect_sha)
+        viewers = await asyncio.gather(*(one.run(timeout_s) for _ in range(k)))
+        runs.append({"wall_ms": r3((now_us() - t0) / 1000), "viewers": viewers})
+    return {"runs": runs}
+
+
+class _CatchupViewer:
+    """One catch-up read: connect, then read to the last chunk (live) or to ``done``."""
+
+    def __init__(
+        self, open_ws: Opener, url: str, token: str, mode: str, chars: int, sha: str
+    ) -> None:
+        self.open_ws, self.url, self.token = open_ws, url, token
+        self.mode, self.chars, self.sha = mode, chars, sha
+
+    def _finished(self, tally: Tally) -> bool:
+        if self.mode == "live":
+            return tally.chars >= self.chars
+        return tally.terminal is not None
+
+    async def run(self, timeout_s: float) -> dict[str, Any]:
+        tally = Tally(0, 0, parse=False)
+        lat: array[int] = array("q")
+        out: dict[str, Any] = {}
+        t0 = now_us()
+        ws: ClientConnection | None = None
+        try:
+            async with asyncio.timeout(timeout_s):
+                ws = await self.open_ws(self.url, self.token)
+                out["connect_ms"] = r3((now_us() - t0) / 1000)
+                async for raw in ws:
+                    t = now_us()
+                    out.setdefault("first_ms", r3((t - t0) / 1000))
+                    tally.feed(raw, t, lat)
+                    if self._finished(tally):
+                        out["ms"] = r3((t - t0) / 1000)
+                        break
+        except TimeoutError:
+            tally.error = f"incomplete after {timeout_s:g} s: {tally.chars} of {self.chars} chars"
+        except (ConnectionClosed, OSError) as exc:
+            tally.error = repr(exc)[:200]
+        if ws is not None:
+            await self._close(ws, tally)
+        exact = (
+            tally.seq_gaps == 0 and tally.seq_dups == 0 and tally.chars == self.chars
+            and tally.sha.hexdigest() == self.sha
+            and (self.mode == "live" or tally.terminal == "done")
+        )  # fmt: skip
+        return {**out, "msgs": tally.msgs, "chars": tally.chars, "exact": exact,
+                "close_code": tally.close_code, "error": tally.error}  # fmt: skip
+
+    async def _close(self, ws: ClientConnection, tally: Tally) -> None:
+        # A finished stream is closed by the server (1000) after done; a live one by us.
+        try:
+            if self.mode == "finished" and tally.error is None:
+                async with asyncio.timeout(5):
+                    await ws.wait_closed()
+            else:
+                await ws.close()
+        except (TimeoutError, ConnectionClosed, OSError):
+            pass
+        tally.close_code = ws.close_code if ws.close_code is not None else 1006
+
+
+async def dispatch(
+    open_ws: Opener, http_url: str, ws_url: str, token: str, items: list[dict[str, Any]],
+    timeout_s: float,
+) -> dict[str, Any]:  # fmt: skip
+    """POST each chat in turn, open its socket, read to the end; return the timestamps."""
+    auth = {"Authorization": f"Bearer {token}"}
+    results = []
+    async with httpx.AsyncClient(base_url=http_url, headers=auth, trust_env=False) as http:
+        for item in items:
+            try:
+                async with asyncio.timeout(timeout_s):
+                    results.append(await _dispatch_one(open_ws, http, ws_url, token, item))
+            except Exception as exc:
+                results.append({"s": item["s"], "error": repr(exc)[:200]})
+    return {"results": results}
+
+
+async def _dispatch_one(
+    open_ws: Opener, http: httpx.AsyncClient, ws_url: str, token: str, item: dict[str, Any]
+) -> dict[str, Any]:
+    t_post = now_us()
+    resp = await http.post("/api/v1/chat", json={"message": item["message"]})
+    t_posted = now_us()
+    resp.raise_for_status()
+    sid = resp.json()["streamId"]
+    t_ws = now_us()
+    ws = await open_ws(f"{ws_url}/api/v1/streams/{sid}/ws?after=0&batch=1", token)
+    t_open = now_us()
+    tally = Tally(item["s"], item["n"])
+    lat: array[int] = array("q")
+    first = None
+    try:
+        async for raw in ws:
+            t = now_us()
+            tally.feed(raw, t, lat)
+            if first is None and tally.chars:
+                first = t
+    except ConnectionClosed:
+        pass
+    return {
+        "s": item["s"], "stream_id": sid, "post_start_us": t_post, "post_end_us": t_posted,
+        "ws_start_us": t_ws, "ws_open_us": t_open, "first_chunk_us": first,
+        "close_code": ws.close_code, "complete": tally.complete, "terminal": tally.terminal,
+    }  # fmt: skip

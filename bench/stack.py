@@ -1,0 +1,197 @@
+"""relay's processes for one workload, started the way ``make run`` starts them.
+
+One gunicorn process (gunicorn.conf.py, gevent, ``--workers 1``), one Celery worker
+(threads pool, the Procfile's flags), a migrated SQLite database with an API user, the fake
+upstream, and the load generators. The code under test comes from BENCH_RELAY_ROOT (default:
+this checkout), with that checkout's own .venv.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import psutil
+
+from bench.api import RelayApi, UpstreamCtl
+from bench.config import PROJECT_ROOT
+from bench.meter import Meter
+from bench.procs import Child, Rpc, die_with_parent, spawn
+
+_DROP = {"VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME", "CELERY_BROKER_URL", "DATABASE_URL", "PORT"}
+
+
+@dataclass(frozen=True)
+class Sizing:
+    """What the workload needs from the processes."""
+
+    concurrency: int  # Celery threads: at least the streams generating at once
+    viewers: int  # WebSocket viewers at once (gunicorn's worker_connections)
+    loadgens: int  # load generator processes
+
+
+def relay_env(root: Path, tmp: Path, redis_url: str, upstream_port: int) -> dict[str, str]:
+    """Return the environment of relay's processes (as make run builds it, plus the upstream)."""
+    env = {k: v for k, v in os.environ.items() if k not in _DROP and "proxy" not in k.lower()}
+    (tmp / "prometheus").mkdir(exist_ok=True)
+    env.update(
+        PATH=f"{root / '.venv' / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}",
+        REDIS_URL=redis_url,
+        DATABASE_URL=f"sqlite:///{tmp / 'relay.db'}",
+        PROMETHEUS_MULTIPROC_DIR=str(tmp / "prometheus"),
+        SECRET_KEY="bench",
+        RELAY_VAR_DIR=str(tmp),
+        RELAY_GENERATOR="openai",
+        OPENAI_BASE_URL=f"http://127.0.0.1:{upstream_port}/v1",
+        OPENAI_API_KEY="bench",
+        RELAY_MODEL="bench",
+    )
+    return env
+
+
+def git_describe(root: Path) -> str:
+    """Return the checkout's commit (with "+dirty" when it has uncommitted changes)."""
+
+    def git(*args: str) -> str:
+        out = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True)
+        return out.stdout.strip()
+
+    return git("rev-parse", "--short", "HEAD") + ("+dirty" if git("status", "--porcelain") else "")
+
+
+class Stack:
+    """Start, address and stop relay's processes, the upstream and the load generators."""
+
+    def __init__(self, root: Path, tmp: Path, redis: tuple[str, int | None], sizing: Sizing,
+                 chars: int) -> None:  # fmt: skip
+        self.root, self.tmp, self.sizing, self.chars = root, tmp, sizing, chars
+        self.redis_url = redis[0]
+        self.bin = root / ".venv" / "bin"
+        self.children: list[Child] = []
+        self.loadgens: list[Rpc] = []
+        # Redis counts among the metered processes only when the bench started it.
+        self.pids: dict[str, int] = {"redis": redis[1]} if redis[1] else {}
+        self.meter: Meter | None = None
+        self.api: RelayApi | None = None
+        self.upstream: UpstreamCtl | None = None
+
+    async def _spawn(
+        self, name: str, argv: list[str], env: dict[str, str], cwd: Path | None = None,
+        pipes: bool = False,
+    ) -> Child:  # fmt: skip
+        child = await spawn(name, argv, env=env, cwd=cwd or self.root, logdir=self.tmp,
+                            pipes=pipes)  # fmt: skip
+        self.children.append(child)
+        self.pids[name] = child.pid
+        return child
+
+    async def start(self) -> None:
+        if not (self.bin / "gunicorn").exists():
+            raise RuntimeError(f"{self.bin} has no gunicorn: run make install in {self.root}")
+        port = await self._start_upstream()
+        env = relay_env(self.root, self.tmp, self.redis_url, port)
+        await self._run([str(self.bin / "python"), "-m", "models.migrate"], env)
+        flask = str(self.bin / "flask")
+        out = await self._run([flask, "--app", "web", "create-token", "bench"], env)
+        token = re.search(r"token (\S+)", out)
+        if token is None:
+            raise RuntimeError(f"create-token printed no token: {out}")
+        base = await self._start_web(env)
+        self.api = RelayApi(base, token.group(1))
+        await self._start_worker(env)
+        for i in range(self.sizing.loadgens):
+            argv = [sys.executable, "-m", "bench.loadgen", str(self.tmp)]
+            child = await self._spawn(f"loadgen{i}", argv, dict(os.environ), cwd=PROJECT_ROOT,
+                                      pipes=True)  # fmt: skip
+            self.loadgens.append(Rpc(child))
+        self.meter = Meter(dict(self.pids))
+
+    async def _run(self, argv: list[str], env: dict[str, str]) -> str:
+        proc = await asyncio.create_subprocess_exec(
+            *argv, env=env, cwd=self.root, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT, preexec_fn=die_with_parent,
+        )  # fmt: skip
+        out, _ = await asyncio.wait_for(proc.communicate(), 120)
+        if proc.returncode:
+            raise RuntimeError(f"{' '.join(argv)} failed:\n{out.decode()[-2000:]}")
+        return out.decode()
+
+    async def _start_upstream(self) -> int:
+        argv = [sys.executable, "-m", "bench.upstream", "--chunk-chars", str(self.chars)]
+        child = await self._spawn("upstream", argv, dict(os.environ), cwd=PROJECT_ROOT, pipes=True)
+        assert child.proc.stdout is not None
+        line = await asyncio.wait_for(child.proc.stdout.readline(), 30)
+        port = int(line.split()[1])
+        self.upstream = UpstreamCtl(port)
+        return port
+
+    async def _start_web(self, env: dict[str, str]) -> str:
+        conns = max(10_000, self.sizing.viewers + 1_000)
+        for _attempt in range(3):  # the probed port may be taken before gunicorn binds it
+            port = _free_port()
+            argv = [str(self.bin / "gunicorn"), "--config", str(self.root / "gunicorn.conf.py"),
+                    "--workers", "1", "--bind", f"127.0.0.1:{port}",
+                    "--access-logfile", "/dev/null", "--worker-connections", str(conns),
+                    "web:create_app()"]  # fmt: skip
+            web = await self._spawn("web_master", argv, env)
+            if await _healthy(f"http://127.0.0.1:{port}", web):
+                kids = psutil.Process(web.pid).children()
+                self.pids["web_worker"] = kids[0].pid
+                return f"http://127.0.0.1:{port}"
+            await web.stop(timeout=5)
+        raise RuntimeError(f"gunicorn did not start:\n{web.tail()}")
+
+    async def _start_worker(self, env: dict[str, str]) -> None:
+        argv = [str(self.bin / "celery"), "-A", "workers", "worker", "--pool", "threads",
+                "--concurrency", str(self.sizing.concurrency), "--loglevel", "INFO",
+                "--events"]  # fmt: skip
+        worker = await self._spawn("worker", argv, env)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if not worker.alive():
+                break
+            if " ready." in worker.log.read_text(errors="replace"):
+                return
+            await asyncio.sleep(0.1)
+        raise RuntimeError(f"celery worker did not start:\n{worker.tail()}")
+
+    async def stop(self) -> None:
+        """Stop every process this stack started, each by its pid, last started first."""
+        for rpc in self.loadgens:
+            await rpc.close()
+        for child in reversed(self.children):
+            await child.stop(timeout=15)
+        for client in (self.api, self.upstream):
+            if client is not None:
+                await client.close()
+
+    def kill(self) -> None:
+        for child in self.children:
+            child.kill()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def _healthy(base: str, web: Child, timeout: float = 60.0) -> bool:
+    deadline = time.monotonic() + timeout
+    async with httpx.AsyncClient(trust_env=False, timeout=1) as http:
+        while time.monotonic() < deadline and web.alive():
+            try:
+                if (await http.get(f"{base}/healthz")).status_code == 200:
+                    return True
+            except httpx.HTTPError:
+                pass
+            await asyncio.sleep(0.1)
+    return False
