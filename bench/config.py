@@ -34,7 +34,7 @@ class Knobs:
     tp_readers: int = 1
     tp10_readers: int = 10
     idle_viewers: int = 10_000
-    idle_streams: int = 1_000
+    idle_streams: int = 200  # 50 viewers each: the worker holds as many as in latency
     idle_wait_s: float = 20.0
     idle_chunks: int = 3
     idle_rate: float = 1.0
