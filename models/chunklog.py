@@ -105,12 +105,19 @@ class ChunkLog:
         self, pipe: Pipeline, stream_id: str, attempt: int, events: Sequence[Event]
     ) -> None:
         """Queue ``append_many`` on a pipeline (the worker sends many streams' at once);
-        read its reply with ``append_result``."""
-        self._append(
-            keys=self._keys(stream_id),
-            args=self._append_args(attempt, events, stream_id),
-            client=pipe,
+        read its reply with ``append_result``. A NoScriptError reply means the server lost
+        the script: ``load_scripts`` and send again. (A redis-py Script on a pipeline would
+        cost a SCRIPT EXISTS round trip on every execute.)"""
+        pipe.evalsha(
+            self._append.sha,
+            2,
+            *self._keys(stream_id),
+            *self._append_args(attempt, events, stream_id),
         )
+
+    def load_scripts(self) -> None:
+        """Load the append script into the server (after a restart or a flush)."""
+        self.redis.script_load(self._append.script)
 
     @staticmethod
     def append_result(stream_id: str, attempt: int, reply: Any) -> bool:

@@ -33,6 +33,9 @@ class Settings:
     resume_fallback_s: float = 15.0
     max_message_chars: int = 32_000
     max_request_bytes: int = 256 * 1024
+    # The worker's group commit waits this long after the first pending piece to gather
+    # more per Redis call (0: send at once; pieces that arrive meanwhile share a call anyway).
+    coalesce_ms: float = 0.0
     # The worker copies the partial answer to SQL this often.
     checkpoint_interval_s: float = 2.0
     heartbeat_interval_s: float = 2.0

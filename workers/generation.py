@@ -86,6 +86,7 @@ def run_generation(rt: WorkerRuntime, stream_id: str, task_id: str) -> str:
         log.warning("stream=%s attempt=%d was superseded; stopping", stream_id, claim.attempt)
         return "superseded"
     except HandedOff:
+        writer.settle()  # what was handed to the log is in it before another worker reads it
         rt.log.release(stream_id, claim.attempt)
         rt.enqueue(stream_id, task_id)
         log.warning("stream=%s attempt=%d handed back for another worker", stream_id,
@@ -104,6 +105,7 @@ class LogWriter:
         self.attempt = attempt
         self.task_id = task_id
         self.next_seq = last_seq + 1
+        self.appender = rt.appender.open(job.stream_id, attempt, last_seq)
         text, self.layout = rt.log.text(job.stream_id, last_seq) if last_seq else ("", [])
         # Pieces kept in a list (joined at checkpoints): `str +=` on an attribute copies the
         # whole answer on every append.
@@ -157,33 +159,74 @@ class LogWriter:
         return self.finish("cancelled")
 
     def write_all(self, pieces: Generator[str, None, None]) -> bool:
-        """Append every piece; return True when a cancel was requested."""
+        """Hand every piece to the log; return True when a cancel was requested."""
         limit = self.rt.settings.max_generation_s
         for piece in pieces:
             if not piece:
                 continue
-            cancel = self.rt.log.append(
-                self.job.stream_id, self.attempt, Event(self.next_seq, CHUNK, text=piece)
-            )
-            self.next_seq += 1
-            self.parts.append(piece)
-            self.length += len(piece)
-            self.layout.append(self.length)
-            self.rt.metrics.chunk()
-            if self.first_chunk_at is None:
-                self.first_chunk_at = time.monotonic()
-            if cancel:
+            self.append_chunk(piece)
+            if self.appender.cancel_requested:
                 return True
             if self.handoff.is_set() or self.rt.shutting_down():
                 raise HandedOff(self.job.stream_id)
             if time.monotonic() - self.started > limit:
                 raise GenerationError(f"the answer took longer than {limit:.0f}s", "timeout")
             self.maybe_checkpoint()
-        return False
+        self.sync()
+        return self.appender.cancel_requested
+
+    def append_chunk(self, piece: str) -> None:
+        """Queue a piece for the log (group commit) and count it in the answer."""
+        self.submit(Event(self.next_seq, CHUNK, text=piece))
+        self.next_seq += 1
+        self.parts.append(piece)
+        self.length += len(piece)
+        self.layout.append(self.length)
+        self.rt.metrics.chunk()
+        if self.first_chunk_at is None:
+            self.first_chunk_at = time.monotonic()
+
+    def submit(self, event: Event) -> None:
+        try:
+            self.appender.submit(event)
+        except StaleAttempt:
+            raise
+        except Exception:
+            self.rewind()
+            raise
+
+    def sync(self) -> None:
+        """Wait until the log has every piece handed to it."""
+        try:
+            self.appender.flush()
+        except StaleAttempt:
+            raise
+        except Exception:
+            self.rewind()
+            raise
+
+    def settle(self) -> None:
+        """Let queued appends finish, whatever their outcome (the attempt is ending)."""
+        try:
+            self.appender.flush(timeout=10)
+        except Exception:
+            log.warning("stream=%s appends did not finish cleanly", self.job.stream_id)
+
+    def rewind(self) -> None:
+        """Forget the pieces the log did not acknowledge (an append failed)."""
+        acked = self.appender.acked
+        if acked >= self.next_seq - 1:
+            return
+        del self.layout[acked:]  # item i is seq i + 1
+        length = next((i for i in reversed(self.layout) if isinstance(i, int)), 0)
+        self.parts = [self.text[:length]]
+        self.length = length
+        self.next_seq = acked + 1
 
     def maybe_checkpoint(self) -> None:
         if time.monotonic() - self.checkpointed_at < self.rt.settings.checkpoint_interval_s:
             return
+        self.sync()  # SQL never holds text the log does not
         with self.rt.sessions() as db:
             if not store.checkpoint(db, self.job.stream_id, self.attempt, self.text, self.layout):
                 raise StaleAttempt(f"stream {self.job.stream_id} checkpoint refused")
@@ -195,6 +238,7 @@ class LogWriter:
     def finish(self, status: str, error: store.ErrorInfo | None = None) -> str:
         """Store the final text in SQL, then write the terminal event (SQL first, so a
         client that sees the terminal event always finds the final text stored)."""
+        self.sync()
         seq = self.next_seq
         with self.rt.sessions() as db:
             ok = store.finalize(
@@ -214,7 +258,8 @@ class LogWriter:
             event = error_event(seq, error.code, error.message)
         else:
             event = Event(seq, TERMINAL_FOR_STATUS[status], message_id=self.job.message_id)
-        self.rt.log.append(self.job.stream_id, self.attempt, event)
+        self.submit(event)
+        self.sync()
         self.rt.metrics.finished(status, time.monotonic() - self.started, self.ttfc())
         log.info("stream=%s attempt=%d ended %s at seq=%d", self.job.stream_id, self.attempt,
                  status, seq)  # fmt: skip

@@ -18,6 +18,7 @@ from models.db import make_engine, make_sessionmaker
 from models.lifecycle import Enqueue, Sweeper
 from models.redisconn import make_redis
 from models.settings import Settings
+from workers.appender import GroupAppender
 from workers.generators import Generator, make_generator
 from workers.metrics import WorkerMetrics
 
@@ -49,6 +50,7 @@ class WorkerRuntime:
     enqueue: Enqueue
     is_revoked: Callable[[str], bool]
     shutdown: Shutdown
+    appender: GroupAppender
     metrics: WorkerMetrics = field(default_factory=WorkerMetrics)
     worker_name: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
 
@@ -78,18 +80,18 @@ def build_runtime(
     settings: Settings, enqueue: Enqueue, is_revoked: Callable[[str], bool]
 ) -> WorkerRuntime:
     client = make_redis(settings.redis_url, settings.redis_max_connections)
+    chunks = ChunkLog(
+        client, retention_s=settings.log_retention_s, running_ttl_s=settings.running_log_ttl_s
+    )
     return WorkerRuntime(
         settings=settings,
         sessions=make_sessionmaker(make_engine(settings.database_url)),
-        log=ChunkLog(
-            client,
-            retention_s=settings.log_retention_s,
-            running_ttl_s=settings.running_log_ttl_s,
-        ),
+        log=chunks,
         generator=make_generator(settings),
         enqueue=enqueue,
         is_revoked=is_revoked,
         shutdown=Shutdown(settings.shutdown_grace_s),
+        appender=GroupAppender(chunks, coalesce_s=settings.coalesce_ms / 1000),
     )
 
 

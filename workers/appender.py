@@ -1,0 +1,177 @@
+"""Group commit: one thread per worker process sends every generation's pending events.
+
+A generation hands each piece to its ``StreamAppender`` and goes back to reading its
+upstream at once. The flusher thread takes whatever is pending when it wakes (the pieces
+that arrived while the previous round trip was in flight, from every stream of the process)
+and sends it as one pipeline with one ``append_many`` per stream. An idle stream's piece goes
+out as soon as it arrives, so latency does not grow; a busy one's pieces share a round trip
+and a script call. ``coalesce_s`` (RELAY_COALESCE_MS) makes the flusher wait that long after
+it wakes, to gather more pieces per call from providers that send many tiny ones.
+
+What the log acknowledged is the truth: ``acked`` is the last seq the log confirmed, and a
+failed append is reported once to the generation, which forgets the pieces after ``acked``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+
+from redis.exceptions import NoScriptError
+
+from models.chunklog import ChunkLog
+from models.events import Event
+from models.exceptions import StaleAttempt
+
+log = logging.getLogger("relay.worker")
+Reply = bool | Exception  # cancel pending, or why the append failed
+
+
+class StreamAppender:
+    """One attempt's queue of events for the log."""
+
+    def __init__(self, group: GroupAppender, stream_id: str, attempt: int, last_seq: int):
+        self.group = group
+        self.stream_id = stream_id
+        self.attempt = attempt
+        self.acked = last_seq  # the last seq the log has confirmed
+        self.cancel_requested = False  # an append reported a pending cancel
+        self.pending: list[Event] = []
+        self.in_flight = False
+        self.error: Exception | None = None
+
+    def submit(self, event: Event) -> None:
+        """Queue ``event`` (seq ``acked`` + pending + 1) for the next round trip."""
+        self.group.submit(self, event)
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait until the log has every submitted event (raises what made an append fail)."""
+        self.group.flush(self, timeout)
+
+
+class GroupAppender:
+    """The worker process's flusher: many streams' events per Redis round trip."""
+
+    def __init__(
+        self,
+        chunks: ChunkLog,
+        *,
+        coalesce_s: float = 0.0,
+        max_events: int = 512,
+        max_pending: int = 8192,
+    ) -> None:
+        self.chunks = chunks
+        self.coalesce_s = coalesce_s
+        self.max_events = max_events  # per stream per round trip
+        self.max_pending = max_pending  # a generation waits when Redis falls this far behind
+        self._cond = threading.Condition()
+        self._ready: dict[StreamAppender, None] = {}  # streams with events to send, in order
+        self._thread: threading.Thread | None = None
+
+    def open(self, stream_id: str, attempt: int, last_seq: int) -> StreamAppender:
+        return StreamAppender(self, stream_id, attempt, last_seq)
+
+    def submit(self, stream: StreamAppender, event: Event) -> None:
+        with self._cond:
+            self._raise_error(stream)
+            while len(stream.pending) >= self.max_pending:
+                self._cond.wait()
+                self._raise_error(stream)
+            stream.pending.append(event)
+            if not stream.in_flight and stream not in self._ready:
+                self._ready[stream] = None
+                self._cond.notify_all()
+            self._ensure_thread()
+
+    def flush(self, stream: StreamAppender, timeout: float | None = None) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while (stream.pending or stream.in_flight) and stream.error is None:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise TimeoutError(f"stream {stream.stream_id}: appends still pending")
+                self._cond.wait(left)
+            self._raise_error(stream)
+
+    @staticmethod
+    def _raise_error(stream: StreamAppender) -> None:
+        """Report a failed append once; the events after ``acked`` were not written."""
+        error, stream.error = stream.error, None
+        if error is not None:
+            stream.pending.clear()
+            raise error
+
+    # -- the flusher ------------------------------------------------------------------------
+
+    def _ensure_thread(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._run, name="relay-appender", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            work = self._take()
+            replies = self._send(work)
+            self._settle(work, replies)
+
+    def _take(self) -> list[tuple[StreamAppender, list[Event]]]:
+        with self._cond:
+            while not self._ready:
+                self._cond.wait()
+            if self.coalesce_s > 0:
+                deadline = time.monotonic() + self.coalesce_s
+                while (left := deadline - time.monotonic()) > 0:
+                    self._cond.wait(left)
+            work = []
+            for stream in self._ready:
+                events = stream.pending[: self.max_events]
+                del stream.pending[: self.max_events]
+                stream.in_flight = True
+                work.append((stream, events))
+            self._ready.clear()
+            return work
+
+    def _send(self, work: list[tuple[StreamAppender, list[Event]]]) -> list[Reply]:
+        """One round trip for every stream's events; a reply per stream."""
+        try:
+            replies = self._pipeline(work)
+            retry = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
+            if retry:  # Redis restarted or was flushed: load the script, send those again
+                self.chunks.load_scripts()
+                again = self._pipeline([work[i] for i in retry])
+                for i, reply in zip(retry, again, strict=True):
+                    replies[i] = reply
+            return [self._reply(s, r) for (s, _), r in zip(work, replies, strict=True)]
+        except Exception as exc:  # the connection: every stream of this round failed
+            log.warning("appending to the log failed: %s", exc)
+            return [exc for _ in work]
+
+    def _pipeline(self, work: Sequence[tuple[StreamAppender, list[Event]]]) -> list[object]:
+        pipe = self.chunks.redis.pipeline(transaction=False)
+        for stream, events in work:
+            self.chunks.queue_append(pipe, stream.stream_id, stream.attempt, events)
+        return list(pipe.execute(raise_on_error=False))
+
+    @staticmethod
+    def _reply(stream: StreamAppender, reply: object) -> Reply:
+        if isinstance(reply, Exception):
+            return reply
+        try:
+            return ChunkLog.append_result(stream.stream_id, stream.attempt, reply)
+        except StaleAttempt as exc:
+            return exc
+
+    def _settle(self, work: list[tuple[StreamAppender, list[Event]]], replies: list[Reply]) -> None:
+        with self._cond:
+            for (stream, events), reply in zip(work, replies, strict=True):
+                stream.in_flight = False
+                if isinstance(reply, Exception):
+                    stream.error = reply
+                else:
+                    stream.acked = events[-1].seq
+                    stream.cancel_requested = stream.cancel_requested or reply
+                    if stream.pending:
+                        self._ready[stream] = None
+            self._cond.notify_all()
