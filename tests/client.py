@@ -130,7 +130,7 @@ class Client:
             events: list[dict[str, Any]] = []
             for fields in _sse_fields(resp.iter_lines(decode_unicode=True)):
                 event = json.loads(fields["data"])
-                assert int(fields["id"]) == event["seq"] and fields["event"] == event["type"]
+                assert int(fields["id"]) == last_seq(event) and fields["event"] == event["type"]
                 events.append(event)
                 if limit is not None and len(events) >= limit:
                     break
@@ -147,6 +147,26 @@ def _sse_fields(lines: Iterator[str]) -> Iterator[dict[str, str]]:
         elif not line.startswith(":"):
             name, _, value = line.partition(":")
             fields[name] = value.removeprefix(" ")
+
+
+def last_seq(message: dict[str, Any]) -> int:
+    """The last seq a wire message carries (a ``chunks`` message carries several)."""
+    if message["type"] == "chunks":
+        return int(message["seq"]) + len(message["texts"]) - 1
+    return int(message["seq"])
+
+
+def expand(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The events of batch-form messages, one per seq, as the default form sends them."""
+    events: list[dict[str, Any]] = []
+    for message in messages:
+        if message["type"] != "chunks":
+            events.append(message)
+            continue
+        assert len(message["texts"]) >= 2, message
+        for i, text in enumerate(message["texts"]):
+            events.append({"type": "chunk", "seq": message["seq"] + i, "text": text})
+    return events
 
 
 def _if(status: dict[str, Any], statuses: set[str]) -> dict[str, Any] | None:

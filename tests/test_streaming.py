@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 
-from tests.client import Attach, Client, chunk_text, wait_for
+from tests.client import Attach, Client, chunk_text, expand, wait_for
 from tests.conftest import Stack
 
 LONG = "[demo:words=160]"
@@ -150,3 +150,59 @@ def _record(into: Attach, got: Attach, n: int) -> bool:
 
 def client_status_seq(stack: Stack, sid: str) -> int:
     return int(stack.redis().xlen(f"relay:{{{sid}}}:log"))
+
+
+def batch_path(sid: str, after: int = 0) -> str:
+    return f"/api/v1/streams/{sid}/ws?after={after}&batch=1"
+
+
+def test_the_batch_form_expands_to_the_same_events_for_every_after(client: Client) -> None:
+    posted = client.post_chat(f"Batches {LONG}")
+    sid = posted["streamId"]
+    plain = client.attach(sid)
+    last = plain.last["seq"]
+    whole = client.attach(sid, path=batch_path(sid))
+    # The catch-up of a finished stream travels in a few messages, not one per event.
+    assert any(m["type"] == "chunks" for m in whole.events)
+    assert len(whole.events) <= 3
+    for after in range(last):
+        got = client.attach(sid, path=batch_path(sid, after))
+        assert expand(got.events) == plain.events[after:], after
+        assert got.close_code == 1000
+    ended = client.attach(sid, path=batch_path(sid, last))
+    assert ended.events == [] and ended.close_code == 1000
+
+
+def test_a_live_attach_in_the_batch_form_gets_the_whole_answer(client: Client) -> None:
+    posted = client.post_chat(f"Live batches {LONG}")
+    sid = posted["streamId"]
+    first = client.attach(sid, path=batch_path(sid), until=lambda a: len(a.events) >= 5)
+    seen = expand(first.events)
+    rest = client.attach(sid, path=batch_path(sid, seen[-1]["seq"]))
+    events = seen + expand(rest.events)
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+    assert events[-1]["type"] == "done" and rest.close_code == 1000
+    assert chunk_text(events) == client.answer(posted["chatId"])["content"]
+    assert events == client.attach(sid).events
+
+
+def test_sse_in_the_batch_form(client: Client) -> None:
+    posted = client.post_chat(f"SSE batches {LONG}")
+    sid = posted["streamId"]
+    plain = client.attach(sid)
+    url = f"/api/v1/streams/{sid}/events?batch=1"
+    for after in (0, 1, 7, len(plain.events) - 3):
+        status, messages = client.sse(url, last_event_id=after)
+        assert status == 200
+        assert expand(messages) == plain.events[after:]
+        assert messages[0]["type"] == "chunks"  # its id: is its last seq (checked by sse())
+
+
+def test_a_bad_batch_parameter_is_refused(client: Client) -> None:
+    posted = client.post_chat("Refuse bad batch values [demo:words=5]")
+    sid = posted["streamId"]
+    got = client.attach(sid, path=f"/api/v1/streams/{sid}/ws?batch=yes")
+    assert got.close_code == 4400 and got.events == []
+    resp = client.request("GET", f"/api/v1/streams/{sid}/events?batch=2")
+    assert resp.status_code == 400
+    assert resp.json()["error"]["code"] == "invalid_parameter"

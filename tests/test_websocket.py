@@ -1,0 +1,130 @@
+"""WebSocket compression against the real server, read frame by frame from a raw socket."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import socket
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+from tests.client import Client, expand
+from tests.conftest import Stack
+
+OFFER = "permessage-deflate; client_max_window_bits"
+
+
+@dataclass
+class Frame:
+    compressed: bool
+    opcode: int
+    payload: bytes
+
+
+def handshake(port: int, path: str, cookie: str, extensions: str | None) -> tuple[Any, str]:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=15)
+    lines = [
+        f"GET {path} HTTP/1.1",
+        f"Host: 127.0.0.1:{port}",
+        "Upgrade: websocket",
+        "Connection: Upgrade",
+        f"Sec-WebSocket-Key: {base64.b64encode(os.urandom(16)).decode()}",
+        "Sec-WebSocket-Version: 13",
+        f"Cookie: {cookie}",
+    ]
+    if extensions:
+        lines.append(f"Sec-WebSocket-Extensions: {extensions}")
+    sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+    reader = sock.makefile("rb")
+    head = b""
+    while not head.endswith(b"\r\n\r\n"):
+        head += reader.read(1)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return (sock, reader), head.decode()
+
+
+def frames(reader: Any) -> list[Frame]:
+    """Every frame up to and including the close frame."""
+    out = []
+    while True:
+        b0, b1 = reader.read(2)
+        size = b1 & 0x7F
+        if size == 126:
+            size = int.from_bytes(reader.read(2), "big")
+        elif size == 127:
+            size = int.from_bytes(reader.read(8), "big")
+        frame = Frame(bool(b0 & 0x40), b0 & 0x0F, reader.read(size))
+        out.append(frame)
+        if frame.opcode == 8:
+            return out
+
+
+def messages(received: list[Frame]) -> list[dict[str, Any]]:
+    out = []
+    for frame in received:
+        if frame.opcode != 1:
+            continue
+        data = frame.payload
+        if frame.compressed:  # a fresh decompressor each time: no context is kept
+            data = zlib.decompressobj(-15).decompress(data + b"\x00\x00\xff\xff")
+        out.append(json.loads(data))
+    return out
+
+
+def read_stream(port: int, client: Client, sid: str, extensions: str | None) -> Any:
+    cookie = "; ".join(f"{k}={v}" for k, v in client.http.cookies.items())
+    (sock, reader), head = handshake(port, f"/api/v1/streams/{sid}/ws?batch=1", cookie, extensions)
+    try:
+        return head, frames(reader)
+    finally:
+        reader.close()
+        sock.close()
+
+
+def test_large_messages_are_compressed_small_ones_are_not(client: Client, stack: Stack) -> None:
+    posted = client.post_chat("Compress the catch-up [demo:words=400]")
+    sid = posted["streamId"]
+    plain = client.attach(sid)  # the whole answer, one message per event
+    head, received = read_stream(stack.port, client, sid, OFFER)
+    assert "permessage-deflate" in head and "server_no_context_takeover" in head
+    data = [f for f in received if f.opcode == 1]
+    assert any(f.compressed for f in data)  # the catch-up batches
+    assert all(f.compressed == (len(m) >= 1024) for f, m in _with_sizes(data))
+    assert expand(messages(received)) == plain.events
+
+
+def test_compression_off_is_never_negotiated(client: Client, stack: Stack) -> None:
+    posted = client.post_chat("No compression [demo:words=200]")
+    sid = posted["streamId"]
+    plain = client.attach(sid)
+    proc, port = stack.start_web_with(RELAY_WS_COMPRESSION="off")
+    try:
+        head, received = read_stream(port, client, sid, OFFER)
+    finally:
+        proc.stop()
+    assert "sec-websocket-extensions" not in head.lower()
+    assert not any(f.compressed for f in received)
+    assert expand(messages(received)) == plain.events
+
+
+def test_a_client_that_offers_nothing_gets_plain_frames(client: Client, stack: Stack) -> None:
+    posted = client.post_chat("Plain frames [demo:words=200]")
+    sid = posted["streamId"]
+    plain = client.attach(sid)
+    head, received = read_stream(stack.port, client, sid, None)
+    assert "sec-websocket-extensions" not in head.lower()
+    assert not any(f.compressed for f in received)
+    assert expand(messages(received)) == plain.events
+
+
+def _with_sizes(data: list[Frame]) -> list[tuple[Frame, bytes]]:
+    """Each data frame with its uncompressed payload."""
+    out = []
+    for frame in data:
+        payload = frame.payload
+        if frame.compressed:
+            payload = zlib.decompressobj(-15).decompress(payload + b"\x00\x00\xff\xff")
+        out.append((frame, payload))
+    return out
