@@ -9,9 +9,11 @@ Screenshots go to test-artifacts/ (git-ignored).
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+import json
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from playwright.sync_api import (
@@ -20,6 +22,7 @@ from playwright.sync_api import (
     Locator,
     Page,
     ViewportSize,
+    WebSocket,
     expect,
     sync_playwright,
 )
@@ -57,6 +60,25 @@ new MutationObserver((mutations) => {
 }).observe(document, {
   subtree: true, childList: true, attributes: true, attributeFilter: ["data-raw"],
 });
+"""
+
+# For each message the page's sockets receive: how many chunk texts it carried and how many
+# times handling it wrote data-raw (the page's exact text so far).
+MESSAGE_PROBE_SCRIPT = """
+window.__perMessage = [];
+const rawWrites = new MutationObserver(() => {});
+rawWrites.observe(document, { subtree: true, attributes: true, attributeFilter: ["data-raw"] });
+window.WebSocket = class extends window.WebSocket {
+  get onmessage() { return super.onmessage; }
+  set onmessage(handler) {
+    super.onmessage = handler && ((msg) => {
+      rawWrites.takeRecords();
+      handler(msg);
+      const texts = JSON.parse(msg.data).texts?.length ?? 1;
+      window.__perMessage.push([texts, rawWrites.takeRecords().length]);
+    });
+  }
+};
 """
 
 # No skip when chromium is missing: `make test` installs it, and a browser test that cannot
@@ -180,6 +202,43 @@ def stream_id(page: Page) -> str:
 def shot(page: Page, name: str) -> None:
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / f"{name}.png"))
+
+
+class Sockets:
+    """Every WebSocket a page opens: its URL and the messages the server sent on it.
+
+    Playwright hands events over while the test calls into it, so wait with ``until``
+    (which keeps calling) rather than with time.sleep."""
+
+    def __init__(self, page: Page) -> None:
+        self.page = page
+        self.opened: list[tuple[str, list[dict[str, Any]]]] = []
+        page.on("websocket", self._opened)
+
+    def _opened(self, ws: WebSocket) -> None:
+        messages: list[dict[str, Any]] = []
+        self.opened.append((ws.url, messages))
+        ws.on("framereceived", lambda payload: messages.append(json.loads(payload)))
+
+    def until(self, probe: Callable[[], object], timeout_ms: int = T) -> None:
+        for _ in range(timeout_ms // 50):
+            if probe():
+                return
+            self.page.wait_for_timeout(50)
+        raise AssertionError("condition not met in time")
+
+    def messages(self, since: int = 0) -> list[dict[str, Any]]:
+        return [m for _, msgs in self.opened[since:] for m in msgs]
+
+
+def query(url: str) -> dict[str, str]:
+    return {k: v[-1] for k, v in parse_qs(urlsplit(url).query).items()}
+
+
+def seqs_of(message: dict[str, Any]) -> list[int]:
+    """The seqs a wire message carries (a ``chunks`` message carries one per text)."""
+    first = int(message["seq"])
+    return list(range(first, first + len(message.get("texts", [None]))))
 
 
 # -- tests -----------------------------------------------------------------------------------
@@ -460,10 +519,10 @@ def test_relay_stream_reconnects_dedupes_and_follows_the_browser(page: Page, sta
     out = page.evaluate(FAKE_SOCKET_SCRIPT)
     assert out["events"] == [3, 4, 5, 6, 7, 8, 9, 10]  # each seq once, in order
     assert out["urls"] == [
-        "/api/v1/streams/s1/ws?after=2",
-        "/api/v1/streams/s1/ws?after=4",  # resumed after the last seq seen
-        "/api/v1/streams/s1/ws?after=5",
-        "/api/v1/streams/s2/ws?after=0",
+        "/api/v1/streams/s1/ws?after=2&batch=1",
+        "/api/v1/streams/s1/ws?after=4&batch=1",  # resumed after the last seq seen
+        "/api/v1/streams/s1/ws?after=5&batch=1",
+        "/api/v1/streams/s2/ws?after=0&batch=1",
     ]
     assert out["socketsAfterDrop"] == 1  # the backoff waits...
     assert out["closedWhenOffline"] and out["socketsWhileOffline"] == 2  # ...offline waits
@@ -475,6 +534,219 @@ def test_relay_stream_reconnects_dedupes_and_follows_the_browser(page: Page, sta
         "connecting", "live", "reconnecting", "live", "offline", "reconnecting", "live", "ended",
     ]  # fmt: skip
     assert out["fatalState"] == "failed"  # 44xx: no retry
+
+
+# -- the batch form (?batch=1) ---------------------------------------------------------------
+
+
+def test_page_reads_the_batch_form_and_reloads_show_the_stored_text_once(
+    page: Page, stack: Stack
+) -> None:
+    sockets = Sockets(page)
+    open_app(page, stack.base_url)
+    chat_id = send(page, "A long answer in batches [demo:words=900] [demo:rate=250]")
+    wait_text(page, 600)
+    live = len(sockets.opened)
+    page.reload()  # mid-stream: history, then the rest after its streamSeq
+    expect(page.locator("html")).to_have_attribute("data-ready", "true", timeout=T)
+    expect(page.locator(".msg.assistant")).to_have_count(1)
+    wait_status(page, "done")
+    assert_exact(page, stack.base_url, chat_id)
+    sockets.until(lambda: any(m["type"] == "done" for m in sockets.messages(live)))
+    assert sockets.opened and all(query(url).get("batch") == "1" for url, _ in sockets.opened)
+    url, messages = sockets.opened[live]
+    after = int(query(url)["after"])
+    assert after > 0  # continued after the stored text, not from the start
+    seqs = [seq for m in sockets.messages(live) for seq in seqs_of(m)]
+    assert seqs == list(range(after + 1, after + 1 + len(seqs)))  # what it had not seen, once
+    # What was stored at the reload plus the catch-up: the catch-up came as chunks messages.
+    assert any(m["type"] == "chunks" and len(m["texts"]) >= 2 for m in messages)
+    assert any(m["type"] == "chunks" and m["seq"] == after + 1 for m in messages)
+
+    page.reload()  # finished: shown from history, no socket needed
+    expect(page.locator("html")).to_have_attribute("data-ready", "true", timeout=T)
+    expect(page.locator(".msg.assistant")).to_have_count(1)
+    wait_status(page, "done")
+    assert_exact(page, stack.base_url, chat_id)
+
+
+def test_catch_up_comes_in_few_messages_and_the_page_takes_each_at_once(
+    page: Page, session: Session, stack: Stack
+) -> None:
+    sockets = Sockets(page)
+    page.add_init_script(MESSAGE_PROBE_SCRIPT)
+    open_app(page, stack.base_url)
+    chat_id = send(page, "Catch up in batches [demo:words=1500] [demo:rate=400]")
+    wait_text(page, 100)
+    sid = stream_id(page)
+    session.context.set_offline(True)
+    expect(page.locator("#conn")).to_have_attribute("data-state", "offline", timeout=T)
+    at_drop = log_length(stack, sid)
+    wait_for(lambda: log_length(stack, sid) > at_drop + 700, timeout=30)
+    before_online = len(sockets.opened)
+    session.context.set_offline(False)  # back: hundreds of chunks to catch up on
+    wait_status(page, "done")
+    shown = assert_exact(page, stack.base_url, chat_id)
+    sockets.until(lambda: any(m["type"] == "done" for m in sockets.messages()))
+    messages = sockets.messages()
+    # What the server sent, by seq (a frame may have reached the browser after the page
+    # dropped its socket going offline; the page never saw it, the next socket re-sent it).
+    texts: dict[int, str] = {}
+    for m in messages:
+        if m["type"] in ("chunk", "chunks"):
+            texts.update(zip(seqs_of(m), m.get("texts") or [m["text"]], strict=True))
+    assert sorted(texts) == list(range(1, len(texts) + 1))
+    assert "".join(texts[seq] for seq in sorted(texts)) == shown
+    caught_up = next(msgs for _, msgs in sockets.opened[before_online:] if msgs)
+    assert caught_up[0]["type"] == "chunks" and len(caught_up[0]["texts"]) >= 100
+    assert len(messages) < len(texts) - 500
+    # The page takes each message in at once: its text grows once per message, however many
+    # chunks the message carried (the Markdown follows at most once per frame).
+    per_message: list[list[int]] = page.evaluate("window.__perMessage")
+    assert max(texts for texts, _ in per_message) >= 100
+    assert all(writes <= 1 for _, writes in per_message), per_message
+
+
+BATCH_SOCKET_SCRIPT = """async () => {
+  const { attach } = await import('/static/relay-stream.js');
+  const sockets = [];
+  class FakeSocket {  // plays the server's part, message by message
+    constructor(url) { this.url = url; this.readyState = 0; sockets.push(this); }
+    send() {}
+    close() { this.readyState = 3; }
+    open() { this.readyState = 1; this.onopen?.({}); }
+    emit(message) { this.onmessage?.({ data: JSON.stringify(message) }); }
+    drop(code, reason = '') { this.readyState = 3; this.onclose?.({ code, reason }); }
+  }
+  const until = async (probe) => {
+    for (let i = 0; i < 500 && !probe(); i += 1) await new Promise((r) => setTimeout(r, 10));
+  };
+  const chunks = (seq, ...texts) => ({ type: 'chunks', seq, texts });
+  const chunk = (seq, text) => ({ type: 'chunk', seq, text });
+  const out = { events: [], calls: [], states: [] };
+  const h = attach('s1', {
+    after: 2, WebSocket: FakeSocket, stallMs: 1e9, minDelayMs: 1, maxDelayMs: 1,
+    onEvent: (e) => out.events.push([e.seq, e.type, e.text ?? null]),
+    onEvents: (es) => out.calls.push(es.map((e) => e.seq)),
+    onState: (st) => out.states.push(st),
+  });
+  const a = sockets[0];
+  a.open();
+  a.emit(chunks(3, 'c', 'd', 'e'));  // 3..5
+  a.emit(chunks(1, 'A', 'B', 'C', 'D'));  // 1..4: all seen, nothing delivered
+  a.emit(chunks(4, 'D', 'E', 'f', 'g'));  // 4..7 overlaps: only 6 and 7
+  a.emit(chunk(8, 'h'));  // a lone chunk
+  a.emit(chunks(9, 'i', 'j'));  // then a run again
+  a.emit(chunk(10, 'J'));  // seen
+  a.emit(chunks(13, 'm', 'n'));  // 11 and 12 missing: a gap, nothing delivered
+  out.lastSeqAtGap = h.lastSeq;
+  await until(() => sockets.length > 1);
+  const b = sockets[1];
+  b.open();
+  b.emit(chunks(9, 'I', 'J', 'k', 'l'));  // a resend that overlaps: only 11 and 12
+  b.emit(chunks(13, 'm', 'n'));
+  b.emit({ type: 'cancelled', seq: 15 });
+  out.stateAfterTerminal = h.state;
+  b.emit({ type: 'cancelled', seq: 15 });
+  b.emit({ type: 'resumed', seq: 16, attempt: 2 });  // an admin retry continues it
+  b.emit(chunks(17, 'q', 'r', 's'));
+  b.emit(chunks(17, 'Q', 'R', 'S', 't'));
+  b.emit({ type: 'done', seq: 21, messageId: 'm' });
+  b.drop(1000, 'stream ended');
+  out.terminal = await h.done;
+  out.lastSeq = h.lastSeq;
+  out.finalState = h.state;
+
+  // close() from inside onEvent in the middle of a chunks message: nothing after it.
+  const closing = { seen: [], calls: 0 };
+  const g = attach('s2', {
+    WebSocket: FakeSocket, batch: false, stallMs: 1e9,
+    onEvent: (e) => { closing.seen.push(e.seq); if (e.seq === 2) g.close(); },
+    onEvents: () => { closing.calls += 1; },
+  });
+  sockets[2].open();
+  sockets[2].emit(chunks(1, 'a', 'b', 'c'));  // read even when not asked for
+  sockets[2].emit(chunk(4, 'd'));
+  Object.assign(closing, { state: g.state, lastSeq: g.lastSeq });
+  out.closing = closing;
+
+  // The stall check after a chunks message resumes after its last seq.
+  const ahead = async () => ({ ok: true, json: async () => ({ lastSeq: 99 }) });
+  const k = attach('s3', { WebSocket: FakeSocket, fetch: ahead, stallMs: 50, minDelayMs: 1 });
+  sockets[3].open();
+  sockets[3].emit(chunks(1, 'a', 'b', 'c'));
+  await until(() => sockets.length > 4);
+  k.close();
+  out.urls = sockets.map((s) => new URL(s.url).pathname + new URL(s.url).search);
+  return out;
+}"""
+
+
+def test_relay_stream_batch_form_edge_cases(page: Page, stack: Stack) -> None:
+    """relay-stream.js against a scripted server: overlaps, gaps, mixed forms, resumed."""
+    open_app(page, stack.base_url)
+    out = page.evaluate(BATCH_SOCKET_SCRIPT)
+    texts = dict.fromkeys(range(3, 15)) | dict(zip(range(3, 15), "cdefghijklmn", strict=True))
+    texts |= dict(zip(range(17, 21), "qrst", strict=True))
+    kinds = {15: "cancelled", 16: "resumed", 21: "done"}
+    expected = [[seq, kinds.get(seq, "chunk"), texts.get(seq)] for seq in range(3, 22)]
+    assert out["events"] == expected  # every seq once, in order, with the unseen text only
+    assert out["calls"] == [
+        [3, 4, 5], [6, 7], [8], [9, 10], [11, 12], [13, 14], [15], [16], [17, 18, 19], [20], [21],
+    ]  # fmt: skip
+    assert out["lastSeqAtGap"] == 10
+    assert out["stateAfterTerminal"] == "live"
+    assert out["terminal"] == {"type": "done", "seq": 21, "messageId": "m"}
+    assert out["lastSeq"] == 21 and out["finalState"] == "ended"
+    states = [s for s, nxt in itertools.zip_longest(out["states"], out["states"][1:]) if s != nxt]
+    assert states == ["connecting", "live", "reconnecting", "live", "ended"]
+    assert out["closing"] == {"seen": [1, 2], "calls": 0, "state": "closed", "lastSeq": 2}
+    assert out["urls"] == [
+        "/api/v1/streams/s1/ws?after=2&batch=1",
+        "/api/v1/streams/s1/ws?after=10&batch=1",  # the gap: re-read after the last delivered
+        "/api/v1/streams/s2/ws?after=0",  # batch: false keeps the old URL
+        "/api/v1/streams/s3/ws?after=0&batch=1",
+        "/api/v1/streams/s3/ws?after=3&batch=1",  # stalled: resumed after the batch's last seq
+    ]
+
+
+def test_relay_stream_batch_form_against_the_server(page: Page, stack: Stack) -> None:
+    """A finished long stream read through the module: the batch form arrives in a few
+    messages and expands to exactly the events of the default form."""
+    open_app(page, stack.base_url)
+    posted = page.request.post(
+        f"{stack.base_url}/api/v1/chat",
+        data={"message": "Many small pieces [demo:words=1500] [demo:rate=1000]"},
+    ).json()
+    status_url = f"{stack.base_url}/api/v1/streams/{posted['streamId']}"
+    wait_for(lambda: page.request.get(status_url).json()["status"] == "done", timeout=60)
+    out = page.evaluate(
+        """async (sid) => {
+          const { attach } = await import('/static/relay-stream.js');
+          const read = async (options) => {
+            const events = [];
+            let calls = 0;
+            const h = attach(sid, { ...options, onEvent: (e) => events.push(e),
+                                    onEvents: () => { calls += 1; } });
+            const terminal = await h.done;
+            return { events, calls, terminal, state: h.state };
+          };
+          return { batched: await read({ after: 0 }), single: await read({ batch: false }),
+                   middle: await read({ after: 777 }) };
+        }""",
+        posted["streamId"],
+    )
+    batched, single, middle = out["batched"], out["single"], out["middle"]
+    events = batched["events"]
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+    assert len(events) > 1500 and events[-1]["type"] == "done"
+    assert batched["terminal"] == events[-1] and batched["state"] == "ended"
+    text = "".join(e["text"] for e in events if e["type"] == "chunk")
+    assert text == stored_answer(page, stack.base_url, posted["chatId"])["content"]
+    assert single["events"] == events and single["calls"] == len(events)
+    assert batched["calls"] * 100 <= len(events)  # a few messages, not one per chunk
+    assert middle["events"] == events[777:]
+    assert middle["calls"] * 100 <= len(middle["events"])
 
 
 def test_phone_layout(browser: Browser, stack: Stack) -> None:

@@ -448,35 +448,46 @@ function scheduleRender(view) {
 function startStream(view, after) {
   view.handle = attach(view.streamId, {
     after,
-    onEvent: (event) => onStreamEvent(view, event),
+    batch: true, // a catch-up of thousands of chunks comes as a few messages
+    onEvents: (events) => onStreamEvents(view, events),
     onState: (st, detail) => onStreamState(view, st, detail),
   });
   renderConnection();
   renderComposer();
 }
 
-function onStreamEvent(view, event) {
-  view.seq = event.seq;
-  if (event.type === "chunk") {
-    view.raw += event.text;
+const STATUS_OF_TERMINAL = { done: "done", cancelled: "cancelled", error: "failed" };
+
+/** The new events of one socket message (one event, or a run of chunks): take them in at
+ * once, so the text grows once per message and the Markdown is rendered at most once per
+ * frame, however many chunks the message carried. */
+function onStreamEvents(view, events) {
+  const texts = [];
+  let flush = false;
+  for (const event of events) {
+    view.seq = event.seq;
+    if (event.type === "chunk") {
+      texts.push(event.text);
+      view.status = "streaming";
+    } else if (event.type === "resumed") {
+      // An admin retried this answer: it goes on after the earlier ending.
+      view.final = false;
+      view.status = "streaming";
+      view.error = null;
+      flush = true;
+    } else if (Object.hasOwn(STATUS_OF_TERMINAL, event.type)) {
+      view.final = true;
+      view.status = STATUS_OF_TERMINAL[event.type];
+      if (event.type === "error") view.error = event.error ?? { code: "error", message: "failed" };
+      flush = true; // terminal: render now, not on the next frame
+    } // else: an event type from a newer server; skip it
+  }
+  if (texts.length) {
+    view.raw += texts.join("");
     view.el.dataset.raw = view.raw; // the exact text so far; the Markdown follows per frame
-    view.status = "streaming";
-    scheduleRender(view);
-    return;
   }
-  if (event.type === "resumed") {
-    // An admin retried this answer: it goes on after the earlier ending.
-    view.final = false;
-    view.status = "streaming";
-    view.error = null;
-    renderView(view);
-    return;
-  }
-  if (!["done", "cancelled", "error"].includes(event.type)) return; // newer server, unknown
-  view.final = true;
-  view.status = { done: "done", cancelled: "cancelled", error: "failed" }[event.type];
-  if (event.type === "error") view.error = event.error ?? { code: "error", message: "failed" };
-  renderView(view); // terminal: flush now, not on the next frame
+  if (flush) renderView(view);
+  else if (texts.length) scheduleRender(view);
 }
 
 function onStreamState(view, st, detail) {

@@ -1,15 +1,21 @@
 // relay-stream.js: attach to a relay stream over WebSocket and never lose an event.
 //
 //   import { attach } from "/static/relay-stream.js";
-//   const handle = attach(streamId, { after: 0, onEvent, onState });
+//   const handle = attach(streamId, { after: 0, onEvent, onEvents, onState });
 //   handle.cancel();  // ask the server to stop generating
 //   handle.close();   // stop listening (generation goes on)
 //
 // Events are delivered exactly once and in seq order; a dropped socket is reopened with
-// exponential backoff and jitter and resumes with ?after=<last seq seen>. The handle ends when
-// the server closes normally (1000, right after the stream's final terminal event) or with a
-// 44xx code. A terminal event is not necessarily the end: an admin retry can continue the
-// stream after it with a "resumed" event, and the handle delivers that too.
+// exponential backoff and jitter and resumes with ?after=<last seq seen>. By default the
+// socket asks for the protocol's batch form (?batch=1): a run of chunks may arrive as one
+// {"type":"chunks","seq":7,"texts":[...]} message. The handle expands it into ordinary chunk
+// events, calls onEvent for each new one and then onEvents once with all of them, so a page
+// can render once per message instead of once per chunk.
+//
+// The handle ends when the server closes normally (1000, right after the stream's final
+// terminal event) or with a 44xx code. A terminal event is not necessarily the end: an admin
+// retry can continue the stream after it with a "resumed" event, and the handle delivers that
+// too.
 // See docs/client.md for the full API.
 
 const TERMINAL = new Set(["done", "cancelled", "error"]);
@@ -26,6 +32,7 @@ export const STATES = Object.freeze({
 
 const DEFAULTS = {
   after: 0,
+  batch: true, // ask for the batch form (?batch=1); false: one message per event
   baseUrl: null, // http(s) origin of the relay server; default: the page's origin
   minDelayMs: 300, // first retry waits between minDelayMs/2 and minDelayMs
   maxDelayMs: 10_000, // backoff ceiling
@@ -33,7 +40,8 @@ const DEFAULTS = {
   stallMs: 15_000, // silence after which the stream's status is checked over HTTP
   WebSocket: globalThis.WebSocket,
   fetch: (...args) => globalThis.fetch(...args),
-  onEvent: () => {},
+  onEvent: () => {}, // each new event, in seq order
+  onEvents: () => {}, // then once per message: the new events it carried, in seq order
   onState: () => {},
 };
 
@@ -48,12 +56,27 @@ export function isFatalClose(code) {
   return code >= 4400 && code < 4500;
 }
 
-function wsUrl(baseUrl, streamId, after) {
+function wsUrl(baseUrl, streamId, after, batch) {
   const base = new URL(baseUrl || globalThis.location.origin);
   base.protocol = base.protocol === "https:" ? "wss:" : "ws:";
   base.pathname = `/api/v1/streams/${encodeURIComponent(streamId)}/ws`;
-  base.search = `?after=${after}`;
+  base.search = batch ? `?after=${after}&batch=1` : `?after=${after}`;
   return base.toString();
+}
+
+/**
+ * The seqs a parsed message carries, or null if it is not an event message:
+ * [first, count, eventAt(seq)]. A "chunks" message (the batch form) carries chunk events
+ * seq .. seq + texts.length - 1; anything else with a numeric seq is one event.
+ */
+function messageSpan(msg) {
+  if (typeof msg?.seq !== "number" || !Number.isSafeInteger(msg.seq)) return null;
+  if (msg.type !== "chunks") return [msg.seq, 1, () => msg];
+  const texts = msg.texts;
+  if (!Array.isArray(texts) || !texts.length || texts.some((t) => typeof t !== "string")) {
+    return null; // malformed: ignored like unparseable JSON (the next seq then looks like a gap)
+  }
+  return [msg.seq, texts.length, (seq) => ({ type: "chunk", seq, text: texts[seq - msg.seq] })];
 }
 
 function httpUrl(baseUrl, path) {
@@ -62,7 +85,7 @@ function httpUrl(baseUrl, path) {
 
 /**
  * Attach to a stream. Returns a handle:
- *   handle.lastSeq   last seq delivered to onEvent
+ *   handle.lastSeq   last seq delivered to the callbacks
  *   handle.state     one of STATES
  *   handle.done      Promise resolved with the terminal event (or null) when the handle ends
  *   handle.cancel()  Promise: POST /api/v1/streams/<id>/cancel (socket message as fallback)
@@ -122,7 +145,7 @@ export function attach(streamId, options = {}) {
     }
     dropSocket();
     setState(s.state === null ? STATES.CONNECTING : STATES.RECONNECTING, { attempt: s.attempt });
-    const ws = new opt.WebSocket(wsUrl(opt.baseUrl, streamId, s.lastSeq));
+    const ws = new opt.WebSocket(wsUrl(opt.baseUrl, streamId, s.lastSeq, opt.batch));
     s.ws = ws;
     ws.onopen = () => {
       setState(STATES.LIVE);
@@ -134,24 +157,33 @@ export function attach(streamId, options = {}) {
 
   function onMessage(ws, msg) {
     if (ws !== s.ws) return;
-    let event;
+    let span;
     try {
-      event = JSON.parse(msg.data);
+      span = messageSpan(JSON.parse(msg.data));
     } catch {
       return;
     }
-    if (typeof event?.seq !== "number") return;
+    if (!span) return;
+    const [first, count, eventAt] = span;
     s.attempt = 0; // data flows again: the next drop starts the backoff from scratch
     armStallCheck();
-    if (event.seq <= s.lastSeq) return; // already delivered: never twice
-    if (event.seq !== s.lastSeq + 1) {
+    if (first + count - 1 <= s.lastSeq) return; // all delivered already: never twice
+    if (first > s.lastSeq + 1) {
       reconnectSoon(); // a hole should never happen; re-read from what we have
       return;
     }
-    s.lastSeq = event.seq;
-    if (TERMINAL.has(event.type)) s.terminal = event;
-    else if (event.type === "resumed") s.terminal = null;
-    safeCall(opt.onEvent, event);
+    // Deliver the unseen tail (a message may overlap what an earlier one delivered).
+    const fresh = [];
+    for (let seq = s.lastSeq + 1; seq < first + count; seq += 1) {
+      const event = eventAt(seq);
+      s.lastSeq = seq;
+      if (TERMINAL.has(event.type)) s.terminal = event;
+      else if (event.type === "resumed") s.terminal = null;
+      fresh.push(event);
+      safeCall(opt.onEvent, event);
+      if (s.finished) return; // close() from a callback: no callback after it
+    }
+    safeCall(opt.onEvents, fresh);
   }
 
   function onClose(ws, ev) {
