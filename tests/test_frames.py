@@ -42,7 +42,7 @@ def test_a_lone_chunk_travels_as_itself() -> None:
 
 
 def test_batch_since_cuts_at_the_cursor() -> None:
-    batch = Batch([chunk(s) for s in range(5, 10)])
+    batch = Batch.of([chunk(s) for s in range(5, 10)])
     assert batch.since(3) is batch and batch.since(4) is batch
     part = batch.since(6)
     assert part is not None and [e.seq for e in part.events] == [7, 8, 9]
@@ -71,7 +71,7 @@ def test_small_messages_go_uncompressed_large_ones_deflate_alone() -> None:
 
 
 def test_a_batch_encodes_once_per_form() -> None:
-    batch = Batch([chunk(1), chunk(2)])
+    batch = Batch.of([chunk(1), chunk(2)])
     assert batch.ws_bytes(True, None) is batch.ws_bytes(True, None)
     assert batch.ws_bytes(False, None) == ws_frame(chunk(1).json.encode()) + ws_frame(
         chunk(2).json.encode()

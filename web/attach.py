@@ -20,8 +20,9 @@ from sqlalchemy.orm import Session
 
 from models import store
 from models.chunklog import ChunkLog, LogState
-from models.events import Event
+from models.events import TERMINAL_TYPES, Event
 from models.tables import TERMINAL_STREAM_STATUSES, Message, Stream
+from web.catchup import BlockCache
 from web.frames import Batch
 from web.hub import Hub, Subscription
 from web.instruments import CATCHUP
@@ -63,20 +64,20 @@ def load_snapshot(db: Session, stream_id: str) -> Snapshot | None:
 class Follower:
     log: ChunkLog
     hub: Hub
+    blocks: BlockCache
     stream_id: str
     snapshot: SnapshotLoader
     # Set whenever the viewer should look again: the hub has events or a flag for it, the
     # client sent something or went away, the process is shutting down.
     wake: threading.Event = field(default_factory=threading.Event)
     idle_s: float = 10.0  # the longest wait before an idle tick
-    batch: int = 500
     stale_ms: float = 8000.0  # a running writer whose heartbeat is older is presumed dead
 
     def follow(self, after: int, initial: Snapshot) -> Generator[Batch | None, None, None]:
         if initial.finished and not self.log.exists(self.stream_id):
             events = initial.events(after)  # the log expired: SQL has it all
             if events:
-                yield Batch(events)
+                yield Batch.of(events)
             return
         cursor, ended = yield from self._drain(after)
         CATCHUP.observe(cursor - after)
@@ -111,26 +112,28 @@ class Follower:
         if part.first > cursor + 1:
             return (yield from self._drain(cursor))  # a gap: the log fills it
         yield part
-        return part.last, self._final(part.events[-1])
+        return part.last, self._ends_with_final(part)
 
-    def _final(self, event: Event) -> bool:
+    def _ends_with_final(self, batch: Batch) -> bool:
         """A terminal event ends the attach unless an admin retry has already continued the
-        stream after it (a ``resumed`` event follows)."""
-        return event.terminal and not self.log.read(self.stream_id, event.seq, 1)
+        stream after it (a ``resumed`` event follows). Only a batch's last event can be
+        final: anything after it in the batch follows it."""
+        return batch.types[-1] in TERMINAL_TYPES and not self.log.read(
+            self.stream_id, batch.last, 1
+        )
 
     def _drain(self, cursor: int) -> Drain:
-        """Send what the log has after ``cursor``, a batch per read."""
+        """Send what the log has after ``cursor``, a block (see BlockCache) at a time."""
+        block = self.blocks.block
         while True:
-            events = self.log.read(self.stream_id, cursor, self.batch)
-            if not events or events[0].seq != cursor + 1:
+            batch = self.blocks.read(self.stream_id, cursor)
+            if batch is None:
                 return cursor, False
-            for i, event in enumerate(events):
-                if event.terminal and self._final(event):
-                    yield Batch(events[: i + 1])
-                    return event.seq, True
-            yield Batch(events)
-            cursor = events[-1].seq
-            if len(events) < self.batch:
+            yield batch
+            cursor = batch.last
+            if self._ends_with_final(batch):
+                return cursor, True
+            if cursor % block:  # the log ends inside this block
                 return cursor, False
 
     def _recheck(self, cursor: int) -> Drain:
@@ -149,7 +152,7 @@ class Follower:
         events = snap.events(cursor)
         if not events:
             return cursor, True
-        yield Batch(events)
+        yield Batch.of(events)
         return events[-1].seq, True
 
     def _writer_alive(self, state: LogState) -> bool:

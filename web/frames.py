@@ -1,14 +1,28 @@
 """Runs of consecutive events and their wire encodings, built once per process and shared
-by every viewer that sends them (one JSON text, one WebSocket frame, one deflate)."""
+by every viewer that sends them (one JSON text, one WebSocket frame, one deflate).
+
+A ``Batch`` keeps its events as columns (types and data, as the log stores them), so a
+catch-up read or a live message becomes a batch, and a run of chunks becomes one ``chunks``
+message, without a Python object per event.
+"""
 
 from __future__ import annotations
 
+import json
 import struct
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from models.events import Event, Message, batch_messages, single_messages
+from models.events import (
+    CHUNK,
+    CHUNKS,
+    TERMINAL_TYPES,
+    Event,
+    Message,
+    batch_messages,
+    single_messages,
+)
 
 _TEXT = 0x81  # FIN + text opcode
 _RSV1 = 0x40  # permessage-deflate: this message is compressed
@@ -51,26 +65,39 @@ def encode_ws(message: Message, deflate: Deflate | None) -> bytes:
 
 
 class Batch:
-    """Consecutive events of one stream (seq ``first``..``last``, no hole)."""
+    """Consecutive events of one stream: seq ``first`` + i has type ``types[i]`` and stored
+    data ``datas[i]`` (a chunk's text, a done event's message ID, ...)."""
 
-    __slots__ = ("_messages", "_sse", "_ws", "events")
+    __slots__ = ("_events", "_messages", "_sse", "_ws", "datas", "first", "types")
 
-    def __init__(self, events: Sequence[Event]) -> None:
-        self.events = events
+    def __init__(self, first: int, types: list[str], datas: list[str]) -> None:
+        self.first = first
+        self.types = types
+        self.datas = datas
+        self._events: list[Event] | None = None
         self._messages: dict[bool, list[Message]] = {}
         self._ws: dict[tuple[bool, Deflate | None], bytes] = {}
         self._sse: dict[bool, str] = {}
 
-    @property
-    def first(self) -> int:
-        return self.events[0].seq
+    @classmethod
+    def of(cls, events: Sequence[Event]) -> Batch:
+        return cls(events[0].seq, [e.type for e in events], [e.payload() for e in events])
 
     @property
     def last(self) -> int:
-        return self.events[-1].seq
+        return self.first + len(self.types) - 1
+
+    @property
+    def events(self) -> list[Event]:
+        if self._events is None:
+            self._events = [
+                Event.decode(self.first + i, kind, data)
+                for i, (kind, data) in enumerate(zip(self.types, self.datas, strict=True))
+            ]
+        return self._events
 
     def __len__(self) -> int:
-        return len(self.events)
+        return len(self.types)
 
     def since(self, cursor: int) -> Batch | None:
         """The events after ``cursor`` (this batch itself when it has no older ones)."""
@@ -78,14 +105,38 @@ class Batch:
             return self
         if cursor >= self.last:
             return None
-        return Batch(self.events[cursor - self.first + 1 :])
+        cut = cursor - self.first + 1
+        return Batch(cursor + 1, self.types[cut:], self.datas[cut:])
+
+    def upto(self, seq: int) -> Batch:
+        """The events up to ``seq`` included."""
+        if seq >= self.last:
+            return self
+        keep = seq - self.first + 1
+        return Batch(self.first, self.types[:keep], self.datas[:keep])
+
+    def first_terminal(self) -> int | None:
+        """The seq of the first terminal event, if any."""
+        if self.types.count(CHUNK) == len(self.types):
+            return None
+        for i, kind in enumerate(self.types):
+            if kind in TERMINAL_TYPES:
+                return self.first + i
+        return None
 
     def messages(self, batched: bool) -> list[Message]:
         out = self._messages.get(batched)
         if out is None:
-            out = batch_messages(self.events) if batched else single_messages(self.events)
+            out = self._batch_messages() if batched else single_messages(self.events)
             self._messages[batched] = out
         return out
+
+    def _batch_messages(self) -> list[Message]:
+        if len(self.types) > 1 and self.types.count(CHUNK) == len(self.types):
+            payload = {"type": CHUNKS, "seq": self.first, "texts": self.datas}
+            text = json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
+            return [Message(self.first, self.last, CHUNKS, text)]
+        return batch_messages(self.events)
 
     def ws_bytes(self, batched: bool, deflate: Deflate | None) -> bytes:
         """Every message of the batch as WebSocket frames, ready for one ``sendall``."""
@@ -104,5 +155,5 @@ class Batch:
         return out
 
     def nbytes(self) -> int:
-        """Roughly what the batch holds (for cache budgets)."""
-        return sum(len(e.text) + 64 for e in self.events)
+        """Roughly what the batch holds, encodings included (for cache budgets)."""
+        return 3 * sum(len(d) + 16 for d in self.datas)

@@ -27,7 +27,6 @@ import redis
 from redis.client import PubSub
 
 from models import keys
-from models.events import Event
 from web.frames import Batch
 from web.instruments import HUB_DISPATCH, HUB_LAGGED
 
@@ -306,9 +305,4 @@ class Hub:
 def decode(data: str) -> Batch:
     """A live-channel message (``[first seq, [types], [data]]``) as a batch of events."""
     first, types, datas = json.loads(data)
-    return Batch(
-        [
-            Event.decode(first + i, kind, d)
-            for i, (kind, d) in enumerate(zip(types, datas, strict=True))
-        ]
-    )
+    return Batch(int(first), types, datas)

@@ -15,6 +15,7 @@ from models.db import make_engine, make_sessionmaker
 from models.redisconn import make_redis
 from models.settings import Settings
 from web import shutdown
+from web.catchup import BlockCache
 from web.hub import Hub
 
 
@@ -25,6 +26,7 @@ class Runtime:
     sessions: sessionmaker[Session]
     log: ChunkLog
     celery: Celery
+    blocks: BlockCache
     _hub: Hub | None = None
     _hub_lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -50,14 +52,16 @@ def init_app(app: Flask, settings: Settings) -> Runtime:
     celery = Celery("relay-web", set_as_current=False)
     celery.config_from_object("celeryconfig")
     celery.conf.broker_url = settings.broker_url
+    chunks = ChunkLog(
+        client, retention_s=settings.log_retention_s, running_ttl_s=settings.running_log_ttl_s
+    )
     runtime = Runtime(
         settings=settings,
         engine=engine,
         sessions=make_sessionmaker(engine),
-        log=ChunkLog(
-            client, retention_s=settings.log_retention_s, running_ttl_s=settings.running_log_ttl_s
-        ),
+        log=chunks,
         celery=celery,
+        blocks=BlockCache(chunks, block=settings.catchup_batch),
     )
     app.extensions["relay"] = runtime
     app.teardown_appcontext(_close_db)

@@ -78,12 +78,12 @@ def follower(
     return Follower(
         rt.log,
         rt.hub,
+        rt.blocks,
         stream_id,
         snapshot,
         wake=wake,
         idle_s=idle_s or rt.settings.idle_tick_s,
         stale_ms=rt.settings.heartbeat_stale_s * 1000,
-        batch=rt.settings.catchup_batch,
     )
 
 

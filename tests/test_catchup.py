@@ -1,0 +1,94 @@
+"""Catch-up blocks against a real Redis: read once per process, shared, single flight."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import redis
+
+from models.chunklog import ChunkLog
+from models.events import CHUNK, Event
+from web.catchup import BlockCache
+from web.frames import Batch
+
+
+@pytest.fixture
+def log(redis_client: redis.Redis) -> ChunkLog:
+    return ChunkLog(redis_client)
+
+
+def written(log: ChunkLog, sid: str, n: int) -> None:
+    log.init(sid)
+    attempt = log.claim(sid, "t", 5).attempt
+    events = [Event(seq, CHUNK, text=f"<{seq}>") for seq in range(1, n + 1)]
+    for start in range(0, n, 100):
+        log.append_many(sid, attempt, events[start : start + 100])
+
+
+def xranges(client: redis.Redis) -> int:
+    stats = client.info("commandstats").get("cmdstat_xrange", {})
+    return int(stats.get("calls", 0)) if isinstance(stats, dict) else 0
+
+
+def texts(batch: Batch | None) -> list[str]:
+    assert batch is not None
+    return batch.datas
+
+
+def test_full_blocks_are_read_once_and_shared(log: ChunkLog, redis_client: redis.Redis) -> None:
+    written(log, "a", 25)
+    cache = BlockCache(log, block=10)
+    before = xranges(redis_client)
+    first = cache.read("a", 0)
+    assert cache.read("a", 0) is first  # the same batch, encodings and all
+    assert texts(first) == [f"<{s}>" for s in range(1, 11)]
+    assert xranges(redis_client) - before == 1
+    assert texts(cache.read("a", 10))[0] == "<11>"
+    tail = cache.read("a", 20)  # not full: the live end, read each time and not kept
+    assert texts(tail) == [f"<{s}>" for s in range(21, 26)]
+    assert cache.read("a", 20) is not tail
+    assert cache.stats()["blocks"] == 2
+    assert cache.read("a", 30) is None
+
+
+def test_a_mid_block_read_gets_the_rest_of_its_block(log: ChunkLog) -> None:
+    written(log, "b", 25)
+    cache = BlockCache(log, block=10)
+    part = cache.read("b", 13)
+    assert part is not None and (part.first, part.last) == (14, 20)
+    assert cache.stats()["blocks"] == 0
+
+
+def test_viewers_asking_at_once_share_one_read(log: ChunkLog, redis_client: redis.Redis) -> None:
+    written(log, "c", 500)
+    cache = BlockCache(log, block=500)
+    results: list[Batch | None] = []
+    before = xranges(redis_client)
+    redis_client.client_pause(300, all=False)  # hold writes; reads go on: time to pile up
+    threads = [
+        threading.Thread(target=lambda: results.append(cache.read("c", 0))) for _ in range(20)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(results) == 20 and all(r is results[0] for r in results)
+    assert xranges(redis_client) - before <= 2  # one read (a straggler may start a second)
+
+
+def test_kept_blocks_expire_and_the_budget_holds(log: ChunkLog) -> None:
+    written(log, "d", 40)
+    cache = BlockCache(log, block=10, ttl_s=0.2)
+    first = cache.read("d", 0)
+    time.sleep(0.3)
+    assert cache.read("d", 0) is not first
+    one_block = cache.read("d", 10)
+    assert one_block is not None
+    texts_size = one_block.nbytes()
+    small = BlockCache(log, block=10, max_bytes=texts_size * 3 // 2)
+    for after in (0, 10, 20):
+        small.read("d", after)
+    assert small.stats()["blocks"] == 1  # the newest; older ones went first
+    assert small.read("d", 20) is small.read("d", 20)
