@@ -8,12 +8,19 @@ Behaviour is chosen by the requested model:
   fake-429       answers 429 to the first request of a conversation, then like fake-ok
   fake-500       always answers 500
   fake-401       always answers 401 with a body that quotes the API key
+  fake-error     streams 10 chunks, then an error event that quotes the API key, then ends
+  fake-nofinish  streams ANSWER and [DONE] but never a finish_reason
+  fake-silent    streams 1 chunk, then sends nothing for 10 s, watching for a hang-up
+  fake-crlf      like fake-ok in CRLF lines, with comments, event and retry fields, each JSON
+                 split over two data lines, written a few bytes at a time
+  fake-cr        the same with bare CR line ends
 A trailing assistant message is a prefix to continue: the answer resumes after it.
 """
 
 from __future__ import annotations
 
 import json
+import select
 import threading
 import time
 from dataclasses import dataclass, field
@@ -72,6 +79,7 @@ class FakeOpenAI:
 class _Handler(BaseHTTPRequestHandler):
     owner: FakeOpenAI
     protocol_version = "HTTP/1.1"
+    _model = ""  # the model of the request being answered
 
     def log_message(self, *args: Any) -> None:
         pass
@@ -81,7 +89,7 @@ class _Handler(BaseHTTPRequestHandler):
         body = json.loads(self.rfile.read(length))
         exchange = Exchange(body, dict(self.headers.items()))
         self.owner.exchanges.append(exchange)
-        model = body["model"]
+        model = self._model = body["model"]
         key = json.dumps(body["messages"][:2])
         if model == "fake-429" and key not in self.owner.seen:
             self.owner.seen.add(key)
@@ -92,6 +100,10 @@ class _Handler(BaseHTTPRequestHandler):
             auth = self.headers.get("Authorization", "")
             return self._error(401, f"Incorrect API key provided: {auth[7:]}", "invalid_api_key")
         self._stream(exchange, model, body["messages"])
+
+    @property
+    def _newline(self) -> bytes | None:
+        return {"fake-crlf": b"\r\n", "fake-cr": b"\r"}.get(self._model)
 
     def _error(self, status: int, message: str, code: str) -> None:
         payload = json.dumps({"error": {"message": message, "type": code, "code": code}})
@@ -119,21 +131,49 @@ class _Handler(BaseHTTPRequestHandler):
                 if model == "fake-drop" and n > 10:
                     self.connection.shutdown(2)  # an abrupt end, no [DONE]
                     return
+                if model == "fake-error" and n > 10:
+                    return self._provider_error()
+                if model == "fake-silent" and n > 1:
+                    return self._wait_for_hangup(exchange, 10)
                 self._event(_chunk(model, {"content": piece}, None))
                 exchange.chunks_sent = n
                 time.sleep(0.02 if model == "fake-slow" else 0.002)
-            self._event(_chunk(model, {}, finish))
+            if model != "fake-nofinish":
+                self._event(_chunk(model, {}, finish))
             usage = {"prompt_tokens": 42, "completion_tokens": len(pieces), "total_tokens": 0}
             self._event({**_chunk(model, None, None), "choices": [], "usage": usage})
-            self.wfile.write(b"data: [DONE]\n\n")
-            self.wfile.flush()
+            self._write(b"data: [DONE]\n\n")
             exchange.completed = True
         except (BrokenPipeError, ConnectionResetError):
             exchange.disconnected = True
 
+    def _wait_for_hangup(self, exchange: Exchange, seconds: float) -> None:
+        readable, _, _ = select.select([self.connection], [], [], seconds)
+        if readable and not self.connection.recv(1):
+            exchange.disconnected = True
+
+    def _provider_error(self) -> None:
+        auth = self.headers.get("Authorization", "")
+        message = f"The server is overloaded (request by {auth[7:]})"
+        self._event({"error": {"message": message, "type": "server_error", "code": None}})
+
     def _event(self, payload: dict[str, Any]) -> None:
-        self.wfile.write(f"data: {json.dumps(payload)}\n\n".encode())
-        self.wfile.flush()
+        self._write(f"data: {json.dumps(payload)}\n\n".encode())
+
+    def _write(self, event: bytes) -> None:
+        newline = self._newline
+        if newline is None:
+            self.wfile.write(event)
+            self.wfile.flush()
+            return
+        # Everything else a server may send: comments, fields, one event's data on two lines.
+        head, sep, tail = event.partition(b", ")
+        event = b": keep-alive\n\nevent: completion\nretry: 3000\n" + head + sep.strip() + (
+            b"\ndata: " + tail if sep else b"")  # fmt: skip
+        event = event.replace(b"\n", newline)
+        for i in range(0, len(event), 5):  # splits lines, and CRLFs, across reads
+            self.wfile.write(event[i : i + 5])
+            self.wfile.flush()
 
 
 def _chunk(model: str, delta: dict[str, Any] | None, finish: str | None) -> dict[str, Any]:

@@ -1,12 +1,17 @@
-"""The OpenAI-compatible provider, through the real ``openai`` client, against a local
-server speaking the streaming protocol: in-process, and end to end through a real worker."""
+"""The OpenAI-compatible provider, through each transport (the lean httpx one and the real
+``openai`` client), against a local server speaking the streaming protocol: in-process, and
+end to end through a real worker."""
 
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 
+import httpx
+import httpx_sse
 import pytest
 
 from models.exceptions import GenerationError
@@ -16,9 +21,11 @@ from tests.conftest import Stack
 from tests.fake_openai import ANSWER, FakeOpenAI, answer_for
 from tests.procs import BIN, ROOT
 from workers.generators import GenerationRequest, Turn
-from workers.generators.openai_chat import OpenAIChatGenerator, trim
+from workers.generators.openai_chat import TRANSPORTS, OpenAIChatGenerator, trim
+from workers.generators.openai_stream import SSEParser, sdk_env_headers
 
 KEY = "sk-test-secret-0123456789"
+MakeGenerator = Callable[..., OpenAIChatGenerator]
 
 
 @pytest.fixture
@@ -28,12 +35,23 @@ def fake() -> Iterator[FakeOpenAI]:
     server.stop()
 
 
-def generator(fake: FakeOpenAI, **overrides: object) -> OpenAIChatGenerator:
-    settings = replace(
-        Settings(), generator="openai", model="fake-ok", openai_base_url=fake.base_url,
-        openai_api_key=KEY, openai_retry_backoff_s=0.01, system_prompt="Be brief.",
-    )  # fmt: skip
-    return OpenAIChatGenerator(replace(settings, **overrides))  # type: ignore[arg-type]
+@pytest.fixture(params=TRANSPORTS)
+def transport(request: pytest.FixtureRequest) -> str:
+    """Every behaviour holds for both transports."""
+    return str(request.param)
+
+
+@pytest.fixture
+def generator(fake: FakeOpenAI, transport: str) -> MakeGenerator:
+    def make(**overrides: object) -> OpenAIChatGenerator:
+        settings = replace(
+            Settings(), generator="openai", model="fake-ok", openai_base_url=fake.base_url,
+            openai_api_key=KEY, openai_retry_backoff_s=0.01, system_prompt="Be brief.",
+            openai_transport=transport,
+        )  # fmt: skip
+        return OpenAIChatGenerator(replace(settings, **overrides))  # type: ignore[arg-type]
+
+    return make
 
 
 def request(model: str = "fake-ok", partial: str = "") -> GenerationRequest:
@@ -44,9 +62,9 @@ def request(model: str = "fake-ok", partial: str = "") -> GenerationRequest:
 # -- in process -------------------------------------------------------------------------------
 
 
-def test_streams_the_answer_and_reports_usage(fake: FakeOpenAI) -> None:
+def test_streams_the_answer_and_reports_usage(fake: FakeOpenAI, generator: MakeGenerator) -> None:
     req = request()
-    assert "".join(generator(fake).generate(req)) == ANSWER
+    assert "".join(generator().generate(req)) == ANSWER
     assert (req.report.finish_reason, req.report.prompt_tokens) == ("stop", 42)
     assert req.report.completion_tokens and req.report.model == "fake-ok"
     sent = fake.exchanges[0]
@@ -62,39 +80,41 @@ def test_history_is_capped_to_the_newest_turns() -> None:
     assert len(trim((Turn("user", "y" * 100),), 10)) == 1  # the latest turn always goes
 
 
-def test_429_then_success_is_retried(fake: FakeOpenAI) -> None:
+def test_429_then_success_is_retried(fake: FakeOpenAI, generator: MakeGenerator) -> None:
     req = request("fake-429")
-    assert "".join(generator(fake).generate(req)) == ANSWER
+    assert "".join(generator().generate(req)) == ANSWER
     assert len(fake.exchanges) == 2
 
 
-def test_persistent_5xx_gives_up_with_a_clear_error(fake: FakeOpenAI) -> None:
+def test_persistent_5xx_gives_up_with_a_clear_error(
+    fake: FakeOpenAI, generator: MakeGenerator
+) -> None:
     with pytest.raises(GenerationError) as info:
-        list(generator(fake, openai_retries=2).generate(request("fake-500")))
+        list(generator(openai_retries=2).generate(request("fake-500")))
     assert info.value.code == "upstream_error" and "500" in str(info.value)
     assert len(fake.exchanges) == 3
 
 
-def test_errors_never_carry_the_api_key(fake: FakeOpenAI) -> None:
+def test_errors_never_carry_the_api_key(fake: FakeOpenAI, generator: MakeGenerator) -> None:
     with pytest.raises(GenerationError) as info:
-        list(generator(fake).generate(request("fake-401")))
+        list(generator().generate(request("fake-401")))
     assert info.value.code == "upstream_rejected"
     assert KEY not in str(info.value) and "[redacted]" in str(info.value)
     assert len(fake.exchanges) == 1  # a 4xx is not retried
 
 
-def test_a_drop_after_text_is_not_retried(fake: FakeOpenAI) -> None:
+def test_a_drop_after_text_is_not_retried(fake: FakeOpenAI, generator: MakeGenerator) -> None:
     pieces = []
     with pytest.raises(GenerationError) as info:
-        for piece in generator(fake).generate(request("fake-drop")):
+        for piece in generator().generate(request("fake-drop")):
             pieces.append(piece)
     assert info.value.code == "upstream_disconnected"
     assert len(pieces) == 10 and len(fake.exchanges) == 1
 
 
-def test_abort_closes_the_upstream_connection(fake: FakeOpenAI) -> None:
+def test_abort_closes_the_upstream_connection(fake: FakeOpenAI, generator: MakeGenerator) -> None:
     req = request("fake-slow")
-    pieces = generator(fake).generate(req)
+    pieces = generator().generate(req)
     assert next(pieces)
     req.abort.abort()  # what the worker does when a cancel arrives while it waits
     assert list(pieces) == []
@@ -112,9 +132,9 @@ def test_abort_closes_the_upstream_connection(fake: FakeOpenAI) -> None:
     ],
 )
 def test_continuation_sends_the_partial_as_an_assistant_prefix(
-    fake: FakeOpenAI, mode: str, extra: dict[str, object]
+    fake: FakeOpenAI, generator: MakeGenerator, mode: str, extra: dict[str, object]
 ) -> None:
-    gen = generator(fake, openai_continuation=mode)
+    gen = generator(openai_continuation=mode)
     assert gen.supports_continuation
     rest = "".join(gen.generate(request(partial=ANSWER[:50])))
     assert ANSWER[:50] + rest == ANSWER
@@ -122,7 +142,125 @@ def test_continuation_sends_the_partial_as_an_assistant_prefix(
     assert last == {"role": "assistant", "content": ANSWER[:50], **extra}
     if mode == "vllm":
         assert fake.exchanges[0].body["continue_final_message"] is True
-    assert not generator(fake).supports_continuation  # "none", the default
+    assert not generator().supports_continuation  # "none", the default
+
+
+def test_no_key_still_sends_a_bearer(fake: FakeOpenAI, generator: MakeGenerator) -> None:
+    assert "".join(generator(openai_api_key="").generate(request())) == ANSWER
+    assert fake.exchanges[0].headers["Authorization"] == "Bearer unused"
+
+
+def test_an_error_event_mid_stream_ends_with_the_providers_message(
+    fake: FakeOpenAI, generator: MakeGenerator
+) -> None:
+    pieces = []
+    with pytest.raises(GenerationError) as info:
+        for piece in generator().generate(request("fake-error")):
+            pieces.append(piece)
+    assert info.value.code == "upstream_error"
+    assert "The server is overloaded" in str(info.value)
+    assert KEY not in str(info.value) and "[redacted]" in str(info.value)
+    assert len(pieces) == 10 and len(fake.exchanges) == 1
+
+
+def test_a_stream_without_finish_reason_is_cut(fake: FakeOpenAI, generator: MakeGenerator) -> None:
+    with pytest.raises(GenerationError) as info:
+        list(generator().generate(request("fake-nofinish")))
+    assert info.value.code == "upstream_disconnected"
+
+
+@pytest.mark.parametrize("model", ["fake-crlf", "fake-cr"])
+def test_any_line_ending_comments_fields_and_multi_line_data(
+    fake: FakeOpenAI, generator: MakeGenerator, model: str
+) -> None:
+    req = request(model)
+    assert "".join(generator().generate(req)) == ANSWER
+    assert (req.report.finish_reason, req.report.prompt_tokens) == ("stop", 42)
+
+
+def test_abort_wakes_a_reader_blocked_on_a_silent_upstream(
+    fake: FakeOpenAI, generator: MakeGenerator
+) -> None:
+    req = request("fake-silent")
+    pieces = generator(openai_timeout_s=30).generate(req)
+    assert next(pieces)
+    rest: list[list[str]] = []
+    reader = threading.Thread(target=lambda: rest.append(list(pieces)))
+    reader.start()
+    time.sleep(0.3)  # the reader is now waiting for a byte that will not come
+    started = time.monotonic()
+    req.abort.abort()  # from another thread, as the worker's heartbeat does
+    reader.join(timeout=5)
+    assert rest == [[]] and time.monotonic() - started < 2  # not the 30 s read timeout
+    wait_for(lambda: fake.exchanges[0].disconnected, timeout=2)
+
+
+def test_closing_the_generator_closes_the_upstream_connection(
+    fake: FakeOpenAI, generator: MakeGenerator
+) -> None:
+    pieces = generator().generate(request("fake-slow"))
+    assert next(pieces)
+    pieces.close()  # what the worker does when it stops reading
+    wait_for(lambda: fake.exchanges[0].disconnected, timeout=5)
+    assert not fake.exchanges[0].completed
+
+
+def test_an_unknown_transport_refuses_to_start() -> None:
+    with pytest.raises(ValueError, match="RELAY_OPENAI_TRANSPORT"):
+        OpenAIChatGenerator(replace(Settings(), generator="openai", openai_transport="curl"))
+    assert Settings.from_env({}).openai_transport == "httpx"
+    assert Settings.from_env({"RELAY_OPENAI_TRANSPORT": "sdk"}).openai_transport == "sdk"
+
+
+# -- the SSE parser of the httpx transport ----------------------------------------------------
+
+# Everything the event-stream format allows: LF, CRLF and CR line ends, comments, fields with
+# and without a space, multi-line and empty data, ids, unknown fields, raw UTF-8 (U+2028 is no
+# line end here, unlike in httpx's iter_lines), and a last event left unterminated.
+TRICKY = (
+    ": a comment\n\ndata: one\n\ndata:two\r\ndata:  three\r\n\r\n"
+    'event: completion\rid: 5\rretry: 100\rdata: {"a":\r\rdata\n\n'
+    "data: caf\u00e9 \u2028 \U0001f600\nfoo: bar\n\nevent: error\ndata: {}\n\n"
+    "data: not finished"
+).encode()
+EXPECTED = [
+    (b"", b"one"), (b"", b"two\n three"), (b"completion", b'{"a":'), (b"", b""),
+    (b"", "caf\u00e9 \u2028 \U0001f600".encode()), (b"error", b"{}"),
+]  # fmt: skip
+
+
+def parse(pieces: list[bytes]) -> list[tuple[bytes, bytes]]:
+    parser = SSEParser()
+    return [event for piece in pieces for event in parser.feed(piece)] + parser.end()
+
+
+def test_the_parser_reads_every_form_split_anywhere() -> None:
+    assert parse([TRICKY]) == EXPECTED
+    assert parse([TRICKY[i : i + 1] for i in range(len(TRICKY))]) == EXPECTED
+    for cut in range(len(TRICKY)):
+        assert parse([TRICKY[:cut], TRICKY[cut:]]) == EXPECTED, cut
+    assert parse([b"data: x\r", b"\r"]) == [(b"", b"x")]  # a CR at the very end ends a line
+
+
+def test_the_parser_agrees_with_httpx_sse() -> None:
+    """The maintained library as the oracle (where it follows the standard)."""
+    response = httpx.Response(200, headers={"Content-Type": "text/event-stream"}, content=TRICKY)
+    theirs = [
+        ((e.event if e.event != "message" else "").encode(), e.data.encode())
+        for e in httpx_sse.EventSource(response).iter_sse()
+    ]
+    assert parse([TRICKY]) == theirs == EXPECTED
+
+
+def test_the_parser_skips_keep_alives_after_an_id() -> None:
+    """A comment-only block after an ``id:``, or an event with no data, is no event
+    (httpx-sse and the official client emit empty ones, which then fail to parse as JSON)."""
+    assert parse([b"id: 1\ndata: {}\n\n: ping\n\nevent: ping\n\n"]) == [(b"", b"{}")]
+
+
+def test_the_sdks_environment_headers_are_kept() -> None:
+    env = {"OPENAI_ORG_ID": "org-1", "OPENAI_CUSTOM_HEADERS": "X-A: 1\nX-B:2"}
+    assert sdk_env_headers(env) == {"OpenAI-Organization": "org-1", "X-A": "1", "X-B": "2"}
 
 
 # -- end to end, through a real worker --------------------------------------------------------
@@ -130,7 +268,7 @@ def test_continuation_sends_the_partial_as_an_assistant_prefix(
 OPENAI_ENV = {
     "RELAY_GENERATOR": "openai",
     "RELAY_MODEL": "fake-ok",
-    "RELAY_ALLOWED_MODELS": "fake-slow,fake-drop,fake-429,fake-length",
+    "RELAY_ALLOWED_MODELS": "fake-slow,fake-drop,fake-429,fake-length,fake-error",
     "OPENAI_API_KEY": KEY,
     "RELAY_OPENAI_CONTINUATION": "prefix",
     "RELAY_OPENAI_RETRY_BACKOFF_S": "0.05",
@@ -138,8 +276,10 @@ OPENAI_ENV = {
 
 
 @pytest.fixture
-def openai_stack(isolated_stack: Stack, fake: FakeOpenAI) -> Stack:
+def openai_stack(isolated_stack: Stack, fake: FakeOpenAI, transport: str) -> Stack:
+    """A stack whose workers (started by the test) talk to the fake through ``transport``."""
     isolated_stack.env["OPENAI_BASE_URL"] = fake.base_url
+    isolated_stack.env["RELAY_OPENAI_TRANSPORT"] = transport
     return isolated_stack
 
 
@@ -164,8 +304,8 @@ def test_e2e_answer_usage_and_history(openai_stack: Stack, fake: FakeOpenAI) -> 
 
 
 @pytestmark_e2e
-def test_e2e_unknown_model_is_rejected(openai_stack: Stack) -> None:
-    client = openai_stack.client()
+def test_e2e_unknown_model_is_rejected(isolated_stack: Stack) -> None:
+    client = isolated_stack.client()  # the web tier answers: no worker, no transport
     resp = client.request("POST", "/api/v1/chat", json={"message": "hi", "model": "gpt-9"})
     assert resp.status_code == 400
     assert resp.json()["error"]["code"] == "model_not_allowed"
@@ -195,6 +335,18 @@ def test_e2e_cancel_closes_the_upstream_stream(openai_stack: Stack, fake: FakeOp
     assert not fake.exchanges[0].completed
     assert sent_at_close < len(answer_for("fake-slow")) // 7 // 2
     assert client.answer(posted["chatId"])["content"] == seen.text + rest.text
+
+
+@pytestmark_e2e
+def test_e2e_error_event_reaches_the_viewer(openai_stack: Stack, fake: FakeOpenAI) -> None:
+    worker = openai_stack.start_worker("w1")
+    client = openai_stack.client()
+    posted = client.post_chat("overload me", model="fake-error")
+    got = client.attach(posted["streamId"])
+    assert got.last["type"] == "error" and got.last["error"]["code"] == "upstream_error"
+    assert "The server is overloaded" in got.last["error"]["message"]
+    assert KEY not in got.last["error"]["message"] and KEY not in worker.output()
+    assert got.text == ANSWER[:70] == client.answer(posted["chatId"])["content"]
 
 
 @pytestmark_e2e

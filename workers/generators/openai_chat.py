@@ -1,12 +1,16 @@
 """An OpenAI-compatible chat-completions provider (OpenAI, vLLM, Ollama, llama.cpp server,
-LM Studio, ...), streaming through the official ``openai`` package.
+LM Studio, ...).
+
+- Two transports (``openai_transport``): ``httpx`` (default) reads the event stream as plain
+  dicts (openai_stream.py); ``sdk`` streams through the official ``openai`` package, which
+  builds a pydantic model per chunk and costs several times more CPU per chunk.
 
 - The conversation is sent whole, cut to the newest turns within ``history_max_chars``.
 - Rate limits, 5xx, timeouts and dropped connections before the first piece of text are
   retried with exponential backoff; after text was streamed an error ends the stream (an
   admin ``streams retry`` continues it).
-- Cancelling closes the upstream HTTP response at once (``request.abort``), so a cancelled
-  answer stops costing tokens.
+- Cancelling shuts the upstream connection down at once (``request.abort``), waking a read
+  that waits on a silent model, so a cancelled answer stops costing tokens.
 - A partial answer is continued by sending it as an assistant prefix, in the dialect the
   server understands (``openai_continuation``: vllm | prefix | trailing); with ``none`` the
   generator says it cannot continue and the worker ends such a stream ``failed``.
@@ -18,7 +22,7 @@ import logging
 import re
 import time
 from collections.abc import Generator
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 import openai
@@ -27,10 +31,60 @@ from openai import OpenAI
 from models.exceptions import GenerationError
 from models.settings import Settings
 from workers.generators.base import GenerationRequest, Turn
+from workers.generators.openai_stream import LIMITS, HttpxTransport, hang_up
 
 log = logging.getLogger("relay.openai")
 _KEYLIKE = re.compile(r"\b(sk|rk|pk)-[A-Za-z0-9_\-*]{6,}")
 CONTINUATION_MODES = ("none", "vllm", "prefix", "trailing")
+TRANSPORTS = ("httpx", "sdk")
+
+
+class Transport(Protocol):
+    """How one request goes upstream: the lean httpx path or the official client."""
+
+    def stream(
+        self, request: GenerationRequest, params: dict[str, Any]
+    ) -> Generator[str, None, None]:
+        """Yield the answer's pieces from one upstream request; fill in ``request.report``."""
+        ...
+
+
+class SDKTransport:
+    """Stream through the official client (one pydantic model per chunk)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.client = OpenAI(
+            base_url=settings.openai_base_url or None,
+            # Self-hosted servers often need no key; the client insists on one.
+            api_key=settings.openai_api_key or "unused",
+            timeout=settings.openai_timeout_s,
+            max_retries=0,  # retried by the generator, which knows whether text was streamed
+            http_client=openai.DefaultHttpxClient(limits=LIMITS),
+        )
+
+    def stream(
+        self, request: GenerationRequest, params: dict[str, Any]
+    ) -> Generator[str, None, None]:
+        """Yield the answer's pieces from one upstream request."""
+        stream = self.client.chat.completions.create(**params)
+        request.abort.on_abort(lambda: hang_up(stream.response))
+        finished = False
+        try:
+            for chunk in stream:
+                if chunk.usage is not None:
+                    request.report.prompt_tokens = chunk.usage.prompt_tokens
+                    request.report.completion_tokens = chunk.usage.completion_tokens
+                for choice in chunk.choices:
+                    if choice.finish_reason:
+                        request.report.finish_reason = choice.finish_reason
+                        finished = True
+                    if choice.delta and choice.delta.content:
+                        yield choice.delta.content
+            if not finished and not request.abort.requested:
+                # The connection closed before the model said it was done: a cut answer.
+                raise httpx.RemoteProtocolError("the stream ended without a finish_reason")
+        finally:
+            stream.close()  # also on .close() of this generator: stop paying for tokens
 
 
 class OpenAIChatGenerator:
@@ -41,14 +95,14 @@ class OpenAIChatGenerator:
             raise ValueError(
                 f"RELAY_OPENAI_CONTINUATION must be one of {', '.join(CONTINUATION_MODES)}"
             )
+        if settings.openai_transport not in TRANSPORTS:
+            raise ValueError(f"RELAY_OPENAI_TRANSPORT must be one of {', '.join(TRANSPORTS)}")
         self.settings = settings
         self.supports_continuation = settings.openai_continuation != "none"
-        self.client = OpenAI(
-            base_url=settings.openai_base_url or None,
-            # Self-hosted servers often need no key; the client insists on one.
-            api_key=settings.openai_api_key or "unused",
-            timeout=settings.openai_timeout_s,
-            max_retries=0,  # retried here, where we know whether text was already streamed
+        self.transport: Transport = (
+            HttpxTransport(settings)
+            if settings.openai_transport == "httpx"
+            else SDKTransport(settings)
         )
 
     # -- request -----------------------------------------------------------------------------
@@ -90,7 +144,7 @@ class OpenAIChatGenerator:
             attempt += 1
             streamed = False
             try:
-                for text in self._stream_once(request, params):
+                for text in self.transport.stream(request, params):
                     streamed = True
                     yield text
                 return
@@ -105,29 +159,6 @@ class OpenAIChatGenerator:
                 log.warning("stream=%s upstream %s; retry %d in %.1fs", request.stream_id,
                             type(exc).__name__, attempt, delay)  # fmt: skip
                 time.sleep(delay)
-
-    def _stream_once(
-        self, request: GenerationRequest, params: dict[str, Any]
-    ) -> Generator[str, None, None]:
-        stream = self.client.chat.completions.create(**params)
-        request.abort.on_abort(stream.close)
-        finished = False
-        try:
-            for chunk in stream:
-                if chunk.usage is not None:
-                    request.report.prompt_tokens = chunk.usage.prompt_tokens
-                    request.report.completion_tokens = chunk.usage.completion_tokens
-                for choice in chunk.choices:
-                    if choice.finish_reason:
-                        request.report.finish_reason = choice.finish_reason
-                        finished = True
-                    if choice.delta and choice.delta.content:
-                        yield choice.delta.content
-            if not finished and not request.abort.requested:
-                # The connection closed before the model said it was done: a cut answer.
-                raise httpx.RemoteProtocolError("the stream ended without a finish_reason")
-        finally:
-            stream.close()  # also on .close() of this generator: stop paying for tokens
 
 
 def trim(history: tuple[Turn, ...], max_chars: int) -> list[Turn]:
@@ -150,25 +181,26 @@ def retriable(exc: Exception) -> bool:
 
 def upstream_error(exc: Exception, streamed: bool, api_key: str) -> GenerationError:
     """A viewer-safe error: what went wrong upstream, never a secret."""
-    if isinstance(exc, openai.APIStatusError):
-        code = "upstream_rate_limited" if exc.status_code == 429 else (
-            "upstream_error" if exc.status_code >= 500 else "upstream_rejected")  # fmt: skip
-        detail = f"the model provider answered {exc.status_code}: {_body_message(exc)}"
-    elif isinstance(exc, openai.APITimeoutError | httpx.TimeoutException):
-        code, detail = "upstream_timeout", "the model provider did not answer in time"
-    elif isinstance(exc, openai.APIConnectionError | httpx.TransportError):
-        code = "upstream_disconnected"
-        detail = "the connection to the model provider was lost" + (
-            " in the middle of the answer" if streamed else "")  # fmt: skip
-    else:
-        code, detail = (
-            "upstream_error",
-            f"the model provider's stream failed ({type(exc).__name__})",
-        )
+    code, detail = _classify(exc, streamed)
     return GenerationError(scrub(detail, api_key), code)
 
 
-def _body_message(exc: openai.APIStatusError) -> str:
+def _classify(exc: Exception, streamed: bool) -> tuple[str, str]:
+    if isinstance(exc, openai.APIStatusError):
+        code = "upstream_rate_limited" if exc.status_code == 429 else (
+            "upstream_error" if exc.status_code >= 500 else "upstream_rejected")  # fmt: skip
+        return code, f"the model provider answered {exc.status_code}: {_body_message(exc)}"
+    if isinstance(exc, openai.APITimeoutError | httpx.TimeoutException):
+        return "upstream_timeout", "the model provider did not answer in time"
+    if isinstance(exc, openai.APIConnectionError | httpx.TransportError):
+        return "upstream_disconnected", "the connection to the model provider was lost" + (
+            " in the middle of the answer" if streamed else "")  # fmt: skip
+    if isinstance(exc, openai.APIError):  # an error event in the stream, with its message
+        return "upstream_error", f"the model provider reported an error: {_body_message(exc)}"
+    return "upstream_error", f"the model provider's stream failed ({type(exc).__name__})"
+
+
+def _body_message(exc: openai.APIError) -> str:
     body = exc.body
     if isinstance(body, dict):
         inner = body.get("error", body)
