@@ -41,8 +41,10 @@ class RelayApi:
         resp.raise_for_status()
         return dict(resp.json())
 
-    async def wait_settled(self, sid: str, timeout: float, status: str | None = None) -> int:
-        """Wait until the stream's last seq stops moving (and its status is ``status``)."""
+    async def wait_settled(
+        self, sid: str, timeout: float, statuses: tuple[str, ...] = ()
+    ) -> dict[str, Any]:
+        """Wait until the stream's last seq stops moving (and its status is one of ``statuses``)."""
         deadline = time.monotonic() + timeout
         last, same = -1, 0
         while time.monotonic() < deadline:
@@ -50,8 +52,8 @@ class RelayApi:
             seq = int(info["lastSeq"])
             same = same + 1 if seq == last and seq > 0 else 0
             last = seq
-            if same >= 3 and (status is None or info["status"] == status):
-                return seq
+            if same >= 3 and (not statuses or info["status"] in statuses):
+                return info
             await asyncio.sleep(0.1)
         raise TimeoutError(f"stream {sid} did not settle (last seq {last})")
 

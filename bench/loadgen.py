@@ -15,6 +15,7 @@ import json
 import os
 import resource
 import sys
+import traceback
 from array import array
 from pathlib import Path
 from typing import Any
@@ -97,6 +98,7 @@ class LoadGen:
 
     def report(self) -> Any:
         """Sum the viewers' accounts; write the latency samples (µs) to .npy files."""
+        self.outdir.mkdir(parents=True, exist_ok=True)
         lat_path = self.outdir / f"lat-{os.getpid()}.npy"
         first_path = self.outdir / f"first-{os.getpid()}.npy"
         np.save(lat_path, np.frombuffer(self.lat, dtype=np.int64))
@@ -153,7 +155,8 @@ async def serve(outdir: Path) -> None:
         try:
             reply = {"id": cmd["id"], "ok": True, **(await execute(gen, cmd))}
         except Exception as exc:
-            reply = {"id": cmd["id"], "ok": False, "error": repr(exc)[:500]}
+            where = traceback.format_exc(limit=-2).strip().splitlines()
+            reply = {"id": cmd["id"], "ok": False, "error": f"{exc!r} at {where[1:3]}"[:800]}
         sys.stdout.write(json.dumps(reply) + "\n")
         sys.stdout.flush()
         if cmd["cmd"] == "exit":

@@ -31,6 +31,12 @@ def _cpu(proc: psutil.Process, with_children: bool) -> tuple[float, float]:
         return 0.0, 0.0
 
 
+def _machine_busy_s() -> float:
+    """Return the CPU seconds every process on the machine has used (all cores)."""
+    t = psutil.cpu_times()
+    return float(t.user + t.nice + t.system + getattr(t, "irq", 0) + getattr(t, "softirq", 0))
+
+
 def _rss(proc: psutil.Process) -> int:
     try:
         return int(proc.memory_info().rss)
@@ -56,6 +62,7 @@ class Meter:
     with_children: tuple[str, ...] = ("worker",)
     watched: list[Watched] = field(default_factory=list)
     t0: float = 0.0
+    busy0: float = 0.0
     _task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -67,6 +74,7 @@ class Meter:
                 w.peak = w.last = _rss(w.proc)
                 self.watched.append(w)
         self.t0 = time.monotonic()
+        self.busy0 = _machine_busy_s()
         self._task = asyncio.create_task(self._sample())
 
     async def _sample(self) -> None:
@@ -99,7 +107,10 @@ class Meter:
                 "cpu_pct": r3(100 * (u + s) / span) if span > 0 else None,
                 "rss_mb": r3(w.last / 2**20), "peak_rss_mb": r3(max(w.peak, w.last) / 2**20),
             }  # fmt: skip
-        return {"span_s": r3(span), "procs": out}
+        # What else ran on the machine meanwhile (other people's tests): the noise floor.
+        ours = sum(p["cpu_s"] or 0 for p in out.values())
+        others = _machine_busy_s() - self.busy0 - ours
+        return {"span_s": r3(span), "procs": out, "others_cpu_pct": r3(100 * others / span)}
 
     def stop(self) -> dict[str, Any]:
         result = self.read()

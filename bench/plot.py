@@ -39,7 +39,10 @@ def _peer_points(name: str, peer: dict[str, Any]) -> list[tuple[str, dict[str, A
 
 def _draw_peer(cdf: Axes, tail: Axes, name: str, peer: dict[str, Any]) -> None:
     for (label, pct), marker in zip(_peer_points(name, peer), ("D", "s"), strict=False):
-        pts = [(pct[k], p) for k, p in _PEER_P if pct.get(k) is not None and pct[k] > 0]
+        # Percentiles finer than the sample (p99.9 of 100 values) would only repeat the max.
+        finest = 1 - 1 / max(1, pct.get("n") or 1)
+        pts = [(pct[k], p) for k, p in _PEER_P
+               if pct.get(k) is not None and pct[k] > 0 and (p <= finest or p == 1)]  # fmt: skip
         if not pts:
             continue
         xs, ps = zip(*pts, strict=True)
@@ -68,7 +71,7 @@ def render(name: str, out: dict[str, Any], arrays: dict[str, np.ndarray], path: 
         x = np.maximum(x, 1e-3)  # log axes cannot show zero
         relay_label = f"relay: {label}" if len(arrays) > 1 else "relay"
         cdf.plot(x, p, label=relay_label)
-        keep = p < 1
+        keep = p < 1 - 0.5 / len(values)  # beyond the sample's resolution the tail says nothing
         tail.plot(x[keep], 1 - p[keep], label=relay_label)
     _draw_peer(cdf, tail, name, out.get("peer", {}))
     xlabel = LABELS.get(name, LABELS["latency"])

@@ -115,13 +115,19 @@ async def run_workload(name: str, fn: Workload, knobs: Knobs) -> dict[str, Any]:
         out["redis_server"] = (await redis_counters(url))["version"]
         ctx = Ctx(knobs, tmp, url, redis.pid, t0 + knobs.timeout(name), out)
         log(f"=== {name}: relay at {out['relay']['commit']} ({knobs.relay_root})")
+        limit = asyncio.timeout(knobs.timeout(name))
         try:
-            arrays = await asyncio.wait_for(fn(ctx), knobs.timeout(name))
-        except TimeoutError:
-            out["results"].update(timed_out=True, error=f"hard timeout {knobs.timeout(name):g} s")
+            async with limit:
+                arrays = await fn(ctx)
+        except TimeoutError as exc:
+            if not limit.expired():  # a wait inside the workload gave up, not the hard limit
+                record_error(out, exc)
+            else:
+                out["results"].update(
+                    timed_out=True, error=f"hard timeout {knobs.timeout(name):g} s"
+                )
         except Exception as exc:
-            out["results"]["error"] = repr(exc)[:1000]
-            traceback.print_exc(file=sys.stderr)
+            record_error(out, exc)
         out["results"]["wall_s"] = round(time.monotonic() - t0, 3)
         log(f"{name}: relay done in {out['results']['wall_s']} s; peer next")
         out["peer"] = await peer.run(name, knobs, url, tmp)
@@ -134,6 +140,12 @@ async def run_workload(name: str, fn: Workload, knobs: Knobs) -> dict[str, Any]:
     out["ratios"] = peer.ratios(name, out)
     write(name, out, arrays, knobs.results_dir)
     return out
+
+
+def record_error(out: dict[str, Any], exc: BaseException) -> None:
+    """Record a workload's failure in its result (and its traceback on stderr)."""
+    out["results"]["error"] = repr(exc)[:1000]
+    traceback.print_exception(exc, file=sys.stderr)
 
 
 def write(name: str, out: dict[str, Any], arrays: dict[str, np.ndarray], results: Path) -> None:

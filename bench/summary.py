@@ -89,6 +89,7 @@ def cpu(res: dict[str, Any], meter: dict[str, Any], redis: dict[str, Any] | None
     """Add CPU per process, relay's CPU (web + worker + Redis) and chunks per CPU-second."""
     res["processes"] = meter["procs"]
     res["measured_span_s"] = meter["span_s"]
+    res["other_processes_cpu_pct"] = meter["others_cpu_pct"]
     totals = cpu_totals(meter["procs"], redis["cpu_s"] if redis else None)
     res.update(totals)
     got, made = res.get("chunks_received"), res.get("chunks_produced")

@@ -25,6 +25,9 @@ from bench.upstream_stream import (
     role_event,
 )
 
+# A held response sends an SSE comment this often, as real servers do while a model thinks:
+# relay's provider gives up on an upstream that is silent for RELAY_OPENAI_TIMEOUT_S (60 s).
+KEEPALIVE_S = 10.0
 STREAM_HEAD = (
     b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
     b"Transfer-Encoding: chunked\r\n\r\n"
@@ -92,13 +95,22 @@ class Upstream:
         try:
             await self._deltas(rec, w)
             if plan.hold:
-                await self.release.wait()
+                await self._hold(w)
             w.write(http_chunk(closing_events(rec.produced)) + b"0\r\n\r\n")
             await w.drain()
             rec.done_us = now_us()
         except ConnectionError:
             rec.disconnected = True
             raise
+
+    async def _hold(self, w: asyncio.StreamWriter) -> None:
+        """Keep the response open, with keepalive comments, until released."""
+        while not self.release.is_set():
+            try:
+                await asyncio.wait_for(self.release.wait(), KEEPALIVE_S)
+            except TimeoutError:
+                w.write(http_chunk(b": keepalive\n\n"))
+                await w.drain()
 
     async def _deltas(self, rec: Record, w: asyncio.StreamWriter) -> None:
         emitter = Emitter(w, rec, self.width, self.lag)
