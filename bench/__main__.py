@@ -33,6 +33,7 @@ async def run_all(names: list[str], knobs: Knobs) -> int:
 
 
 def main(argv: list[str]) -> int:
+    """Parse the workload names and run them; return the exit status."""
     if any(a in ("-h", "--help") for a in argv):
         print(USAGE + "\n\n" + (__doc__ or ""), file=sys.stderr)
         return 0

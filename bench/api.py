@@ -37,6 +37,7 @@ class RelayApi:
         return sids
 
     async def stream(self, sid: str) -> dict[str, Any]:
+        """Return the stream's status as the API reports it."""
         resp = await self.http.get(f"/api/v1/streams/{sid}")
         resp.raise_for_status()
         return dict(resp.json())
@@ -75,15 +76,19 @@ class UpstreamCtl:
         return dict(resp.json())
 
     async def go(self) -> int:
+        """Start every gated stream; return the upstream's go time (monotonic µs)."""
         return int((await self._call("POST", "/control/go"))["go_us"])
 
     async def release(self) -> None:
+        """End every held response."""
         await self._call("POST", "/control/release")
 
     async def count(self) -> dict[str, Any]:
+        """Return how many streams arrived, were written and finished."""
         return await self._call("GET", "/control/count")
 
     async def stats(self) -> dict[str, Any]:
+        """Return every stream's record and the pacing lag."""
         return await self._call("GET", "/control/stats")
 
     async def wait_for(self, key: str, n: int, timeout: float) -> None:

@@ -27,6 +27,7 @@ WHAT = {
 
 
 async def run(ctx: Ctx) -> dict[str, np.ndarray]:
+    """Fill one stream, then time viewers catching up with it, live and finished."""
     k = ctx.knobs
     counts = k.catchup_counts()
     ctx.out["config"] = {

@@ -28,6 +28,7 @@ PARTS = {
 
 
 async def run(ctx: Ctx) -> dict[str, np.ndarray]:
+    """Run the chats one after another and time each against the upstream's records."""
     k = ctx.knobs
     total = k.dispatch_n + k.dispatch_warmup
     ctx.out["config"] = {"chats": k.dispatch_n, "warmup": k.dispatch_warmup,
@@ -59,6 +60,7 @@ def join(row: dict[str, Any], up: dict[str, Any] | None) -> dict[str, Any]:
 def describe(
     res: dict[str, Any], rows: list[dict[str, Any]], meter: dict[str, Any]
 ) -> dict[str, np.ndarray]:
+    """Summarize relay's own delay and its parts; return the samples to plot."""
     ok = [r for r in rows if r["ok"]]
     adjusted = np.asarray([((r["first_chunk_us"] - r["post_start_us"])
                             - (r["first_us"] - r["arrived_us"])) / 1000 for r in ok])  # fmt: skip

@@ -22,6 +22,7 @@ from bench.stats import r3
 
 
 async def run(ctx: Ctx) -> dict[str, np.ndarray]:
+    """Attach the idle viewers, measure them waiting, then start the streams."""
     k = ctx.knobs
     streams = max(1, min(k.idle_streams, k.idle_viewers))
     spec = LiveSpec(streams, max(1, k.idle_viewers // streams), k.idle_chunks, k.idle_rate, True)

@@ -22,6 +22,8 @@ from bench.upstream_stream import plan_message
 
 @dataclass(frozen=True)
 class LiveSpec:
+    """Sizes of a live workload."""
+
     streams: int
     per_stream: int  # viewers of each stream
     n: int  # chunks per stream
@@ -29,6 +31,7 @@ class LiveSpec:
     stagger: bool
 
     def messages(self) -> list[str]:
+        """Return the user message of every stream (its plan for the upstream)."""
         period_ms = 1000 / self.rate if self.rate > 0 else 0
         return [
             plan_message(s, self.n, self.rate,
@@ -37,6 +40,7 @@ class LiveSpec:
         ]  # fmt: skip
 
     def expected_s(self) -> float:
+        """Return how long the streams should take to produce."""
         return self.n / self.rate if self.rate > 0 else 60.0
 
 

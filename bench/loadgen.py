@@ -50,8 +50,8 @@ async def follow(ws: ClientConnection, tally: Tally, lat: array[int]) -> None:
     try:
         async for raw in ws:
             tally.feed(raw, now_us(), lat)
-    except ConnectionClosed:
-        pass  # the close code below says how it ended
+    except ConnectionClosed as exc:  # a normal close ends the loop; this one did not say why
+        tally.error = f"closed abnormally: {exc}"[:200]
     except Exception as exc:  # a bad message must not stop the other viewers
         tally.error = repr(exc)[:200]
     finally:
@@ -92,6 +92,7 @@ class LoadGen:
                 "errors": len(errors), "error_samples": errors[:3]}  # fmt: skip
 
     async def wait_closed(self, timeout_s: float) -> Any:
+        """Wait for every viewer to be closed (at most timeout_s); return the report."""
         if self.tasks:
             await asyncio.wait(self.tasks, timeout=timeout_s)
         return self.report()
@@ -169,6 +170,7 @@ async def serve(outdir: Path) -> None:
 
 
 def main() -> None:
+    """Raise the open-files limit and serve commands."""
     # 10,000 sockets in one process: take the hard limit on open files.
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))

@@ -46,6 +46,7 @@ class _CatchupViewer:
         return tally.terminal is not None
 
     async def run(self, timeout_s: float) -> dict[str, Any]:
+        """Return this viewer's times, message count, exactness and close code."""
         tally = Tally(0, 0, parse=False)
         lat: array[int] = array("q")
         out: dict[str, Any] = {}

@@ -46,6 +46,8 @@ def _rss(proc: psutil.Process) -> int:
 
 @dataclass
 class Watched:
+    """One process under the meter: its base CPU reading and RSS peak."""
+
     name: str
     proc: psutil.Process
     with_children: bool
@@ -66,6 +68,7 @@ class Meter:
     _task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
+        """Take every process's CPU reading and start sampling RSS."""
         self.watched = []
         for name, pid in self.pids.items():
             with contextlib.suppress(psutil.Error):
@@ -113,6 +116,7 @@ class Meter:
         return {"span_s": r3(span), "procs": out, "others_cpu_pct": r3(100 * others / span)}
 
     def stop(self) -> dict[str, Any]:
+        """Return the readings since start and stop sampling."""
         result = self.read()
         if self._task is not None:
             self._task.cancel()

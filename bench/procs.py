@@ -37,6 +37,7 @@ class Child:
         return self.proc.pid
 
     def alive(self) -> bool:
+        """Tell whether the process is still running."""
         return self.proc.returncode is None
 
     def tail(self, lines: int = 20) -> str:

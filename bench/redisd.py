@@ -78,6 +78,7 @@ class RedisServer:
         raise RuntimeError(f"redis-server did not start:\n{self.child and self.child.tail()}")
 
     async def stop(self) -> None:
+        """Stop the server if the bench started it."""
         if self.child is not None:
             await self.child.stop(timeout=5)
 

@@ -29,6 +29,7 @@ def ms(x: float | None) -> str:
 
 
 def num(x: float | None) -> str:
+    """Format a count with thousands separators, small values with 3 digits."""
     return "—" if x is None else f"{x:,.0f}" if abs(x) >= 100 else f"{x:.3g}"
 
 
@@ -41,6 +42,7 @@ def times(a: float | None, b: float | None) -> str:
 
 
 def pair(a: str, b: str) -> str:
+    """Join two formatted values as "a / b"."""
     return f"{a} / {b}"
 
 
@@ -98,6 +100,7 @@ def _peer_catchup(p: dict[str, Any], mode: str, count: str, n: str, pk: str) -> 
 
 
 def idle_rows(out: dict[str, Any]) -> list[Row]:
+    """Memory and CPU per waiting viewer, first chunk once streams start."""
     r = out["results"]
     idle, first = r.get("idle", {}), r.get("first_chunk_latency_ms", {})
     return [
@@ -110,6 +113,7 @@ def idle_rows(out: dict[str, Any]) -> list[Row]:
 
 
 def dispatch_rows(out: dict[str, Any]) -> list[Row]:
+    """relay's own delay before the first chunk, and its parts."""
     r = out["results"]
     adj, parts = r.get("adjusted_ms", {}), r.get("breakdown_ms", {})
     rows: list[Row] = [("POST → first chunk, minus the generator's delay, p50 / p99", "—",
@@ -159,6 +163,7 @@ def table(results: Path) -> str:
 
 
 def main() -> None:
+    """Print the table for the given results directory (default bench/results)."""
     results = Path(sys.argv[1]) if len(sys.argv) > 1 else BENCH_DIR / "results"
     print(table(results))
     print(f"\nFinished-stream catch-up in the peer: {FINISHED_CATCHUP}.")

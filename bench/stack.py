@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import shlex
 import socket
 import subprocess
 import sys
@@ -57,6 +58,18 @@ def relay_env(root: Path, tmp: Path, redis_url: str, upstream_port: int) -> dict
     return env
 
 
+def procfile_worker(root: Path, bindir: Path, concurrency: int) -> list[str]:
+    """Return the Procfile's worker command of the code under test, with ``concurrency``."""
+    # As under make run, where RELAY_WORKER_CONCURRENCY fills the Procfile's placeholder.
+    lines = (root / "Procfile").read_text().splitlines()
+    line = next((ln for ln in lines if ln.startswith("worker:")), None)
+    if line is None:
+        raise RuntimeError(f"{root / 'Procfile'} has no worker line")
+    command = re.sub(r"\$\{RELAY_WORKER_CONCURRENCY:-\d+\}", str(concurrency), line[7:])
+    argv = shlex.split(command)
+    return [str(bindir / argv[0]), *argv[1:]]
+
+
 def git_describe(root: Path) -> str:
     """Return the checkout's commit (with "+dirty" when it has uncommitted changes)."""
 
@@ -94,6 +107,7 @@ class Stack:
         return child
 
     async def start(self) -> None:
+        """Start the upstream, prepare the database, start web, worker and load generators."""
         if not (self.bin / "gunicorn").exists():
             raise RuntimeError(f"{self.bin} has no gunicorn: run make install in {self.root}")
         port = await self._start_upstream()
@@ -150,9 +164,7 @@ class Stack:
         raise RuntimeError(f"gunicorn did not start:\n{web.tail()}")
 
     async def _start_worker(self, env: dict[str, str]) -> None:
-        argv = [str(self.bin / "celery"), "-A", "workers", "worker", "--pool", "threads",
-                "--concurrency", str(self.sizing.concurrency), "--loglevel", "INFO",
-                "--events"]  # fmt: skip
+        argv = procfile_worker(self.root, self.bin, self.sizing.concurrency)
         worker = await self._spawn("worker", argv, env)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -174,6 +186,7 @@ class Stack:
                 await client.close()
 
     def kill(self) -> None:
+        """SIGKILL every process this stack started (last resort)."""
         for child in self.children:
             child.kill()
 

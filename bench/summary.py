@@ -104,5 +104,6 @@ def cpu(res: dict[str, Any], meter: dict[str, Any], redis: dict[str, Any] | None
 
 
 def latency(res: dict[str, Any], lat_ms: np.ndarray, first_ms: np.ndarray) -> None:
+    """Add the latency summaries (every chunk, and each viewer's first chunk)."""
     res["latency_ms"] = summarize(lat_ms)
     res["first_chunk_latency_ms"] = summarize(first_ms)

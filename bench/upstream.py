@@ -65,6 +65,7 @@ class Upstream:
     async def route(
         self, method: str, path: str, body: bytes, arrived: int, w: asyncio.StreamWriter
     ) -> None:
+        """Dispatch one request: a chat completion or a control call."""
         if method == "POST" and path.endswith("/chat/completions"):
             await self.complete(json.loads(body), arrived, w)
         elif method == "POST" and path == "/control/go":
@@ -124,6 +125,7 @@ class Upstream:
             await emitter.unpaced()
 
     def count(self) -> dict[str, int]:
+        """Return how many streams arrived, were fully written and finished."""
         recs = list(self.records.values())
         return {
             "arrived": len(recs),
@@ -133,6 +135,7 @@ class Upstream:
         }
 
     def stats(self) -> dict[str, Any]:
+        """Return the counts, the pacing lag and every stream's record."""
         lag_ms = [x / 1000 for x in self.lag]
         return {
             "go_us": self.go_us,
@@ -175,6 +178,7 @@ async def serve(width: int) -> None:
 
 
 def main() -> None:
+    """Parse the options and serve."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--chunk-chars", type=int, default=int(os.environ.get("CHUNK_CHARS", 20)))
     asyncio.run(serve(parser.parse_args().chunk_chars))

@@ -33,6 +33,8 @@ def plan_message(s: int, n: int, rate: float, offset_ms: float, hold: bool, gate
 
 @dataclass(frozen=True)
 class Plan:
+    """How the upstream streams one answer (parsed from the user message)."""
+
     s: int
     n: int
     rate: float
@@ -65,6 +67,7 @@ class Record:
     sha: Any = field(default_factory=hashlib.sha256)
 
     def as_json(self) -> dict[str, Any]:
+        """Return the record as JSON-ready values."""
         return {
             "arrived_us": self.arrived_us, "first_us": self.first_us, "last_us": self.last_us,
             "done_us": self.done_us, "produced": self.produced, "chars": self.chars,
@@ -85,6 +88,7 @@ def http_chunk(payload: bytes) -> bytes:
 
 
 def content_event(text: str) -> bytes:
+    """Return the SSE event carrying one delta of content."""
     # Lines hold digits, "|" and "x": only the newline needs JSON escaping.
     body = text[:-1] + "\\n" if text.endswith("\n") else text
     head = _HEAD % int(time.time())
@@ -92,6 +96,7 @@ def content_event(text: str) -> bytes:
 
 
 def role_event() -> bytes:
+    """Return the first SSE event, which only names the role."""
     head = _HEAD % int(time.time())
     return f'{head}{{"role":"assistant","content":""}},"finish_reason":null}}]}}\n\n'.encode()
 

@@ -104,6 +104,7 @@ class Tally:
         )
 
     def counts(self) -> dict[str, Any]:
+        """Return this viewer's counts and how it ended."""
         return {
             "unique": self.unique, "dup": self.dup, "ooo": self.ooo, "foreign": self.foreign,
             "seq_gaps": self.seq_gaps, "seq_dups": self.seq_dups, "msgs": self.msgs,

@@ -21,6 +21,7 @@ from bench.stack import Sizing
 
 
 def live_spec(name: str, k: Knobs) -> LiveSpec:
+    """Return the sizes of a live workload from the knobs."""
     if name == "latency":
         return LiveSpec(k.s, 1, round(k.r * k.d), k.r, bool(k.stagger))
     if name == "fanout":
