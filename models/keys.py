@@ -32,9 +32,11 @@ def live_channel(stream_id: str) -> str:
     return f"{PREFIX}:{{{stream_id}}}:live"
 
 
-# Every web process's hub subscribes to this channel (nothing publishes on it), so its
-# pub/sub connection is open and subscribed before any stream is watched.
-HUB_CHANNEL = f"{PREFIX}:hub"
+def hub_channel(hub_id: str) -> str:
+    """One web process's hub: its own pub/sub connection is subscribed to it, and the
+    process's viewers publish on it to wake the hub when the streams they watch change."""
+    return f"{PREFIX}:hub:{hub_id}"
+
 
 # Held (SET NX PX, just under one sweep interval) by the worker sweeping this round.
 SWEEPER_LOCK = f"{PREFIX}:sweeper-lock"

@@ -20,6 +20,7 @@ import json
 import logging
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,7 +80,13 @@ class _Channel:
 
 
 class Hub:
-    """Follow every stream that has viewers in this process over one pub/sub connection."""
+    """Follow every stream that has viewers in this process over one pub/sub connection.
+
+    Only the hub's own thread touches that connection. A viewer's thread changes the set of
+    watched streams and rings the hub's doorbell (a PUBLISH on the hub's own channel, which
+    the connection is subscribed to); the hub thread then subscribes and unsubscribes the
+    difference between what is watched and what it has subscribed.
+    """
 
     def __init__(
         self,
@@ -91,13 +98,15 @@ class Hub:
         stale_ms: float = 8000.0,
     ) -> None:
         self.redis_url = redis_url
-        self.control = control  # pool client for the periodic check
+        self.control = control  # pool client: the doorbell and the periodic check
         self.queue_size = queue_size
         self.check_interval_s = check_interval_s
         self.stale_ms = stale_ms
+        self.doorbell = keys.hub_channel(uuid.uuid4().hex)
         self._channels: dict[str, _Channel] = {}
-        self._lock = threading.Lock()  # guards _channels
-        self._send_lock = threading.Lock()  # one writer on the pub/sub connection
+        self._lock = threading.Lock()  # guards _channels and _rung
+        self._rung = False
+        self._subscribed: set[str] = set()  # stream IDs, owned by the hub thread
         self._pubsub: PubSub | None = None
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -117,7 +126,7 @@ class Hub:
             channel.subs.add(sub)
             self._ensure_thread()
         if added:
-            self._send("subscribe", stream_id)
+            self._ring()
         return sub
 
     def unsubscribe(self, sub: Subscription) -> None:
@@ -129,7 +138,7 @@ class Hub:
             if channel.subs:
                 return
             del self._channels[sub.stream_id]
-        self._send("unsubscribe", sub.stream_id)
+        self._ring()
 
     def wake_all(self) -> None:
         """Wake every viewer (the process is shutting down)."""
@@ -145,23 +154,20 @@ class Hub:
 
     def stop(self) -> None:
         self._stopping = True
-        with self._send_lock:
-            pubsub, self._pubsub = self._pubsub, None
-        if pubsub is not None:
-            pubsub.close()
+        self._ring(force=True)  # the hub thread wakes, sees _stopping and closes
 
-    # -- the connection ------------------------------------------------------------------------
-
-    def _send(self, command: str, stream_id: str) -> None:
-        """SUBSCRIBE or UNSUBSCRIBE now; without a connection, the next one subscribes every
-        watched stream anyway."""
-        with self._send_lock:
-            if self._pubsub is None:
+    def _ring(self, force: bool = False) -> None:
+        """Ask the hub thread to bring its subscriptions in line (once until it does)."""
+        with self._lock:
+            if self._rung and not force:
                 return
-            try:
-                getattr(self._pubsub, command)(keys.live_channel(stream_id))
-            except redis.RedisError:
-                log.warning("hub %s failed; the listener reconnects", command, exc_info=True)
+            self._rung = True
+        try:
+            self.control.publish(self.doorbell, "")
+        except redis.RedisError:  # the hub thread reconciles when it reconnects anyway
+            log.warning("hub doorbell failed", exc_info=True)
+
+    # -- the hub thread --------------------------------------------------------------------------
 
     def _ensure_thread(self) -> None:
         if self._thread is None or not self._thread.is_alive():
@@ -177,7 +183,7 @@ class Hub:
                 self._listen()
             except Exception:
                 if self._stopping:
-                    return  # stop() closed the connection under the listener
+                    break
                 log.warning("hub lost Redis; retrying in %.1fs", backoff, exc_info=True)
                 time.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
@@ -185,9 +191,6 @@ class Hub:
                 self._disconnect()
 
     def _connect(self) -> None:
-        """Open the pub/sub connection and subscribe every watched stream. Only this thread
-        reads the connection; viewers' threads only write SUBSCRIBE/UNSUBSCRIBE to it, once
-        it is open (HUB_CHANNEL keeps it subscribed even while no stream is watched)."""
         client = redis.Redis.from_url(
             self.redis_url,
             decode_responses=True,
@@ -195,40 +198,54 @@ class Hub:
             socket_keepalive=True,
             health_check_interval=30,  # a PING on an idle connection finds a dead one
         )
-        pubsub = client.pubsub()  # type: ignore[no-untyped-call]
-        pubsub.subscribe(keys.HUB_CHANNEL)
-        with self._send_lock:
-            with self._lock:
-                watched = list(self._channels)
-                for channel in self._channels.values():
-                    channel.confirmed = False
-            if watched:
-                pubsub.subscribe(*(keys.live_channel(sid) for sid in watched))
-            self._pubsub = pubsub
+        self._pubsub = client.pubsub()  # type: ignore[no-untyped-call]
+        self._pubsub.subscribe(self.doorbell)
+        self._subscribed = set()
+        with self._lock:
+            for channel in self._channels.values():
+                channel.confirmed = False
+        self._reconcile()
 
     def _disconnect(self) -> None:
-        with self._send_lock:
-            pubsub, self._pubsub = self._pubsub, None
+        pubsub, self._pubsub = self._pubsub, None
         if pubsub is not None:
             pubsub.close()
+
+    def _reconcile(self) -> None:
+        """Subscribe the watched streams not yet subscribed, unsubscribe the others."""
+        assert self._pubsub is not None
+        with self._lock:
+            self._rung = False
+            watched = set(self._channels)
+            for sid in watched & self._subscribed:
+                self._channels[sid].confirmed = True  # subscribed all along
+        added, dropped = watched - self._subscribed, self._subscribed - watched
+        if added:
+            self._pubsub.subscribe(*(keys.live_channel(sid) for sid in added))
+        if dropped:
+            self._pubsub.unsubscribe(*(keys.live_channel(sid) for sid in dropped))  # type: ignore[no-untyped-call]
+        self._subscribed = watched
 
     def _listen(self) -> None:
         next_check = time.monotonic() + self.check_interval_s
         while not self._stopping:
-            pubsub = self._pubsub
-            if pubsub is None:
-                return
+            assert self._pubsub is not None
             timeout = max(0.0, min(1.0, next_check - time.monotonic()))
-            message = pubsub.get_message(timeout=timeout)
+            message = self._pubsub.get_message(timeout=timeout)
             if message is not None:
                 self._handle(message)
             if time.monotonic() >= next_check:
+                self._reconcile()  # a safety net: rings are not durable either
                 self.check()
                 next_check = time.monotonic() + self.check_interval_s
 
     def _handle(self, message: dict[str, Any]) -> None:
         kind = message["type"]
-        if message["channel"] == keys.HUB_CHANNEL:
+        if message["channel"] == self.doorbell:
+            # A ring, or the doorbell's own subscription taking effect (rings sent before it
+            # went nowhere): either way, subscribe what is watched now.
+            if kind in ("message", "subscribe"):
+                self._reconcile()
             return
         stream_id = keys.stream_id_from_key(message["channel"])
         if kind == "message":
