@@ -81,4 +81,5 @@ def describe(
     res["every_chat_complete"] = all(r.get("complete") for r in ok) and len(ok) == len(rows)
     res["close_codes"] = sorted({str(r.get("close_code")) for r in rows})
     res["processes"] = meter["procs"]
+    res["other_processes_cpu_pct"] = meter["others_cpu_pct"]
     return arrays

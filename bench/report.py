@@ -143,9 +143,12 @@ def describe(out: dict[str, Any]) -> str:
         "dispatch": f"{c.get('chats')} chats one after another",
     }
     size = sizes.get(out["workload"].removesuffix("10"), "")
-    failed = " **(timed out)**" if out["results"].get("timed_out") else ""
-    failed += " **(error)**" if out["results"].get("error") else ""
-    return f"{out['workload']}: {size}{failed}"
+    res = out["results"]
+    failed = " **(timed out)**" if res.get("timed_out") else ""
+    failed += " **(error)**" if res.get("error") else ""
+    noise = res.get("other_processes_cpu_pct")
+    noisy = f" (other processes: {noise:.0f} % of a core)" if noise is not None else ""
+    return f"{out['workload']}: {size}{failed}{noisy}"
 
 
 def table(results: Path) -> str:
