@@ -28,14 +28,16 @@ worker_prefetch_multiplier = 1
 
 # Redis broker: an unacknowledged message is redelivered after this long. It must exceed the
 # longest generation, or a second copy starts while the first still runs (the claim fences it).
-broker_transport_options = {"visibility_timeout": 3600}
+# max_connections: kombu's Redis pool (default 10) refuses a connection beyond it, and a
+# gevent worker acknowledges many tasks at once ("Couldn't ack ... MaxConnectionsError").
+broker_transport_options = {"visibility_timeout": 3600, "max_connections": 1000}
 broker_connection_retry_on_startup = True
 
-# Backstops for pools that enforce them (prefork). The threads pool in the Procfile ignores
-# Celery time limits: there RELAY_MAX_GENERATION_S, checked by the generation itself, ends a
-# runaway answer with a "timeout" error event.
-task_soft_time_limit = 1800
-task_time_limit = 1810
+# Backstops only: RELAY_MAX_GENERATION_S (1800 s), checked by the generation itself, ends a
+# runaway answer with a "timeout" error event first. The gevent pool in the Procfile enforces
+# these limits, so they sit above it (the threads pool ignores them).
+task_soft_time_limit = 1900
+task_time_limit = 1960
 
 task_default_queue = "relay"
 # Events for `celery events` / Flower.

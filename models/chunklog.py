@@ -39,6 +39,20 @@ class LogState:
     cancel_requested: bool
     task_id: str | None = None
     worker: str | None = None
+    queued_ms: int | None = None
+
+
+def _log_state(raw: dict[str, str]) -> LogState:
+    return LogState(
+        status=raw.get("status"),
+        attempt=int(raw.get("attempt", 0)),
+        last_seq=int(raw.get("seq", 0)),
+        heartbeat_ms=int(raw["hb"]) if raw.get("hb") else None,
+        cancel_requested=raw.get("cancel") == "1",
+        task_id=raw.get("task"),
+        worker=raw.get("worker"),
+        queued_ms=int(raw["qt"]) if raw.get("qt") else None,
+    )
 
 
 class ChunkLog:
@@ -250,16 +264,17 @@ class ChunkLog:
         return int(entries[0][0].rsplit("-", 1)[1]) if entries else 0
 
     def state(self, stream_id: str) -> LogState:
-        raw = cast(dict[str, str], self.redis.hgetall(keys.state_key(stream_id)))
-        return LogState(
-            status=raw.get("status"),
-            attempt=int(raw.get("attempt", 0)),
-            last_seq=int(raw.get("seq", 0)),
-            heartbeat_ms=int(raw["hb"]) if raw.get("hb") else None,
-            cancel_requested=raw.get("cancel") == "1",
-            task_id=raw.get("task"),
-            worker=raw.get("worker"),
-        )
+        return _log_state(cast(dict[str, str], self.redis.hgetall(keys.state_key(stream_id))))
+
+    def states(self, stream_ids: Sequence[str]) -> tuple[int, list[LogState]]:
+        """Redis's clock (ms) and the state of each stream, in one round trip."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.time()
+        for stream_id in stream_ids:
+            pipe.hgetall(keys.state_key(stream_id))
+        replies = pipe.execute()
+        seconds, micros = replies[0]
+        return int(seconds) * 1000 + int(micros) // 1000, [_log_state(r) for r in replies[1:]]
 
     def text(self, stream_id: str, upto: int) -> tuple[str, Layout]:
         """The concatenated chunk text of events up to ``upto``, and their seq layout."""

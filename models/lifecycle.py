@@ -12,7 +12,7 @@ from sqlalchemy import or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from models import store
-from models.chunklog import ChunkLog
+from models.chunklog import ChunkLog, LogState
 from models.events import CANCELLED, ERROR, STATUS_FOR_TERMINAL, TERMINAL_TYPES, Event
 from models.exceptions import IllegalTransition, StreamNotFound
 from models.tables import (
@@ -106,17 +106,23 @@ class Sweeper:
                     or_(Stream.status.in_(ACTIVE_STREAM_STATUSES), Stream.finished_at >= cutoff)
                 )
             ).all()
-            for stream in streams:
-                self._check(db, stream, report)
+            if not streams:
+                return report
+            now_ms, states = self.chunks.states([s.id for s in streams])
+            for stream, state in zip(streams, states, strict=True):
+                self._check(db, stream, state, now_ms, report)
         return report
 
-    def _check(self, db: Session, stream: Stream, report: SweepReport) -> None:
-        state = self.chunks.state(stream.id)
+    def _check(
+        self, db: Session, stream: Stream, state: LogState, now_ms: int, report: SweepReport
+    ) -> None:
         if stream.status in ACTIVE_STREAM_STATUSES:
             if state.status in TERMINAL_STREAM_STATUSES:
-                self._repair_sql(db, stream, state.last_seq)
-                report.repaired.append(stream.id)
-            elif self.chunks.mark_requeue(stream.id, self.stale_after_s, self.queued_grace_s):
+                if self._repair_sql(db, stream, state.last_seq):
+                    report.repaired.append(stream.id)
+            elif self._looks_abandoned(state, now_ms) and self.chunks.mark_requeue(
+                stream.id, self.stale_after_s, self.queued_grace_s
+            ):
                 task_id = state.task_id or stream.task_id or stream.id
                 self.enqueue(stream.id, task_id)
                 log.warning("stream=%s writer gone; task %s sent again", stream.id, task_id)
@@ -129,10 +135,22 @@ class Sweeper:
                 log.warning("stream=%s end written to the log from SQL", stream.id)
                 report.sealed.append(stream.id)
 
-    def _repair_sql(self, db: Session, stream: Stream, last_seq: int) -> None:
+    def _looks_abandoned(self, state: LogState, now_ms: int) -> bool:
+        """Worth asking ``mark_requeue`` (which decides, atomically): skip the streams whose
+        writer beat recently or that were queued recently."""
+        if state.status == "running" and state.heartbeat_ms is not None:
+            return now_ms - state.heartbeat_ms >= self.stale_after_s * 1000
+        if state.status == "queued" and state.queued_ms is not None:
+            return now_ms - state.queued_ms >= self.queued_grace_s * 1000
+        return True
+
+    def _repair_sql(self, db: Session, stream: Stream, last_seq: int) -> bool:
+        db.refresh(stream)  # the writer may have ended it in SQL since the sweep read it
+        if stream.status not in ACTIVE_STREAM_STATUSES:
+            return False
         terminal = self.chunks.read(stream.id, last_seq - 1, 1)
         if not terminal or terminal[0].type not in TERMINAL_TYPES:
-            return
+            return False
         event: Event = terminal[0]
         text, layout = self.chunks.text(stream.id, event.seq - 1)
         error = store.ErrorInfo(**event.error) if event.type == ERROR else None
@@ -141,3 +159,4 @@ class Sweeper:
             attempt=None, error=error,
         )  # fmt: skip
         log.warning("stream=%s SQL brought up to the log's end", stream.id)
+        return True

@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import Table, bindparam, select, update
 from sqlalchemy.orm import Session
 
 from models.events import CHUNK, TERMINAL_FOR_STATUS, Event, error_event
@@ -56,18 +56,42 @@ def mark_running(db: Session, stream_id: str, attempt: int, task_id: str) -> Non
     db.commit()
 
 
-def checkpoint(db: Session, stream_id: str, attempt: int, text: str, layout: Layout) -> bool:
+_STREAMS: Table = Stream.__table__  # type: ignore[assignment]
+_MESSAGES: Table = Message.__table__  # type: ignore[assignment]
+# Core statements (no ORM bulk-update machinery): a worker checkpoints every running answer
+# every few seconds, so this is the hottest SQL relay runs.
+_CHECKPOINT_STREAM = (
+    _STREAMS.update()
+    .where(
+        _STREAMS.c.id == bindparam("sid"),
+        _STREAMS.c.attempt == bindparam("b_attempt"),
+        _STREAMS.c.status == "running",
+    )
+    .values(
+        last_seq=bindparam("b_last"),
+        seq_layout=bindparam("b_layout"),
+        updated_at=bindparam("b_now"),
+    )
+)
+_CHECKPOINT_MESSAGE = (
+    _MESSAGES.update()
+    .where(_MESSAGES.c.id == bindparam("mid"))
+    .values(content=bindparam("b_text"), updated_at=bindparam("b_now"))
+)
+
+
+def checkpoint(
+    db: Session, stream_id: str, message_id: str, attempt: int, text: str, layout: Layout
+) -> bool:
     """Copy the partial answer to SQL; False when another attempt owns the stream."""
     now = utcnow()
-    res = db.execute(
-        update(Stream)
-        .where(Stream.id == stream_id, Stream.attempt == attempt, Stream.status == "running")
-        .values(last_seq=len(layout), seq_layout=json.dumps(layout), updated_at=now)
-    )
+    params = {"sid": stream_id, "b_attempt": attempt, "b_last": len(layout),
+              "b_layout": json.dumps(layout), "b_now": now}  # fmt: skip
+    res = db.execute(_CHECKPOINT_STREAM, params)
     if res.rowcount == 0:  # type: ignore[attr-defined]
         db.rollback()
         return False
-    _set_message(db, stream_id, content=text, updated_at=now)
+    db.execute(_CHECKPOINT_MESSAGE, {"mid": message_id, "b_text": text, "b_now": now})
     db.commit()
     return True
 

@@ -91,7 +91,7 @@ def start_worker(
 ) -> Proc:
     args = [
         str(BIN / "celery"), "-A", "workers", "worker",
-        "--pool", "threads", "--concurrency", "8",
+        "--pool", "gevent", "--concurrency", "8",
         "--hostname", f"{name}-{os.getpid()}@%h",
         "--loglevel", "INFO",
         "--without-mingle", "--without-gossip",

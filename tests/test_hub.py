@@ -50,7 +50,7 @@ def listening(hub: Hub, sid: str, n: int = 1) -> list[tuple[Subscription, thread
         out.append((hub.subscribe(sid, 0, wake), wake))
     for sub, wake in out:
         assert wake.wait(30.0)
-        assert sub.take() == ([], True)
+        assert sub.take() == ([], True, False)
         wake.clear()
     return out
 
@@ -58,8 +58,8 @@ def listening(hub: Hub, sid: str, n: int = 1) -> list[tuple[Subscription, thread
 def received(sub: Subscription, wake: threading.Event) -> list[Batch]:
     assert wake.wait(30.0)
     wake.clear()
-    batches, flagged = sub.take()
-    assert not flagged
+    batches, reread, check = sub.take()
+    assert not reread and not check
     return batches
 
 
@@ -109,9 +109,9 @@ def test_a_slow_subscriber_is_flagged_not_buffered(hub: Hub, log: ChunkLog) -> N
     for seq in range(1, 11):
         log.append("d", 1, Event(seq, CHUNK, text=str(seq)))
         assert received(fast, fast_wake)
-    batches, flagged = slow.take()
+    batches, reread, check = slow.take()
     assert sum(len(b) for b in batches) == 4  # the bound, not 10
-    assert flagged  # the viewer reads the rest from the log
+    assert reread and not check  # the viewer reads the rest from the log
 
 
 def test_the_check_flags_viewers_of_a_write_the_hub_did_not_see(
@@ -125,7 +125,7 @@ def test_the_check_flags_viewers_of_a_write_the_hub_did_not_see(
     redis_client.xadd(keys.log_key("e"), {"t": "chunk", "d": "x"}, id="0-1")
     redis_client.hset(keys.state_key("e"), "seq", 1)
     hub.check()
-    assert wake.is_set() and sub.take() == ([], True)
+    assert wake.is_set() and sub.take() == ([], True, False)  # read the log; the writer is fine
 
 
 def test_the_check_flags_viewers_of_a_dead_writer(
@@ -138,7 +138,7 @@ def test_the_check_flags_viewers_of_a_dead_writer(
         ((sub, wake),) = listening(hub, "f")
         redis_client.hset(keys.state_key("f"), "hb", 0)  # the writer's heartbeat stopped
         assert wake.wait(30.0)
-        assert sub.take() == ([], True)
+        assert sub.take() == ([], True, True)
     finally:
         hub.stop()
 
@@ -152,7 +152,7 @@ def test_the_hub_reconnects_and_sends_viewers_to_the_log(
     assert killed >= 1
     # Whatever was published while it was away is in the log: the viewer is flagged.
     assert wake.wait(30.0)
-    assert sub.take() == ([], True)
+    assert sub.take() == ([], True, False)
     wake.clear()
     wait_for(lambda: redis_client.pubsub_numsub(keys.live_channel("g"))[0][1] == 1)
     log.append("g", 1, Event(1, CHUNK, text="after"))

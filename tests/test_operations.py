@@ -67,14 +67,14 @@ def test_revoke_of_a_queued_task_cancels_its_stream(isolated_stack: Stack) -> No
     stack = isolated_stack
     stack.start_worker("w1")
     client = stack.client()
-    # Fill the worker's 8 threads so the next task waits in the queue.
+    # Fill the worker's 8 slots so the next task waits in the queue.
     busy = [client.post_chat(f"busy {i} [demo:words=2000] [demo:rate=20]") for i in range(8)]
     for b in busy:
         client.wait_status(b["streamId"], {"running"})
     posted = client.post_chat(f"Never started {LONG}")
     sid = posted["streamId"]
     celery(stack, "control", "revoke", sid)
-    for b in busy:  # free the threads: the worker now takes the revoked task and drops it
+    for b in busy:  # free the slots: the worker now takes the revoked task and drops it
         client.request("POST", f"/api/v1/streams/{b['streamId']}/cancel")
     got = client.attach(sid)
     assert [e["type"] for e in got.events] == ["cancelled"]

@@ -95,9 +95,11 @@ class Follower:
         while not ended:
             self.wake.wait(self.idle_s)
             self.wake.clear()
-            batches, flagged = sub.take()
-            if flagged:
+            batches, reread, check = sub.take()
+            if check:
                 cursor, ended = yield from self._recheck(cursor)
+            elif reread:
+                cursor, ended = yield from self._drain(cursor)
             for batch in batches:
                 if ended:
                     break

@@ -44,32 +44,36 @@ class Subscription:
         self.limit = limit
         self._batches: list[Batch] = []
         self._pending = 0
-        self._flagged = False
+        self._reread = False  # read the log: something may not have been offered
+        self._check = False  # also ask whether the writer is still there
         self._lock = threading.Lock()
 
     def offer(self, batch: Batch) -> None:
         with self._lock:
-            if self._flagged or self._pending + len(batch) > self.limit:
-                if not self._flagged:
+            if self._pending + len(batch) > self.limit:
+                if not self._reread:
                     HUB_LAGGED.inc()
-                self._flagged = True  # the viewer reads the log instead: never unbounded
+                self._reread = True  # dropped: the viewer reads the log at its own pace
             else:
                 self._batches.append(batch)
                 self._pending += len(batch)
         self.wake.set()
 
-    def flag(self) -> None:
-        """Something may have been missed: the viewer re-reads the log."""
+    def flag(self, check: bool = False) -> None:
+        """Something may have been missed: the viewer re-reads the log (``check``: and
+        finishes from SQL if the writer is gone)."""
         with self._lock:
-            self._flagged = True
+            self._reread = True
+            self._check = self._check or check
         self.wake.set()
 
-    def take(self) -> tuple[list[Batch], bool]:
-        """The batches offered since the last call, and whether the log must be re-read."""
+    def take(self) -> tuple[list[Batch], bool, bool]:
+        """The batches offered since the last call, whether to re-read the log, and whether
+        to check on the writer."""
         with self._lock:
-            batches, flagged = self._batches, self._flagged
-            self._batches, self._pending, self._flagged = [], 0, False
-        return batches, flagged
+            out = self._batches, self._reread, self._check
+            self._batches, self._pending, self._reread, self._check = [], 0, False, False
+        return out
 
 
 @dataclass
@@ -290,20 +294,21 @@ class Hub:
         seconds, micros = replies[0]
         now_ms = int(seconds) * 1000 + int(micros) // 1000
         for (sid, seen), state in zip(watched, replies[1:], strict=True):
-            if self._needs_look(state, seen, now_ms):
-                self._flag_stream(sid, state[2])
+            missed, writer_gone = self._look(state, seen, now_ms)
+            if missed or writer_gone:
+                self._flag_stream(sid, state[2], writer_gone)
 
-    def _needs_look(self, state: list[str | None], seen: int, now_ms: int) -> bool:
+    def _look(self, state: list[str | None], seen: int, now_ms: int) -> tuple[bool, bool]:
+        """(the log is past what the hub saw, the writer is gone or done)."""
         status, heartbeat, seq = state
-        if seq is not None and int(seq) > seen:
-            return True
+        missed = seq is not None and int(seq) > seen
         if status == "queued":
-            return False
+            return missed, False
         if status == "running":
-            return heartbeat is None or now_ms - int(heartbeat) >= self.stale_ms
-        return True  # finished with viewers still waiting, or the state is gone
+            return missed, heartbeat is None or now_ms - int(heartbeat) >= self.stale_ms
+        return missed, True  # finished with viewers still waiting, or the state is gone
 
-    def _flag_stream(self, stream_id: str, seq: str | None) -> None:
+    def _flag_stream(self, stream_id: str, seq: str | None, check: bool) -> None:
         with self._lock:
             channel = self._channels.get(stream_id)
             if channel is None:
@@ -312,7 +317,7 @@ class Hub:
                 channel.seen = max(channel.seen, int(seq))
             subs = list(channel.subs)
         for sub in subs:
-            sub.flag()
+            sub.flag(check)
 
     def _all_subs(self) -> list[Subscription]:
         with self._lock:

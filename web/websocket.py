@@ -12,6 +12,7 @@ batch are compressed once, then shared.
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 import threading
 from collections.abc import Callable
@@ -24,6 +25,8 @@ from simple_websocket import ConnectionClosed, Server
 
 from web.frames import Batch, Deflate
 
+log = logging.getLogger("relay.web")
+CLOSE_INTERNAL_ERROR = 1011
 _EXTENSIONS = "HTTP_SEC_WEBSOCKET_EXTENSIONS"
 _REPLY_EXTENSIONS = re.compile(rb"\r\nsec-websocket-extensions:([^\r]*)", re.IGNORECASE)
 COMPRESSION_MODES = ("auto", "off")
@@ -139,8 +142,16 @@ class RelaySock(Sock):  # type: ignore[misc]
             def websocket_route(*args: Any, **kw: Any) -> Response:
                 options = current_app.config.get("SOCK_SERVER_OPTIONS", {})
                 ws = RelayServer(request.environ, **options)
-                with contextlib.suppress(ConnectionClosed):
+                try:
                     handler(ws, *args, **kw)
+                except ConnectionClosed:
+                    pass
+                except Exception:
+                    # After the upgrade the socket speaks WebSocket: an error must become a
+                    # close frame, never an HTTP error page written into the stream.
+                    log.exception("WebSocket handler failed")
+                    with contextlib.suppress(Exception):
+                        ws.close(CLOSE_INTERNAL_ERROR, "internal error")
                 with contextlib.suppress(Exception):  # already closed by either side
                     ws.close()
                 return _finished(ws)

@@ -34,9 +34,13 @@ class StreamAppender:
 
     def __init__(self, group: GroupAppender, stream_id: str, attempt: int, last_seq: int):
         self.group = group
+        # Waited on by this stream's own generation only (flush, or a full queue); notified
+        # when one of its appends completes. The flusher never wakes other streams' waiters.
+        self.changed = threading.Condition(group.lock)
         self.stream_id = stream_id
         self.attempt = attempt
         self.acked = last_seq  # the last seq the log has confirmed
+        self.acked_at = 0.0  # when (monotonic): an append also refreshes the heartbeat
         self.cancel_requested = False  # an append reported a pending cancel
         self.pending: list[Event] = []
         self.in_flight = False
@@ -66,7 +70,8 @@ class GroupAppender:
         self.coalesce_s = coalesce_s
         self.max_events = max_events  # per stream per round trip
         self.max_pending = max_pending  # a generation waits when Redis falls this far behind
-        self._cond = threading.Condition()
+        self.lock = threading.Lock()
+        self._work = threading.Condition(self.lock)  # the flusher waits here for ready streams
         self._ready: dict[StreamAppender, None] = {}  # streams with events to send, in order
         self._thread: threading.Thread | None = None
 
@@ -74,25 +79,25 @@ class GroupAppender:
         return StreamAppender(self, stream_id, attempt, last_seq)
 
     def submit(self, stream: StreamAppender, event: Event) -> None:
-        with self._cond:
+        with self.lock:
             self._raise_error(stream)
             while len(stream.pending) >= self.max_pending:
-                self._cond.wait()
+                stream.changed.wait()
                 self._raise_error(stream)
             stream.pending.append(event)
             if not stream.in_flight and stream not in self._ready:
                 self._ready[stream] = None
-                self._cond.notify_all()
+                self._work.notify()
             self._ensure_thread()
 
     def flush(self, stream: StreamAppender, timeout: float | None = None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
-        with self._cond:
+        with self.lock:
             while (stream.pending or stream.in_flight) and stream.error is None:
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     raise TimeoutError(f"stream {stream.stream_id}: appends still pending")
-                self._cond.wait(left)
+                stream.changed.wait(left)
             self._raise_error(stream)
 
     @staticmethod
@@ -117,13 +122,13 @@ class GroupAppender:
             self._settle(work, replies)
 
     def _take(self) -> list[tuple[StreamAppender, list[Event]]]:
-        with self._cond:
+        with self.lock:
             while not self._ready:
-                self._cond.wait()
+                self._work.wait()
             if self.coalesce_s > 0:
                 deadline = time.monotonic() + self.coalesce_s
                 while (left := deadline - time.monotonic()) > 0:
-                    self._cond.wait(left)
+                    self._work.wait(left)
             work = []
             for stream in self._ready:
                 events = stream.pending[: self.max_events]
@@ -164,14 +169,15 @@ class GroupAppender:
             return exc
 
     def _settle(self, work: list[tuple[StreamAppender, list[Event]]], replies: list[Reply]) -> None:
-        with self._cond:
+        with self.lock:
             for (stream, events), reply in zip(work, replies, strict=True):
                 stream.in_flight = False
                 if isinstance(reply, Exception):
                     stream.error = reply
                 else:
                     stream.acked = events[-1].seq
+                    stream.acked_at = time.monotonic()
                     stream.cancel_requested = stream.cancel_requested or reply
                     if stream.pending:
                         self._ready[stream] = None
-            self._cond.notify_all()
+                stream.changed.notify_all()

@@ -6,6 +6,7 @@ Plain functions and a small writer class; ``workers.tasks`` is the thin Celery w
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 from collections.abc import Generator, Iterator
@@ -92,6 +93,15 @@ def run_generation(rt: WorkerRuntime, stream_id: str, task_id: str) -> str:
         log.warning("stream=%s attempt=%d handed back for another worker", stream_id,
                     claim.attempt)  # fmt: skip
         return "handed-off"
+    except BaseException:
+        if not rt.is_revoked(task_id):
+            raise
+        # `celery control terminate` kills the task (the gevent pool raises GreenletExit in
+        # it): end the stream now as the revoke asked, rather than leave it to the sweeper.
+        log.warning("stream=%s attempt=%d terminated; ending it cancelled", stream_id,
+                    claim.attempt)  # fmt: skip
+        writer.settle()
+        return writer.finish("cancelled")
 
 
 class LogWriter:
@@ -112,7 +122,10 @@ class LogWriter:
         self.parts = [text] if text else []
         self.length = len(text)
         self.started = time.monotonic()
-        self.checkpointed_at = self.started
+        # A random first checkpoint: answers that start together (a burst of posts, a
+        # worker restart) do not all write SQL in the same instant every interval.
+        interval = rt.settings.checkpoint_interval_s
+        self.checkpointed_at = self.started - random.uniform(0, interval)
         self.handoff = threading.Event()  # set by the watcher when the worker shuts down
         self.timed_out = threading.Event()  # set by the watcher past max_generation_s
         self.first_chunk_at: float | None = None
@@ -228,7 +241,10 @@ class LogWriter:
             return
         self.sync()  # SQL never holds text the log does not
         with self.rt.sessions() as db:
-            if not store.checkpoint(db, self.job.stream_id, self.attempt, self.text, self.layout):
+            job = self.job
+            if not store.checkpoint(
+                db, job.stream_id, job.message_id, self.attempt, self.text, self.layout
+            ):
                 raise StaleAttempt(f"stream {self.job.stream_id} checkpoint refused")
         self.checkpointed_at = time.monotonic()
 
@@ -286,15 +302,20 @@ def watch(rt: WorkerRuntime, writer: LogWriter) -> Iterator[None]:
     stop = threading.Event()
     sid, attempt = writer.job.stream_id, writer.attempt
 
+    interval = rt.settings.heartbeat_interval_s
+
     def beat() -> None:
-        while not stop.wait(rt.settings.heartbeat_interval_s):
+        while not stop.wait(interval):
             try:
-                owner, cancel = rt.log.heartbeat(sid, attempt)
-                if not owner:
-                    writer.request.abort.abort()  # fenced off: stop paying for tokens
-                    return
-                if cancel:
-                    writer.request.abort.abort()  # closes the upstream at once
+                # Each append refreshes the heartbeat and reports a cancel or a lost fence:
+                # a stream that appended within the interval needs no separate beat.
+                if time.monotonic() - writer.appender.acked_at >= interval:
+                    owner, cancel = rt.log.heartbeat(sid, attempt)
+                    if not owner:
+                        writer.request.abort.abort()  # fenced off: stop paying for tokens
+                        return
+                    if cancel:
+                        writer.request.abort.abort()  # closes the upstream at once
                 if rt.is_revoked(writer.task_id):
                     rt.log.cancel(sid, rt.settings.heartbeat_stale_s)
                 if rt.shutting_down():
