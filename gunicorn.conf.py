@@ -23,7 +23,8 @@ accesslog = "-"
 
 
 def post_worker_init(worker: Any) -> None:
-    """Tell open streams the process is going away before gunicorn stops accepting."""
+    """Tell open streams the process is going away before gunicorn stops accepting, and keep
+    the start-up objects out of garbage collections (ops/gctune.py)."""
     original = worker.handle_exit
 
     def handle_exit(sig: int, frame: Any) -> None:
@@ -34,6 +35,10 @@ def post_worker_init(worker: Any) -> None:
 
     worker.handle_exit = handle_exit
     signal.signal(signal.SIGTERM, handle_exit)
+
+    from ops.gctune import freeze_startup_objects
+
+    freeze_startup_objects()
 
 
 def child_exit(server: Any, worker: Any) -> None:

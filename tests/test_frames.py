@@ -97,3 +97,14 @@ def test_the_reply_says_what_was_negotiated() -> None:
     )
     assert negotiated_deflate(reply, 512) == Deflate(window_bits=10, min_bytes=512)
     assert negotiated_deflate(b"HTTP/1.1 101 Switching Protocols\r\n\r\n", 512) is None
+
+
+def test_chunk_runs_encode_exactly_as_events_do() -> None:
+    texts = ["plain", 'quote " and \\ backslash', "é ü 漢字 😀", "\n\t\x00", "\u2028 line sep", ""]
+    events = [chunk(seq, text) for seq, text in enumerate(texts, start=41)]
+    batch = Batch.of(events)
+    assert [m.json for m in batch.messages(False)] == [e.json for e in events]
+    (message,) = batch.messages(True)
+    assert json.loads(message.json) == {"type": "chunks", "seq": 41, "texts": texts}
+    mixed = Batch.of([*events[:2], Event(43, DONE, message_id="m")])
+    assert [m.json for m in mixed.messages(False)] == [e.json for e in mixed.events]

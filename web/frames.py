@@ -25,6 +25,7 @@ from models.events import (
 )
 
 _TEXT = 0x81  # FIN + text opcode
+_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 _RSV1 = 0x40  # permessage-deflate: this message is compressed
 
 
@@ -127,16 +128,21 @@ class Batch:
     def messages(self, batched: bool) -> list[Message]:
         out = self._messages.get(batched)
         if out is None:
-            out = self._batch_messages() if batched else single_messages(self.events)
+            out = self._encode(batched)
             self._messages[batched] = out
         return out
 
-    def _batch_messages(self) -> list[Message]:
-        if len(self.types) > 1 and self.types.count(CHUNK) == len(self.types):
+    def _encode(self, batched: bool) -> list[Message]:
+        """The wire messages; runs of chunks (the common case) without an Event each."""
+        if self.types.count(CHUNK) != len(self.types):
+            return batch_messages(self.events) if batched else single_messages(self.events)
+        if batched and len(self.types) > 1:
             payload = {"type": CHUNKS, "seq": self.first, "texts": self.datas}
-            text = json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
-            return [Message(self.first, self.last, CHUNKS, text)]
-        return batch_messages(self.events)
+            return [Message(self.first, self.last, CHUNKS, _dumps(payload))]
+        return [
+            Message(seq, seq, CHUNK, f'{{"type":"chunk","seq":{seq},"text":{_dumps(text)}}}')
+            for seq, text in enumerate(self.datas, start=self.first)
+        ]
 
     def ws_bytes(self, batched: bool, deflate: Deflate | None) -> bytes:
         """Every message of the batch as WebSocket frames, ready for one ``sendall``."""

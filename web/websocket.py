@@ -47,7 +47,11 @@ class _WholeWrites:
         with self._lock:
             if not self.first_write:
                 self.first_write = bytes(data[:4096])
-            self._sock.sendall(data)
+            # One send() writes a frame whole nearly always; gevent's sendall() would also
+            # ask the kernel for SO_SNDBUF and arm a timer on every call.
+            sent = self._sock.send(data)
+            if sent < len(data):
+                self._sock.sendall(memoryview(data)[sent:])
         return len(data)
 
     sendall = send

@@ -12,6 +12,7 @@ from celery.signals import task_revoked, worker_ready, worker_shutting_down
 
 from models import keys, lifecycle
 from models.tables import Stream
+from ops.gctune import freeze_startup_objects
 from workers.runtime import WorkerRuntime, get_runtime
 
 log = logging.getLogger("relay.worker")
@@ -35,6 +36,7 @@ def on_worker_ready(**_: Any) -> None:
             log.warning("worker metrics not served on port %d: %s",
                         rt.settings.worker_metrics_port, exc)  # fmt: skip
     log.info("relay worker %s ready (generator=%s)", rt.worker_name, rt.generator.name)
+    freeze_startup_objects()
 
 
 @worker_shutting_down.connect  # type: ignore[untyped-decorator]
