@@ -24,7 +24,7 @@ from models.events import TERMINAL_TYPES, Event
 from models.tables import TERMINAL_STREAM_STATUSES, Message, Stream
 from web.catchup import BlockCache
 from web.frames import Batch
-from web.hub import Hub, Subscription
+from web.hub import DirectWrite, Hub, Subscription
 from web.instruments import CATCHUP
 
 # Drain result: (new cursor, whether the terminal event was yielded).
@@ -71,6 +71,8 @@ class Follower:
     # client sent something or went away, the process is shutting down.
     wake: threading.Event = field(default_factory=threading.Event)
     idle_s: float = 10.0  # the longest wait before an idle tick
+    # The viewer's socket, for the hub to write to directly while the viewer waits.
+    direct: DirectWrite | None = None
     stale_ms: float = 8000.0  # a running writer whose heartbeat is older is presumed dead
 
     def follow(self, after: int, initial: Snapshot) -> Generator[Batch | None, None, None]:
@@ -84,6 +86,7 @@ class Follower:
         if ended:
             return
         sub = self.hub.subscribe(self.stream_id, cursor, self.wake)
+        sub.direct = self.direct
         try:
             yield from self._tail(sub, cursor)
         finally:
@@ -93,7 +96,9 @@ class Follower:
         # Entries written between the catch-up and the subscription: read them now.
         cursor, ended = yield from self._drain(cursor)
         while not ended:
+            sub.park(cursor)
             self.wake.wait(self.idle_s)
+            cursor = sub.unpark() or cursor  # the hub may have written batches meanwhile
             self.wake.clear()
             batches, reread, check = sub.take()
             if check:

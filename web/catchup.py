@@ -5,9 +5,12 @@ never changes while its log exists (entries are only ever added after the last o
 is read from Redis once, kept with its encodings (JSON, WebSocket frames, deflate) for
 ``ttl_s``, and sent as is to every viewer that catches up through it: a hundred viewers
 re-attaching to the same long answer after a web restart cost one read and one encoding.
-Viewers that ask for the same block at the same moment wait for one read (single flight).
-A block that is not full yet (the live end of a stream) is read for each caller and not
-kept. The cache is bounded in bytes, oldest first out.
+Viewers that ask for the same block at the same moment share reads: at most one read of a
+block is in flight, and everyone who asks meanwhile waits for the next one, which starts
+after they asked, so its answer is as fresh as their own read would have been (this matters
+for a block that is not full yet, the live end of a stream: it may still grow, so it is
+never kept, but a thousand viewers flagged at once still cost two reads, not a thousand).
+The cache is bounded in bytes, oldest first out.
 
 The TTL bounds the one case where a kept block could go wrong: Redis lost a log and a new
 attempt wrote different text at the same seqs.
@@ -33,6 +36,15 @@ class _Kept:
     size: int
 
 
+@dataclass
+class _Flight:
+    """One read of a block, shared by whoever asked before it took off."""
+
+    done: threading.Event
+    batch: Batch | None = None
+    error: BaseException | None = None
+
+
 class BlockCache:
     """Aligned catch-up blocks of many streams' logs, read once per process."""
 
@@ -45,7 +57,8 @@ class BlockCache:
         self.max_bytes = max_bytes
         self._kept: OrderedDict[Key, _Kept] = OrderedDict()
         self._bytes = 0
-        self._reading: dict[Key, threading.Event] = {}
+        self._flying: dict[Key, _Flight] = {}  # the read in flight
+        self._boarding: dict[Key, _Flight] = {}  # the next one, taking whoever asks meanwhile
         self._lock = threading.Lock()
 
     def read(self, stream_id: str, after: int) -> Batch | None:
@@ -54,24 +67,58 @@ class BlockCache:
         if after % self.block:  # mid-block: read just the rest, nothing to share
             return self._read(stream_id, after, (index + 1) * self.block)
         key = (stream_id, index)
-        while True:
+        with self._lock:
+            kept = self._get(key)
+            if kept is not None:
+                return kept
+            flight, ahead = self._board(key)
+        if ahead is not None:
+            ahead.done.wait()
             with self._lock:
                 kept = self._get(key)
-                if kept is not None:
+                if kept is not None:  # it was a full block: nothing newer to read
                     return kept
-                reading = self._reading.get(key)
-                if reading is None:
-                    self._reading[key] = threading.Event()
-                    break
-            reading.wait(10.0)  # another viewer is reading this block: share its read
+                leads = self._boarding.get(key) is flight and key not in self._flying
+                if leads:  # the first passenger to notice flies the next read
+                    del self._boarding[key]
+                    self._flying[key] = flight
+            if not leads:
+                return self._arrive(flight)
+        return self._fly(key, flight, stream_id, after)
+
+    def _board(self, key: Key) -> tuple[_Flight, _Flight | None]:
+        """The flight to take (with the lock held): the one in the air is too old for a new
+        passenger, so a read in flight means waiting for the next."""
+        ahead = self._flying.get(key)
+        if ahead is None:  # nothing in the air: take off now, with whoever boarded
+            flight = self._boarding.pop(key, None) or _Flight(threading.Event())
+            self._flying[key] = flight
+            return flight, None
+        flight = self._boarding.get(key) or self._boarding.setdefault(
+            key, _Flight(threading.Event())
+        )
+        return flight, ahead
+
+    def _fly(self, key: Key, flight: _Flight, stream_id: str, after: int) -> Batch | None:
         try:
-            batch = self._read(stream_id, after, after + self.block)
-            if batch is not None and len(batch) == self.block:
-                self._keep(key, batch)
-            return batch
+            flight.batch = self._read(stream_id, after, after + self.block)
+            if flight.batch is not None and len(flight.batch) == self.block:
+                self._keep(key, flight.batch)
+        except BaseException as exc:
+            flight.error = exc
+            raise
         finally:
             with self._lock:
-                self._reading.pop(key).set()
+                del self._flying[key]
+            flight.done.set()
+        return flight.batch
+
+    @staticmethod
+    def _arrive(flight: _Flight) -> Batch | None:
+        flight.done.wait()
+        if flight.error is not None:
+            raise flight.error
+        return flight.batch
 
     def _read(self, stream_id: str, after: int, last: int) -> Batch | None:
         types, datas = self.log.read_columns(stream_id, after, last)

@@ -21,6 +21,7 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,10 +29,13 @@ import redis
 from redis.connection import Connection
 
 from models import keys
+from models.events import TERMINAL_TYPES
 from web.frames import Batch
 from web.instruments import HUB_DISPATCH, HUB_LAGGED
 
 log = logging.getLogger("relay.hub")
+# Writes a batch to a viewer's socket without waiting; False when it could not.
+DirectWrite = Callable[[Batch], bool]
 FINISHED = frozenset({"done", "cancelled", "failed"})
 
 
@@ -47,6 +51,37 @@ class Subscription:
         self._reread = False  # read the log: something may not have been offered
         self._check = False  # also ask whether the writer is still there
         self._lock = threading.Lock()
+        # Set by a viewer that lets the hub write to its socket directly while it waits.
+        self.direct: DirectWrite | None = None
+        self._parked_at: int | None = None  # the viewer's cursor while it waits
+
+    def park(self, cursor: int) -> None:
+        """The viewer waits, with everything up to ``cursor`` sent: until it wakes, the hub
+        may write the next batches to its socket itself (no wake-up, no copy)."""
+        with self._lock:
+            if not self._batches and not self._reread:
+                self._parked_at = cursor
+
+    def unpark(self) -> int | None:
+        """The viewer is awake again: the cursor as the hub left it (None: unchanged)."""
+        with self._lock:
+            cursor, self._parked_at = self._parked_at, None
+        return cursor
+
+    def try_direct(self, batch: Batch) -> bool:
+        """Write ``batch`` to the waiting viewer's socket now, if it follows what the viewer
+        has and needs no waiting; a terminal event always goes the normal way (the viewer
+        decides when the stream ends)."""
+        with self._lock:
+            if (
+                self._parked_at != batch.first - 1
+                or self.direct is None
+                or batch.types[-1] in TERMINAL_TYPES
+                or not self.direct(batch)
+            ):
+                return False
+            self._parked_at = batch.last
+        return True
 
     def offer(self, batch: Batch) -> None:
         with self._lock:
@@ -290,7 +325,8 @@ class Hub:
             channel.seen = max(channel.seen, batch.last)
             subs = list(channel.subs)
         for sub in subs:
-            sub.offer(batch)
+            if not sub.try_direct(batch):
+                sub.offer(batch)
         if timed:
             HUB_DISPATCH.observe(time.perf_counter() - started)
 

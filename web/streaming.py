@@ -24,6 +24,7 @@ from web.auth import check_origin, current_user_id
 from web.chats import cancel_stream, get_chat, get_stream, latest_stream
 from web.errors import as_unavailable
 from web.frames import Batch
+from web.hub import DirectWrite
 from web.instruments import ATTACHES, VIEWERS
 from web.runtime import Runtime, get_runtime
 from web.websocket import RelayServer, RelaySock
@@ -66,7 +67,11 @@ def nothing_after(rt: Runtime, snap: Snapshot, after: int) -> bool:
 
 
 def follower(
-    rt: Runtime, stream_id: str, wake: threading.Event, idle_s: float | None = None
+    rt: Runtime,
+    stream_id: str,
+    wake: threading.Event,
+    idle_s: float | None = None,
+    direct: DirectWrite | None = None,
 ) -> Follower:
     def snapshot() -> Snapshot:
         with rt.sessions() as db:
@@ -83,6 +88,7 @@ def follower(
         snapshot,
         wake=wake,
         idle_s=idle_s or rt.settings.idle_tick_s,
+        direct=direct,
         stale_ms=rt.settings.heartbeat_stale_s * 1000,
     )
 
@@ -163,16 +169,17 @@ def serve_socket(ws: RelayServer, resolve: Resolver) -> None:
     VIEWERS.labels("ws").inc()
     log.info("stream=%s attach transport=ws after=%d", stream.id, after)
     # The socket's reader sets ws.event on a client message or close: it wakes the follower.
-    with (
-        _finally(VIEWERS.labels("ws").dec),
-        closing(follower(rt, stream.id, ws.event).follow(after, snap)) as events,
-    ):
+    # While the viewer waits, the hub writes new batches to the socket itself (direct).
+    viewer = follower(rt, stream.id, ws.event, direct=ws.direct_writer(batched))
+    with _finally(VIEWERS.labels("ws").dec), closing(viewer.follow(after, snap)) as events:
         for batch in events:
             _read_client(ws, rt, uid, stream.id)
             if shutdown.going_away():
                 ws.close(CLOSE_GOING_AWAY, "server restarting; reconnect with after=<last seq>")
                 return
-            if batch is not None:
+            if batch is None:
+                ws.flush()  # what a direct write left unsent
+            else:
                 ws.send_batch(batch, batched)
     # The follower ends right after the stream's final terminal event.
     ws.close(CLOSE_NORMAL, "stream ended")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import socket
 import threading
 from collections.abc import Callable
 from functools import wraps
@@ -33,31 +34,65 @@ COMPRESSION_MODES = ("auto", "off")
 
 
 class _WholeWrites:
-    """The connection's socket, written completely and by one greenlet at a time.
+    """The connection's socket, written completely, in order, by one greenlet at a time.
 
     simple-websocket writes with ``send``, which may write only part of a large frame, and
-    its reader thread answers pings while the handler writes events."""
+    its reader thread answers pings while the handler writes events. The hub may also write
+    a batch straight to an idle viewer's socket without blocking (``try_send``); what the
+    kernel did not take then waits in ``backlog`` and goes out before anything else."""
 
     def __init__(self, sock: Any) -> None:
         self._sock = sock
         self._lock = threading.Lock()
         self.first_write = b""
+        self.backlog = b""
 
     def send(self, data: bytes) -> int:
         with self._lock:
             if not self.first_write:
                 self.first_write = bytes(data[:4096])
-            # One send() writes a frame whole nearly always; gevent's sendall() would also
-            # ask the kernel for SO_SNDBUF and arm a timer on every call.
-            sent = self._sock.send(data)
-            if sent < len(data):
-                self._sock.sendall(memoryview(data)[sent:])
+            if self.backlog:
+                data, self.backlog = self.backlog + data, b""
+            self._write(data)
         return len(data)
 
     sendall = send
 
+    def _write(self, data: bytes) -> None:
+        # One send() writes a frame whole nearly always; gevent's sendall() would also ask
+        # the kernel for SO_SNDBUF and arm a timer on every call.
+        sent = self._sock.send(data)
+        if sent < len(data):
+            self._sock.sendall(memoryview(data)[sent:])
+
+    def try_send(self, data: bytes) -> bool:
+        """Write without waiting, or not at all (False): the lock is taken, the kernel's
+        buffer is full or a backlog is pending. A part the kernel did not take goes to the
+        backlog (True all the same: it is queued in order)."""
+        if self.backlog or not self._lock.acquire(blocking=False):
+            return False
+        try:
+            sent = _send_nowait(self._sock, data)
+            if sent and sent < len(data):
+                self.backlog = data[sent:]
+            return sent > 0
+        except OSError:
+            return False  # the viewer's own write will report it
+        finally:
+            self._lock.release()
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self._sock, name)
+
+
+def _send_nowait(sock: Any, data: bytes) -> int:
+    """send() that never waits: 0 when the socket would block."""
+    try:
+        if type(sock).__module__.startswith("gevent"):
+            return int(sock.send(data, 0, timeout=0.0))  # gevent raises instead of waiting
+        return int(sock.send(data, socket.MSG_DONTWAIT))
+    except (BlockingIOError, TimeoutError):
+        return 0
 
 
 def add_no_server_context_takeover(offers: str) -> str:
@@ -132,6 +167,27 @@ class RelayServer(Server):  # type: ignore[misc]
         except OSError:
             self.connected = False
             raise ConnectionClosed(self.close_reason, self.close_message) from None
+
+    def flush(self) -> None:
+        """Write what a direct write left in the backlog."""
+        if isinstance(self.sock, _WholeWrites) and self.sock.backlog:
+            self.send_bytes(b"")
+
+    def direct_writer(self, batched: bool) -> Callable[[Batch], bool] | None:
+        """For the hub: write a batch to this socket now if that needs no waiting."""
+        sock = self.sock
+        if not isinstance(sock, _WholeWrites) or not self.connected:
+            return None
+        deflate = self.deflate
+
+        def write(batch: Batch) -> bool:
+            if not sock.try_send(batch.ws_bytes(batched, deflate)):
+                return False
+            if sock.backlog:
+                self.event.set()  # the viewer writes the rest
+            return True
+
+        return write
 
 
 Handler = Callable[..., None]
