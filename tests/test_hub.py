@@ -180,3 +180,51 @@ def test_an_idle_viewer_is_not_woken(
         assert not any(wake.is_set() for _, wake in viewers)
     finally:
         hub.stop()
+
+
+class Writer:
+    """Stands in for a viewer's socket (the hub's side of a direct write)."""
+
+    def __init__(self, accept: bool = True) -> None:
+        self.accept = accept
+        self.written: list[tuple[int, int]] = []
+
+    def __call__(self, batch: Batch) -> bool:
+        if self.accept:
+            self.written.append((batch.first, batch.last))
+        return self.accept
+
+
+def test_a_waiting_viewer_gets_batches_written_directly(hub: Hub, log: ChunkLog) -> None:
+    start(log, "k")
+    ((sub, wake),) = listening(hub, "k")
+    sub.direct = writer = Writer()
+    sub.park(0)
+    log.append_many("k", 1, chunks(1, "a", "b"))
+    log.append("k", 1, Event(3, CHUNK, text="c"))
+    wait_for(lambda: len(writer.written) == 2)
+    assert writer.written == [(1, 2), (3, 3)]
+    assert not wake.is_set()  # no wake-up: nothing for the viewer to do
+    assert sub.unpark() == 3
+    log.append("k", 1, Event(4, CHUNK, text="d"))  # awake now: the mailbox, as usual
+    (batch,) = received(sub, wake)
+    assert (batch.first, writer.written[-1]) == (4, (3, 3))
+
+
+def test_direct_writes_leave_the_hard_cases_to_the_viewer(hub: Hub, log: ChunkLog) -> None:
+    start(log, "m")
+    ((sub, wake),) = listening(hub, "m")
+    sub.direct = Writer(accept=False)  # e.g. the kernel's buffer is full
+    sub.park(0)
+    log.append("m", 1, Event(1, CHUNK, text="a"))
+    assert [b.first for b in received(sub, wake)] == [1]
+    assert sub.unpark() == 0  # nothing was written for it
+    sub.direct = writer = Writer()
+    sub.park(5)  # a gap: the log fills it, not the hub
+    log.append("m", 1, Event(2, CHUNK, text="b"))
+    assert [b.first for b in received(sub, wake)] == [2]
+    assert sub.unpark() == 5
+    sub.park(2)
+    log.append("m", 1, Event(3, DONE, message_id="x"))  # the end: the viewer closes
+    assert [b.first for b in received(sub, wake)] == [3]
+    assert writer.written == [] and sub.unpark() == 2

@@ -6,6 +6,7 @@ import base64
 import json
 import os
 import socket
+import threading
 import zlib
 from dataclasses import dataclass
 from typing import Any
@@ -128,3 +129,39 @@ def _with_sizes(data: list[Frame]) -> list[tuple[Frame, bytes]]:
             payload = zlib.decompressobj(-15).decompress(payload + b"\x00\x00\xff\xff")
         out.append((frame, payload))
     return out
+
+
+def test_a_direct_write_that_would_block_keeps_the_rest_in_order() -> None:
+    from web.websocket import _WholeWrites
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(listener.getsockname())
+    server, _ = listener.accept()
+    listener.close()
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    writes = _WholeWrites(server)
+    sent = b""
+    for n in range(10_000):  # until the kernel takes no more
+        data = bytes([65 + n % 26]) * 1000
+        if not writes.try_send(data):
+            break
+        sent += data
+    else:
+        raise AssertionError("the socket never filled up")
+    assert writes.backlog  # the kernel took the last accepted write in part: the rest waits
+    assert not writes.try_send(b"never")  # and nothing jumps it
+    received = bytearray()
+
+    def drain() -> None:
+        client.settimeout(10)
+        while len(received) < len(sent) + 5:
+            received.extend(client.recv(65536))
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    writes.send(b"after")  # the backlog goes first, then this
+    reader.join(15)
+    assert bytes(received) == sent + b"after"
+    server.close()
+    client.close()
