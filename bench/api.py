@@ -1,5 +1,5 @@
 """HTTP calls of the orchestrator: relay's API (post chats, stream status) and the upstream's
-control endpoints (go, release, counts, stats)."""
+control endpoints (go, release, counts, stats, clock)."""
 
 from __future__ import annotations
 
@@ -82,6 +82,10 @@ class UpstreamCtl:
     async def release(self) -> None:
         """End every held response."""
         await self._call("POST", "/control/release")
+
+    async def clock(self) -> int:
+        """Return the upstream's CLOCK_MONOTONIC reading in µs."""
+        return int((await self._call("GET", "/control/clock"))["clock_us"])
 
     async def count(self) -> dict[str, Any]:
         """Return how many streams arrived, were written and finished."""

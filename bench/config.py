@@ -47,6 +47,9 @@ class Knobs:
     loadgen_procs: int = 0  # 0: one per VIEWERS_PER_PROC viewers
     timeout_s: float = 0.0  # 0: each workload's own hard limit
     bench_peer: int = 1
+    bench_loadgen: str = "node"  # the viewers: node (bench/node/loadgen.mjs) or python
+    bench_upstream: str = "node"  # the fake upstream: node (bench/node/upstream.mjs) or python
+    bench_node_args: str = ""  # extra node options for those (e.g. --cpu-prof)
     peer_dir: str = ""
     bench_relay_root: str = ""
     bench_results_dir: str = ""

@@ -3,8 +3,9 @@
 The orchestrator sends one JSON command per line on stdin and gets one JSON reply per line
 (same ``id``) on stdout; progress goes to stderr. Commands: ``attach`` (open viewers, which
 then read until the server closes), ``wait_closed``, ``report_now``, ``catchup``,
-``dispatch`` and ``exit``. Latencies go to .npy files next to the process's log, since a
-million numbers do not belong in a JSON line.
+``dispatch``, ``clock`` and ``exit``. Latencies go to .npy files next to the process's log,
+since a million numbers do not belong in a JSON line. bench/node/loadgen.mjs is the same in
+Node (the default, BENCH_LOADGEN=node): keep the two in step.
 """
 
 from __future__ import annotations
@@ -84,6 +85,7 @@ class LoadGen:
                     tally.error = f"connect: {exc!r}"[:200]
                     return
                 self.attach_ms.append((now_us() - t) / 1000)
+            tally.deflate = any(e.name == "permessage-deflate" for e in ws.protocol.extensions)
             self.tasks.append(asyncio.create_task(follow(ws, tally, self.lat)))
 
         await asyncio.gather(*(one(*v) for v in viewers))
@@ -113,6 +115,7 @@ class LoadGen:
                 sums[key] += c[key]
             sums["complete"] += c["complete"]
             sums["closed"] += t.close_code is not None
+            sums["deflate"] += t.deflate
             shas[str(t.s)][t.sha.hexdigest()] += 1
         return {
             "viewers": len(self.tallies), "opened": len(self.tasks), **sums,
@@ -139,6 +142,8 @@ async def execute(gen: LoadGen, cmd: dict[str, Any]) -> Any:
         return await loadgen_runs.catchup(open_ws, **cmd["args"])
     if name == "dispatch":
         return await loadgen_runs.dispatch(open_ws, **cmd["args"])
+    if name == "clock":
+        return {"clock_us": now_us(), "pid": os.getpid()}
     if name == "exit":
         return {"pid": os.getpid()}
     raise ValueError(f"unknown command {name}")

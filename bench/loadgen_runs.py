@@ -9,7 +9,7 @@ from typing import Any
 
 import httpx
 from websockets.asyncio.client import ClientConnection
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from bench.stats import now_us, r3
 from bench.viewer import Tally
@@ -65,7 +65,8 @@ class _CatchupViewer:
                         break
         except TimeoutError:
             tally.error = f"incomplete after {timeout_s:g} s: {tally.chars} of {self.chars} chars"
-        except (ConnectionClosed, OSError) as exc:
+        except (ConnectionClosed, OSError, InvalidHandshake, ValueError) as exc:
+            # A refused handshake or a bad message fails this viewer, not the whole case.
             tally.error = repr(exc)[:200]
         if ws is not None:
             await self._close(ws, tally)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.config import Knobs
-from bench.procs import spawn
+from bench.procs import npm_ci, spawn
 from bench.stats import r3, ratio
 
 PEER_NAME = {"latency": "latency", "fanout": "fanout", "catchup": "catchup",
@@ -42,20 +42,6 @@ def peer_env(name: str, k: Knobs, redis_url: str) -> dict[str, str]:
                              for key, v in knobs.items()}}  # fmt: skip
 
 
-async def _npm_ci(peer_dir: Path, logdir: Path) -> str | None:
-    """Install the peer's locked dependencies; return why not, or None."""
-    npm = shutil.which("npm")
-    if npm is None:
-        return "npm is not installed"
-    child = await spawn("npm-ci", [npm, "ci", "--no-audit", "--no-fund"], env=os.environ,
-                        cwd=peer_dir, logdir=logdir)  # fmt: skip
-    try:
-        await asyncio.wait_for(child.proc.wait(), 600)
-    except TimeoutError:
-        await child.stop(timeout=5)
-    return None if child.proc.returncode == 0 else f"npm ci failed: {child.tail(5)}"
-
-
 async def _why_not(name: str, k: Knobs, logdir: Path) -> str | None:
     if not k.bench_peer:
         return "BENCH_PEER=0"
@@ -66,7 +52,7 @@ async def _why_not(name: str, k: Knobs, logdir: Path) -> str | None:
     if not (k.peer_path / "workloads.mjs").exists():
         return f"no workloads.mjs in {k.peer_path}"
     if not (k.peer_path / "node_modules").exists():
-        return await _npm_ci(k.peer_path, logdir)
+        return await npm_ci(k.peer_path, logdir)
     return None
 
 

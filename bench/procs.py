@@ -8,8 +8,10 @@ import ctypes
 import itertools
 import json
 import os
+import resource
+import shutil
 import signal
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,14 @@ _libc = ctypes.CDLL(None, use_errno=True)
 def die_with_parent() -> None:
     # If the orchestrator is killed outright, its children must not linger on their ports.
     _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def die_with_parent_many_files() -> None:
+    """die_with_parent, and the open-files limit raised to the hard limit (10,000 sockets in
+    one load generator; Node has no setrlimit of its own to call)."""
+    die_with_parent()
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 class Child:
@@ -72,10 +82,12 @@ class Child:
 
 async def spawn(
     name: str, argv: list[str], *, env: Mapping[str, str], cwd: Path, logdir: Path,
-    pipes: bool = False,
+    pipes: bool = False, many_files: bool = False,
 ) -> Child:  # fmt: skip
-    """Start argv with output to ``<logdir>/<name>.log`` (stdin/stdout piped when asked)."""
+    """Start argv with output to ``<logdir>/<name>.log`` (stdin/stdout piped when asked;
+    ``many_files``: with the open-files limit at its hard limit)."""
     log = logdir / f"{name}.log"
+    setup: Callable[[], None] = die_with_parent_many_files if many_files else die_with_parent
     with log.open("ab") as out:
         proc = await asyncio.create_subprocess_exec(
             *argv,
@@ -84,10 +96,24 @@ async def spawn(
             stdin=asyncio.subprocess.PIPE if pipes else asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE if pipes else out,
             stderr=out,
-            preexec_fn=die_with_parent,
+            preexec_fn=setup,
             limit=1 << 28,
         )
     return Child(name, proc, log)
+
+
+async def npm_ci(folder: Path, logdir: Path) -> str | None:
+    """Install a folder's locked npm dependencies (``npm ci``); return why not, or None."""
+    npm = shutil.which("npm")
+    if npm is None:
+        return "npm is not installed"
+    child = await spawn("npm-ci", [npm, "ci", "--no-audit", "--no-fund"], env=os.environ,
+                        cwd=folder, logdir=logdir)  # fmt: skip
+    try:
+        await asyncio.wait_for(child.proc.wait(), 600)
+    except TimeoutError:
+        await child.stop(timeout=5)
+    return None if child.proc.returncode == 0 else f"npm ci failed: {child.tail(5)}"
 
 
 class Rpc:
@@ -126,6 +152,10 @@ class Rpc:
         if not reply.get("ok"):
             raise RuntimeError(f"{self.child.name} {cmd}: {reply.get('error')}")
         return reply
+
+    async def clock(self) -> int:
+        """Return the child's CLOCK_MONOTONIC reading in µs."""
+        return int((await self.call("clock", timeout=30))["clock_us"])
 
     async def close(self) -> None:
         with contextlib.suppress(RuntimeError, TimeoutError, ConnectionError):

@@ -26,6 +26,7 @@ from bench import peer, plot
 from bench.config import Knobs
 from bench.redisd import RedisServer, redis_counters
 from bench.stack import Sizing, Stack, git_describe
+from bench.tools import Tools
 
 
 @dataclass
@@ -53,10 +54,11 @@ def log(*parts: object) -> None:
 async def relay_stack(ctx: Ctx, sizing: Sizing) -> AsyncIterator[Stack]:
     """Start relay's processes for the workload; stop them all (by pid) whatever happens."""
     stack = Stack(ctx.knobs.relay_root, ctx.tmp, (ctx.redis_url, ctx.redis_pid), sizing,
-                  ctx.knobs.chunk_chars)  # fmt: skip
+                  ctx.knobs.chunk_chars, Tools.from_knobs(ctx.knobs))  # fmt: skip
     try:
         await stack.start()
         ctx.out["results"]["pids"] = dict(stack.pids)
+        ctx.out["results"]["clock_check"] = await stack.clock_check()
         yield stack
     except BaseException:
         # The logs go with the temp dir: keep their ends in the result for diagnosis.
@@ -76,6 +78,7 @@ def envelope(name: str, knobs: Knobs) -> dict[str, Any]:
         "workload": name,
         "relay": {"root": str(knobs.relay_root), "commit": git_describe(knobs.relay_root)},
         "python": platform.python_version(),
+        "tools": {"loadgen": knobs.bench_loadgen, "upstream": knobs.bench_upstream},
         "host": host(),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "config": {},

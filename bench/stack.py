@@ -1,9 +1,9 @@
 """relay's processes for one workload, started the way ``make run`` starts them.
 
 One gunicorn process (gunicorn.conf.py, gevent, ``--workers 1``), one Celery worker
-(threads pool, the Procfile's flags), a migrated SQLite database with an API user, the fake
-upstream, and the load generators. The code under test comes from BENCH_RELAY_ROOT (default:
-this checkout), with that checkout's own .venv.
+(the Procfile's command), a migrated SQLite database with an API user, the fake upstream,
+and the load generators (Node or Python: bench/tools.py). The code under test comes from
+BENCH_RELAY_ROOT (default: this checkout), with that checkout's own .venv.
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ import re
 import shlex
 import socket
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psutil
@@ -26,6 +26,8 @@ from bench.api import RelayApi, UpstreamCtl
 from bench.config import PROJECT_ROOT
 from bench.meter import Meter
 from bench.procs import Child, Rpc, die_with_parent, spawn
+from bench.stats import now_us, r3
+from bench.tools import Tools
 
 _DROP = {"VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME", "CELERY_BROKER_URL", "DATABASE_URL", "PORT"}
 
@@ -84,8 +86,9 @@ class Stack:
     """Start, address and stop relay's processes, the upstream and the load generators."""
 
     def __init__(self, root: Path, tmp: Path, redis: tuple[str, int | None], sizing: Sizing,
-                 chars: int) -> None:  # fmt: skip
+                 chars: int, tools: Tools) -> None:  # fmt: skip
         self.root, self.tmp, self.sizing, self.chars = root, tmp, sizing, chars
+        self.tools = tools
         self.redis_url = redis[0]
         self.bin = root / ".venv" / "bin"
         self.children: list[Child] = []
@@ -98,10 +101,10 @@ class Stack:
 
     async def _spawn(
         self, name: str, argv: list[str], env: dict[str, str], cwd: Path | None = None,
-        pipes: bool = False,
+        pipes: bool = False, many_files: bool = False,
     ) -> Child:  # fmt: skip
         child = await spawn(name, argv, env=env, cwd=cwd or self.root, logdir=self.tmp,
-                            pipes=pipes)  # fmt: skip
+                            pipes=pipes, many_files=many_files)  # fmt: skip
         self.children.append(child)
         self.pids[name] = child.pid
         return child
@@ -110,6 +113,7 @@ class Stack:
         """Start the upstream, prepare the database, start web, worker and load generators."""
         if not (self.bin / "gunicorn").exists():
             raise RuntimeError(f"{self.bin} has no gunicorn: run make install in {self.root}")
+        await self.tools.prepare(self.tmp)
         port = await self._start_upstream()
         env = relay_env(self.root, self.tmp, self.redis_url, port)
         await self._run([str(self.bin / "python"), "-m", "models.migrate"], env)
@@ -122,11 +126,34 @@ class Stack:
         self.api = RelayApi(base, token.group(1))
         await self._start_worker(env)
         for i in range(self.sizing.loadgens):
-            argv = [sys.executable, "-m", "bench.loadgen", str(self.tmp)]
-            child = await self._spawn(f"loadgen{i}", argv, dict(os.environ), cwd=PROJECT_ROOT,
-                                      pipes=True)  # fmt: skip
+            argv = self.tools.loadgen_argv(self.tmp)
+            env = {**os.environ, "BENCH_ROLE": f"loadgen{i}"}
+            child = await self._spawn(f"loadgen{i}", argv, env, cwd=PROJECT_ROOT, pipes=True,
+                                      many_files=True)  # fmt: skip
             self.loadgens.append(Rpc(child))
         self.meter = Meter(dict(self.pids))
+
+    async def clock_check(self) -> dict[str, Any]:
+        """Check that the upstream and every load generator read the orchestrator's clock.
+
+        Latency is a viewer's reading minus the upstream's stamp, both CLOCK_MONOTONIC in µs
+        (Python's time.monotonic_ns, Node's process.hrtime): each child's reading must fall
+        between the orchestrator's reading before its request and after its reply.
+        """
+        assert self.upstream is not None
+        children = []
+        probes = [("upstream", self.upstream.clock)]
+        probes += [(rpc.child.name, rpc.clock) for rpc in self.loadgens]
+        for name, probe in probes:
+            t0 = now_us()
+            theirs = await probe()
+            t1 = now_us()
+            children.append({"role": name, "after_send_ms": r3((theirs - t0) / 1000),
+                             "before_reply_ms": r3((t1 - theirs) / 1000)})  # fmt: skip
+        ok = all(c["after_send_ms"] >= 0 and c["before_reply_ms"] >= 0 for c in children)
+        if not ok:
+            raise RuntimeError(f"the tools do not share the orchestrator's clock: {children}")
+        return {"ok": ok, "children": children}
 
     async def _run(self, argv: list[str], env: dict[str, str]) -> str:
         proc = await asyncio.create_subprocess_exec(
@@ -139,11 +166,15 @@ class Stack:
         return out.decode()
 
     async def _start_upstream(self) -> int:
-        argv = [sys.executable, "-m", "bench.upstream", "--chunk-chars", str(self.chars)]
-        child = await self._spawn("upstream", argv, dict(os.environ), cwd=PROJECT_ROOT, pipes=True)
+        argv = self.tools.upstream_argv(self.chars)
+        env = {**os.environ, "BENCH_ROLE": "upstream"}
+        child = await self._spawn("upstream", argv, env, cwd=PROJECT_ROOT, pipes=True)
         assert child.proc.stdout is not None
-        line = await asyncio.wait_for(child.proc.stdout.readline(), 30)
-        port = int(line.split()[1])
+        line = (await asyncio.wait_for(child.proc.stdout.readline(), 30)).split()
+        if len(line) != 2 or line[0] != b"PORT":
+            await child.stop(timeout=5)
+            raise RuntimeError(f"the upstream did not start:\n{child.tail()}")
+        port = int(line[1])
         self.upstream = UpstreamCtl(port)
         return port
 

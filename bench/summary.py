@@ -22,7 +22,7 @@ def merge_reports(reports: list[dict[str, Any]]) -> dict[str, Any]:
     errors: list[str] = []
     for rep in reports:
         for key in ("viewers", "opened", "unique", "dup", "ooo", "foreign", "seq_gaps",
-                    "seq_dups", "msgs", "complete", "closed", "n_errors"):  # fmt: skip
+                    "seq_dups", "msgs", "complete", "closed", "n_errors", "deflate"):  # fmt: skip
             total[key] += rep.get(key, 0)
         close_codes.update(rep["close_codes"])
         terminals.update(rep["terminals"])
@@ -70,6 +70,7 @@ def delivery(merged: dict[str, Any], up: dict[str, Any], per_stream: int) -> dic
         "terminal_events": merged["terminals"],
         "error_samples": merged["errors"],
         "messages_received": merged["msgs"],
+        "viewers_with_deflate": merged["deflate"],
     }
 
 

@@ -3,7 +3,8 @@
 Raw HTTP/1.1 on asyncio (keep-alive, chunked responses) so that it costs far less per chunk
 than relay does. It prints ``PORT <n>`` on stdout once it listens. The orchestrator steers it
 through ``/control/*``: ``go`` starts gated streams, ``release`` ends held ones, ``count`` and
-``stats`` report what was written and when.
+``stats`` report what was written and when, ``clock`` reads the clock. bench/node/upstream.mjs
+is the same in Node (the default, BENCH_UPSTREAM=node): keep the two in step.
 """
 
 from __future__ import annotations
@@ -80,6 +81,8 @@ class Upstream:
             _reply(w, 200, self.count())
         elif path == "/control/stats":
             _reply(w, 200, self.stats())
+        elif path == "/control/clock":
+            _reply(w, 200, {"clock_us": now_us(), "pid": os.getpid()})
         else:
             _reply(w, 404, {"error": {"message": f"no route {method} {path}"}})
         await w.drain()

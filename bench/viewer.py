@@ -34,6 +34,7 @@ class Tally:
         self.last_recv_us = 0
         self.close_code: int | None = None
         self.error: str | None = None
+        self.deflate = False  # the server's reply negotiated permessage-deflate
 
     def feed(self, raw: str | bytes, t: int, lat: array[int]) -> None:
         """Account for one message received at monotonic time ``t`` (µs)."""
