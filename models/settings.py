@@ -85,6 +85,9 @@ class Settings:
     # of at least ws_compress_min_bytes (catch-up batches); "off" never negotiates it.
     ws_compression: str = "auto"
     ws_compress_min_bytes: int = 1024
+    # The server pings each WebSocket this often and closes one that did not answer the
+    # previous ping (keeps proxies from timing out a quiet answer; finds dead clients).
+    ws_ping_s: float = 25.0
     redis_max_connections: int = 200
     allowed_origins: tuple[str, ...] = ()
     # Mark the session cookie Secure (set it when relay is served over HTTPS).

@@ -98,10 +98,10 @@ class Stack:
         self.extra.append(proc)
         return proc, port
 
-    def start_web_with(self, **env: str) -> tuple[Proc, int]:
+    def start_web_with(self, connections: int = 2000, **env: str) -> tuple[Proc, int]:
         """A second web process with extra environment settings."""
         port = free_port()
-        proc = start_web({**self.env, **env}, port, self.logdir)
+        proc = start_web({**self.env, **env}, port, self.logdir, connections=connections)
         self.extra.append(proc)
         return proc, port
 

@@ -62,12 +62,14 @@ def _kill_children(pid: int) -> None:
         os.kill(int(child), signal.SIGKILL)
 
 
-def start_web(env: Mapping[str, str], port: int, logdir: Path, timeout: float = 30.0) -> Proc:
+def start_web(
+    env: Mapping[str, str], port: int, logdir: Path, timeout: float = 30.0, connections: int = 2000
+) -> Proc:
     args = [
         str(BIN / "gunicorn"),
         "--config", str(ROOT / "gunicorn.conf.py"),
         "--workers", "1",
-        "--worker-connections", "2000",
+        "--worker-connections", str(connections),
         "--bind", f"127.0.0.1:{port}",
         "--graceful-timeout", "2",
         "web:create_app()",

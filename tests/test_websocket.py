@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import socket
@@ -11,7 +12,9 @@ import zlib
 from dataclasses import dataclass
 from typing import Any
 
-from tests.client import Client, expand
+import pytest
+
+from tests.client import Client, chunk_text, expand, wait_for
 from tests.conftest import Stack
 
 OFFER = "permessage-deflate; client_max_window_bits"
@@ -165,3 +168,87 @@ def test_a_direct_write_that_would_block_keeps_the_rest_in_order() -> None:
     assert bytes(received) == sent + b"after"
     server.close()
     client.close()
+
+
+# -- waiting viewers park: they hold no request while they wait --------------------------------
+
+
+def test_waiting_viewers_hold_no_request(isolated_stack: Stack) -> None:
+    stack = isolated_stack
+    client = stack.client()
+    posted = client.post_chat("Many waiting viewers [demo:words=30]")  # no worker yet: queued
+    sid = posted["streamId"]
+    proc, port = stack.start_web_with(connections=10)  # gunicorn serves 10 requests at once
+    watcher = Client(f"http://127.0.0.1:{port}")
+    watcher.http.cookies.update(client.http.cookies)
+    try:
+        with contextlib.ExitStack() as opened:
+            path = f"/api/v1/streams/{sid}/ws?batch=1"
+            sockets = [opened.enter_context(watcher.connect_ws(path)) for _ in range(40)]
+            # Forty viewers wait on a server that serves ten requests at once, and it still
+            # answers a plain request: none of them holds one.
+            assert watcher.request("GET", f"/api/v1/streams/{sid}").status_code == 200
+            stack.start_worker("w1")
+            for ws in sockets:
+                events = expand([json.loads(raw) for raw in ws])
+                assert events[-1]["type"] == "done" and ws.close_code == 1000
+                assert chunk_text(events) == client.answer(posted["chatId"])["content"]
+    finally:
+        proc.stop()
+
+
+def test_a_client_that_answers_no_ping_is_closed(isolated_stack: Stack) -> None:
+    stack = isolated_stack
+    client = stack.client()
+    sid = client.post_chat("Nobody answers [demo:words=5]")["streamId"]
+    proc, port = stack.start_web_with(RELAY_WS_PING_S="0.3")
+    try:
+        cookie = "; ".join(f"{k}={v}" for k, v in client.http.cookies.items())
+        (sock, reader), _ = handshake(port, f"/api/v1/streams/{sid}/ws", cookie, None)
+        received = frames(reader)  # a raw socket: it never answers a ping
+        sock.close()
+    finally:
+        proc.stop()
+    assert [f.opcode for f in received] == [9, 8]  # one ping, then the close
+    assert int.from_bytes(received[-1].payload[:2], "big") == 1008
+
+
+def test_a_client_that_answers_pings_stays_attached(isolated_stack: Stack) -> None:
+    stack = isolated_stack
+    client = stack.client()
+    posted = client.post_chat("Keep me [demo:words=20]")
+    proc, port = stack.start_web_with(RELAY_WS_PING_S="0.3")
+    try:
+        watcher = Client(f"http://127.0.0.1:{port}")
+        watcher.http.cookies.update(client.http.cookies)
+        with watcher.connect_ws(f"/api/v1/streams/{posted['streamId']}/ws") as ws:
+            with pytest.raises(TimeoutError):
+                ws.recv(timeout=2.0)  # ~6 pings answered (websockets does it), nothing sent
+            stack.start_worker("w1")
+            events = [json.loads(ws.recv(timeout=30))]
+            while events[-1]["type"] != "done":
+                events.append(json.loads(ws.recv(timeout=30)))
+    finally:
+        proc.stop()
+    assert chunk_text(events) == client.answer(posted["chatId"])["content"]
+
+
+def test_a_waiting_viewer_that_leaves_is_forgotten(isolated_stack: Stack) -> None:
+    stack = isolated_stack
+    client = stack.client()
+    sid = client.post_chat("Leave me [demo:words=5]")["streamId"]
+    with contextlib.ExitStack() as opened:
+        sockets = [opened.enter_context(client.connect_ws(f"/api/v1/streams/{sid}/ws"))
+                   for _ in range(5)]  # fmt: skip
+        wait_for(lambda: viewers_connected(client) == 5)
+        for ws in sockets:
+            ws.socket.close()  # gone without a close frame
+        wait_for(lambda: viewers_connected(client) == 0)
+
+
+def viewers_connected(client: Client) -> float:
+    text = client.request("GET", "/metrics").text
+    line = next(
+        ln for ln in text.splitlines() if ln.startswith('relay_viewers_connected{transport="ws"')
+    )
+    return float(line.rsplit(" ", 1)[1])

@@ -38,7 +38,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
         PERMANENT_SESSION_LIFETIME=timedelta(days=365),
         # Keepalive pings find dead peers; the size cap bounds what a client can send.
         SOCK_SERVER_OPTIONS={
-            "ping_interval": 25,
+            "ping_interval": settings.ws_ping_s or None,
             "max_message_size": 64 * 1024,
             "compression": settings.ws_compression,
             "compress_min_bytes": settings.ws_compress_min_bytes,

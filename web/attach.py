@@ -2,10 +2,10 @@
 
 ``follow`` yields the events with ``seq > after`` exactly once each, in order, ending with the
 terminal event, as batches of consecutive events (a catch-up read, or what one append
-published); it yields ``None`` when woken without events (an idle tick, a client message, a
-shutdown) so the caller can read the client, send keepalives or leave. It never yields a
-duplicate or skips a seq: every batch from the hub is cut at the viewer's cursor, and any gap
-is filled from the log.
+published). It never waits: when it has nothing to send it yields ``None``, and the caller
+waits until ``wake`` is set (or its own idle tick, or parks the viewer) before resuming it.
+It never yields a duplicate or skips a seq: every batch from the hub is cut at the viewer's
+cursor, and any gap is filled from the log.
 """
 
 from __future__ import annotations
@@ -70,7 +70,6 @@ class Follower:
     # Set whenever the viewer should look again: the hub has events or a flag for it, the
     # client sent something or went away, the process is shutting down.
     wake: threading.Event = field(default_factory=threading.Event)
-    idle_s: float = 10.0  # the longest wait before an idle tick
     # The viewer's socket, for the hub to write to directly while the viewer waits.
     direct: DirectWrite | None = None
     stale_ms: float = 8000.0  # a running writer whose heartbeat is older is presumed dead
@@ -81,6 +80,7 @@ class Follower:
             if events:
                 yield Batch.of(events)
             return
+        del initial  # not kept for the life of the attach (it holds the answer's text)
         cursor, ended = yield from self._drain(after)
         CATCHUP.observe(cursor - after)
         if ended:
@@ -97,7 +97,8 @@ class Follower:
         cursor, ended = yield from self._drain(cursor)
         while not ended:
             sub.park(cursor)
-            self.wake.wait(self.idle_s)
+            if not self.wake.is_set():
+                yield None  # nothing now: the caller waits for ``wake`` (or parks), resumes us
             cursor = sub.unpark() or cursor  # the hub may have written batches meanwhile
             self.wake.clear()
             batches, reread, check = sub.take()
@@ -109,8 +110,6 @@ class Follower:
                 if ended:
                     break
                 cursor, ended = yield from self._deliver(batch, cursor)
-            if not batches and not ended:
-                yield None  # an idle tick: the caller reads the client, sends keepalives
 
     def _deliver(self, batch: Batch, cursor: int) -> Drain:
         part = batch.since(cursor)

@@ -12,21 +12,21 @@ from contextlib import closing, contextmanager
 from flask import Flask, Response, request
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from simple_websocket import ConnectionClosed
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
-from models.exceptions import BadRequest, InvalidAfter, InvalidParameter, RelayError, StreamNotFound
+from models.exceptions import InvalidAfter, InvalidParameter, RelayError, StreamNotFound
 from models.tables import Stream
 from web import shutdown
 from web.attach import Follower, Snapshot, load_snapshot
 from web.auth import check_origin, current_user_id
-from web.chats import cancel_stream, get_chat, get_stream, latest_stream
+from web.chats import get_chat, get_stream, latest_stream
 from web.errors import as_unavailable
 from web.frames import Batch
 from web.hub import DirectWrite
 from web.instruments import ATTACHES, VIEWERS
 from web.runtime import Runtime, get_runtime
+from web.viewer import SocketViewer
 from web.websocket import RelayServer, RelaySock
 
 log = logging.getLogger("relay.web")
@@ -67,11 +67,7 @@ def nothing_after(rt: Runtime, snap: Snapshot, after: int) -> bool:
 
 
 def follower(
-    rt: Runtime,
-    stream_id: str,
-    wake: threading.Event,
-    idle_s: float | None = None,
-    direct: DirectWrite | None = None,
+    rt: Runtime, stream_id: str, wake: threading.Event, direct: DirectWrite | None = None
 ) -> Follower:
     def snapshot() -> Snapshot:
         with rt.sessions() as db:
@@ -87,7 +83,6 @@ def follower(
         stream_id,
         snapshot,
         wake=wake,
-        idle_s=idle_s or rt.settings.idle_tick_s,
         direct=direct,
         stale_ms=rt.settings.heartbeat_stale_s * 1000,
     )
@@ -97,12 +92,13 @@ def sse_response(rt: Runtime, snap: Snapshot, after: int, batched: bool = False)
     """Serve the events after ``after`` as Server-Sent Events (204 when nothing is left)."""
     if nothing_after(rt, snap, after):
         return Response(status=204)
-    idle_s = min(rt.settings.idle_tick_s, SSE_KEEPALIVE_S)
-    events = follower(rt, snap.stream.id, threading.Event(), idle_s).follow(after, snap)
+    wake = threading.Event()
+    events = follower(rt, snap.stream.id, wake).follow(after, snap)
     ATTACHES.labels("sse", "resume" if after else "new").inc()
     log.info("stream=%s attach transport=sse after=%d", snap.stream.id, after)
+    idle_s = min(rt.settings.idle_tick_s, SSE_KEEPALIVE_S)
     return Response(
-        _sse_body(events, batched),
+        _sse_body(events, batched, wake, idle_s),
         mimetype="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
@@ -118,7 +114,12 @@ def snapshot_response(text: str, message_id: str) -> Response:
     return Response(body, mimetype="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
-def _sse_body(events: Generator[Batch | None, None, None], batched: bool) -> Iterator[str]:
+def _sse_body(
+    events: Generator[Batch | None, None, None],
+    batched: bool,
+    wake: threading.Event,
+    idle_s: float,
+) -> Iterator[str]:
     yield "retry: 1000\n\n"
     last_write = time.monotonic()
     VIEWERS.labels("sse").inc()
@@ -131,6 +132,7 @@ def _sse_body(events: Generator[Batch | None, None, None], batched: bool) -> Ite
                 if now - last_write >= SSE_KEEPALIVE_S:
                     last_write = now
                     yield ": keepalive\n\n"
+                wake.wait(idle_s)  # the follower has nothing: until the hub has something
                 continue
             last_write = now
             yield batch.sse_text(batched)
@@ -168,41 +170,12 @@ def serve_socket(ws: RelayServer, resolve: Resolver) -> None:
     ATTACHES.labels("ws", "resume" if after else "new").inc()
     VIEWERS.labels("ws").inc()
     log.info("stream=%s attach transport=ws after=%d", stream.id, after)
-    # The socket's reader sets ws.event on a client message or close: it wakes the follower.
-    # While the viewer waits, the hub writes new batches to the socket itself (direct).
+    # The socket's readability (or its reader thread) sets ws.event: the follower and the
+    # hub share it. While the viewer waits, the hub writes new batches itself (direct).
     viewer = follower(rt, stream.id, ws.event, direct=ws.direct_writer(batched))
-    with _finally(VIEWERS.labels("ws").dec), closing(viewer.follow(after, snap)) as events:
-        for batch in events:
-            _read_client(ws, rt, uid, stream.id)
-            if shutdown.going_away():
-                ws.close(CLOSE_GOING_AWAY, "server restarting; reconnect with after=<last seq>")
-                return
-            if batch is None:
-                ws.flush()  # what a direct write left unsent
-            else:
-                ws.send_batch(batch, batched)
-    # The follower ends right after the stream's final terminal event.
-    ws.close(CLOSE_NORMAL, "stream ended")
-
-
-def _read_client(ws: RelayServer, rt: Runtime, uid: str, stream_id: str) -> None:
-    """Handle what the client sent (cancel); raises ConnectionClosed once it has gone.
-
-    Runs before every event sent, so it only looks at what the socket's reader already
-    buffered (``receive(timeout=0)`` would arm and fire a timer each time)."""
-    if not ws.connected:
-        raise ConnectionClosed(ws.close_reason, ws.close_message)
-    while ws.input_buffer and (raw := ws.receive(timeout=0)) is not None:
-        try:
-            message = json.loads(raw)
-            kind = message.get("type") if isinstance(message, dict) else None
-        except (ValueError, TypeError):
-            kind = None
-        if kind == "cancel":
-            with rt.sessions() as db:
-                cancel_stream(rt, db, get_stream(db, uid, stream_id))
-        elif kind != "ping":
-            raise BadRequest('client messages are {"type": "cancel"} or {"type": "ping"}')
+    events = viewer.follow(after, snap)
+    del snap, stream  # a parked viewer keeps neither
+    SocketViewer(rt, ws, uid, viewer.stream_id, batched, events).run()
 
 
 def _chat_latest(chat_id: str) -> Resolver:

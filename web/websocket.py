@@ -16,6 +16,7 @@ import logging
 import re
 import socket
 import threading
+import time
 from collections.abc import Callable
 from functools import wraps
 from typing import Any
@@ -29,6 +30,7 @@ from web.frames import Batch, Deflate
 log = logging.getLogger("relay.web")
 CLOSE_INTERNAL_ERROR = 1011
 _EXTENSIONS = "HTTP_SEC_WEBSOCKET_EXTENSIONS"
+_PING = b"\x89\x00"  # an unmasked ping frame without payload
 _REPLY_EXTENSIONS = re.compile(rb"\r\nsec-websocket-extensions:([^\r]*)", re.IGNORECASE)
 COMPRESSION_MODES = ("auto", "off")
 
@@ -81,8 +83,34 @@ class _WholeWrites:
         finally:
             self._lock.release()
 
+    def adopt_dup(self) -> None:
+        """Write to (and read from) a duplicate of the socket from now on."""
+        with self._lock:
+            self._sock = self._sock.dup()
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self._sock, name)
+
+
+class _NoReader:
+    """Stands in for simple-websocket's reader thread: under gevent, ``RelayServer`` reads
+    the socket itself when it is readable."""
+
+    def __init__(self, target: Callable[[], None]) -> None:
+        self.name = "relay-ws-watcher"
+
+    def start(self) -> None:
+        pass
+
+
+def gevent_loop() -> Any:
+    """gevent's event loop when gevent has patched the socket module (gunicorn's gevent
+    worker), else None."""
+    try:
+        from gevent import get_hub, monkey
+    except ImportError:
+        return None
+    return get_hub().loop if monkey.is_module_patched("socket") else None
 
 
 def _send_nowait(sock: Any, data: bytes) -> int:
@@ -125,6 +153,9 @@ class RelayServer(Server):  # type: ignore[misc]
 
     environ: dict[str, Any]
     connected: bool
+    pong_received: bool
+    ping_interval: float | None
+    receive_bytes: int
 
     def __init__(
         self,
@@ -137,11 +168,21 @@ class RelayServer(Server):  # type: ignore[misc]
         self.compression = compression
         self.compress_min_bytes = compress_min_bytes
         self.deflate: Deflate | None = None
+        # Under gevent the socket's readability wakes the viewer (an io watcher) instead of a
+        # reader greenlet per connection: less memory per viewer, and a viewer can park.
+        self.loop = gevent_loop()
+        self.detached = False
+        self._watch: Any = None
+        self._next_ping = 0.0
+        if self.loop is not None:
+            options["thread_class"] = _NoReader
         environ = dict(environ)
         for key in ("gunicorn.socket", "werkzeug.socket"):
             if key in environ:
                 environ[key] = _WholeWrites(environ[key])
         super().__init__(environ, **options)
+        self._next_ping = time.monotonic() + (self.ping_interval or 0)
+        self.environ = {}  # the handshake is done: nothing reads it again
 
     def handshake(self) -> None:
         offers = self.environ.get(_EXTENSIONS)
@@ -167,6 +208,79 @@ class RelayServer(Server):  # type: ignore[misc]
         except OSError:
             self.connected = False
             raise ConnectionClosed(self.close_reason, self.close_message) from None
+
+    # -- reading without a reader thread (gevent) ------------------------------------------
+
+    @property
+    def watched(self) -> bool:
+        """Whether the socket is read here (``pump``) rather than by a reader thread."""
+        return self.loop is not None
+
+    def arm(self, wake: Callable[[], None]) -> None:
+        """Call ``wake`` (once) when the client sends something or goes away."""
+        if self.loop is None or not self.connected:
+            return
+        if self._watch is None:
+            self._watch = self.loop.io(self.sock.fileno(), 1)  # 1: readable
+        if not self._watch.active:
+
+            def readable() -> None:
+                self._watch.stop()  # one-shot: a level-triggered watcher would spin
+                wake()
+
+            self._watch.start(readable)
+
+    def disarm(self) -> None:
+        if self._watch is not None:
+            self._watch.stop()
+            self._watch.close()
+            self._watch = None
+
+    def pump(self) -> None:
+        """Take in what the client sent, without waiting (replies to pings and closes as
+        simple-websocket's reader would, and queues messages in ``input_buffer``)."""
+        if self.loop is None or not self.connected:
+            return
+        sock = self.sock
+        timeout = sock.gettimeout()
+        sock.settimeout(0.0)  # gevent: fail instead of waiting; nothing else runs meanwhile
+        try:
+            while self.connected:
+                data = sock.recv(self.receive_bytes)
+                if not data:
+                    self.connected = False
+                    break
+                self.ws.receive_data(data)
+                self.connected = self._handle_events()
+        except (BlockingIOError, TimeoutError):
+            pass  # all read
+        except OSError:
+            self.connected = False
+        finally:
+            sock.settimeout(timeout)
+
+    def keepalive(self) -> None:
+        """Ping every ``ping_interval``; close a client that did not answer the last one."""
+        if self.loop is None or not self.ping_interval or time.monotonic() < self._next_ping:
+            return
+        if not self.pong_received:
+            self.close(1008, "Ping/Pong timeout")
+            raise ConnectionClosed(self.close_reason, self.close_message)
+        self.pong_received = False
+        self.send_bytes(_PING)
+        self._next_ping = time.monotonic() + self.ping_interval
+
+    def until_keepalive(self) -> float:
+        if not self.ping_interval:
+            return 3600.0
+        return max(0.0, self._next_ping - time.monotonic())
+
+    def detach(self) -> None:
+        """Keep the connection open on a socket of its own, so the WSGI request can end
+        (the server closes its socket object when the request returns)."""
+        if isinstance(self.sock, _WholeWrites):
+            self.sock.adopt_dup()
+            self.detached = True
 
     def flush(self) -> None:
         """Write what a direct write left in the backlog."""
@@ -212,8 +326,9 @@ class RelaySock(Sock):  # type: ignore[misc]
                     log.exception("WebSocket handler failed")
                     with contextlib.suppress(Exception):
                         ws.close(CLOSE_INTERNAL_ERROR, "internal error")
-                with contextlib.suppress(Exception):  # already closed by either side
-                    ws.close()
+                if not ws.detached:  # a parked viewer lives on after the request
+                    with contextlib.suppress(Exception):  # already closed by either side
+                        ws.close()
                 return _finished(ws)
 
             kwargs["websocket"] = True

@@ -1,0 +1,164 @@
+"""A WebSocket viewer: the follower's batches written to one socket, what the client sends
+read from it, and, under gevent, the viewer parked while it waits.
+
+A parked viewer holds no greenlet and no WSGI request: its connection lives on a socket of
+its own, an io watcher and a timer, and the wake event it shares with the hub. Whatever
+needs it (the hub has events or a flag for it, the client sent something or went away, a
+keepalive ping is due, the process shuts down) sets that event, which starts a greenlet
+that runs the viewer until it waits again. Meanwhile the hub writes the batches that
+simply follow straight to its socket (``Subscription.try_direct``). Without gevent (a
+threaded server), the viewer waits in its request's thread instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import threading
+from collections.abc import Generator
+from typing import Any
+
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from simple_websocket import ConnectionClosed
+from sqlalchemy.exc import OperationalError
+
+from models.exceptions import BadRequest, RelayError
+from web import shutdown
+from web.chats import cancel_stream, get_stream
+from web.errors import as_unavailable
+from web.frames import Batch
+from web.instruments import VIEWERS
+from web.runtime import Runtime
+from web.websocket import CLOSE_INTERNAL_ERROR, RelayServer
+
+log = logging.getLogger("relay.web")
+CLOSE_NORMAL = 1000
+CLOSE_GOING_AWAY = 1001
+Events = Generator[Batch | None, None, None]
+
+
+class SocketViewer:
+    """One attach over a WebSocket, from the first catch-up batch to the close."""
+
+    def __init__(
+        self,
+        rt: Runtime,
+        ws: RelayServer,
+        uid: str,
+        stream_id: str,
+        batched: bool,
+        events: Events,
+    ) -> None:
+        self.rt = rt
+        self.ws = ws
+        self.uid = uid
+        self.stream_id = stream_id
+        self.batched = batched
+        self.events = events
+        self.wake: threading.Event = ws.event  # shared with the follower and the hub
+        self._timer: Any = None
+        self._parked = False
+
+    def run(self) -> None:
+        """Serve until the viewer ends or parks (it then resumes in a greenlet of its own)."""
+        try:
+            if self._serve():
+                return  # parked
+        except ConnectionClosed:
+            pass
+        except RelayError as exc:  # e.g. a bad client message
+            self._close(exc.ws_close, exc.message)
+        except (RedisConnectionError, RedisTimeoutError, OperationalError) as exc:
+            log.warning("socket ended: backend unavailable (%s)", type(exc).__name__)
+            unavailable = as_unavailable(exc)  # 1013: the client retries later, after=<last>
+            self._close(unavailable.ws_close, unavailable.message)
+        except Exception:
+            log.exception("stream=%s viewer failed", self.stream_id)
+            self._close(CLOSE_INTERNAL_ERROR, "internal error")
+        self._end()
+
+    def _serve(self) -> bool:
+        """Send batches until the stream ends (False) or the viewer parks (True)."""
+        for batch in self.events:
+            self._read_client()
+            if shutdown.going_away():
+                self._close(CLOSE_GOING_AWAY, "server restarting; reconnect with after=<last seq>")
+                return False
+            if batch is not None:
+                self.ws.send_batch(batch, self.batched)
+            elif not self._wait():
+                return True
+        # The follower ends right after the stream's final terminal event.
+        self._close(CLOSE_NORMAL, "stream ended")
+        return False
+
+    def _wait(self) -> bool:
+        """Nothing to send: wait for the wake event here (True), or park (False)."""
+        self.ws.flush()  # what a direct write left unsent
+        if self.wake.is_set():
+            return True
+        if self.ws.watched:
+            self._park()
+            return False
+        self.wake.wait(self.rt.settings.idle_tick_s)
+        return True
+
+    def _read_client(self) -> None:
+        """Handle what the client sent (cancel); raises ConnectionClosed once it has gone."""
+        ws = self.ws
+        ws.pump()
+        if not ws.connected:
+            raise ConnectionClosed(ws.close_reason, ws.close_message)
+        ws.keepalive()
+        while ws.input_buffer and (raw := ws.receive(timeout=0)) is not None:
+            try:
+                message = json.loads(raw)
+                kind = message.get("type") if isinstance(message, dict) else None
+            except (ValueError, TypeError):
+                kind = None
+            if kind == "cancel":
+                with self.rt.sessions() as db:
+                    cancel_stream(self.rt, db, get_stream(db, self.uid, self.stream_id))
+            elif kind != "ping":
+                raise BadRequest('client messages are {"type": "cancel"} or {"type": "ping"}')
+
+    # -- parking (gevent) ----------------------------------------------------------------------
+
+    def _park(self) -> None:
+        if not self._parked:
+            self.ws.detach()  # the request returns now; the connection stays
+            self._parked = True
+        self.ws.arm(self.wake.set)
+        if self._timer is not None:
+            self._timer.close()
+        self._timer = self.ws.loop.timer(self.ws.until_keepalive())  # the next ping is due
+        self._timer.start(self.wake.set)
+        self.wake.rawlink(self._resume)  # type: ignore[attr-defined]
+
+    def _resume(self, _event: object) -> None:
+        """Called by gevent's hub when the wake event is set: run again in a new greenlet."""
+        import gevent
+
+        self.wake.unlink(self._resume)  # type: ignore[attr-defined]
+        if self._timer is not None:
+            self._timer.stop()
+        gevent.spawn(self.run)
+
+    # -- ending ---------------------------------------------------------------------------------
+
+    def _close(self, code: int, reason: str) -> None:
+        with contextlib.suppress(Exception):  # already closed by either side
+            self.ws.close(code, reason[:120])
+
+    def _end(self) -> None:
+        self.events.close()
+        self.ws.disarm()
+        if self._timer is not None:
+            self._timer.close()
+            self._timer = None
+        if self._parked:  # the request is long gone: the socket is ours to close
+            with contextlib.suppress(OSError):
+                self.ws.sock.close()
+        VIEWERS.labels("ws").dec()
