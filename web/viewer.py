@@ -16,6 +16,7 @@ import contextlib
 import json
 import logging
 import threading
+import time
 from collections.abc import Generator
 from typing import Any
 
@@ -58,8 +59,8 @@ class SocketViewer:
         self.batched = batched
         self.events = events
         self.wake: threading.Event = ws.event  # shared with the follower and the hub
-        self._timer: Any = None
         self._parked = False
+        self.wheel_slot: int | None = None  # owned by the keepalive wheel
 
     def run(self) -> None:
         """Serve until the viewer ends or parks (it then resumes in a greenlet of its own)."""
@@ -131,19 +132,24 @@ class SocketViewer:
             self.ws.detach()  # the request returns now; the connection stays
             self._parked = True
         self.ws.arm(self.wake.set)
-        if self._timer is not None:
-            self._timer.close()
-        self._timer = self.ws.loop.timer(self.ws.until_keepalive())  # the next ping is due
-        self._timer.start(self.wake.set)
+        keepalive_wheel(self.ws.loop).add(self, self.ws.until_keepalive())
         self.wake.rawlink(self._resume)  # type: ignore[attr-defined]
+
+    def keepalive_due(self) -> None:
+        """The wheel's call when this parked viewer's ping is due: ping from the hub when
+        that needs no waiting (the pong is taken in by the socket's watcher), else wake the
+        viewer to do it (or to close a client that did not answer)."""
+        if self.ws.ping_now():
+            keepalive_wheel(self.ws.loop).add(self, self.ws.until_keepalive())
+        else:
+            self.wake.set()
 
     def _resume(self, _event: object) -> None:
         """Called by gevent's hub when the wake event is set: run again in a new greenlet."""
         import gevent
 
         self.wake.unlink(self._resume)  # type: ignore[attr-defined]
-        if self._timer is not None:
-            self._timer.stop()
+        keepalive_wheel(self.ws.loop).remove(self)
         gevent.spawn(self.run)
 
     # -- ending ---------------------------------------------------------------------------------
@@ -155,10 +161,48 @@ class SocketViewer:
     def _end(self) -> None:
         self.events.close()
         self.ws.disarm()
-        if self._timer is not None:
-            self._timer.close()
-            self._timer = None
+        if self.ws.loop is not None:
+            keepalive_wheel(self.ws.loop).remove(self)
         if self._parked:  # the request is long gone: the socket is ours to close
             with contextlib.suppress(OSError):
                 self.ws.sock.close()
         VIEWERS.labels("ws").dec()
+
+
+class KeepaliveWheel:
+    """One timer for the keepalive pings of every parked viewer of the process, instead of
+    a timer each: viewers wait in one-second slots of when their next ping is due."""
+
+    def __init__(self, loop: Any) -> None:
+        self._slots: dict[int, set[SocketViewer]] = {}
+        self._timer = loop.timer(1.0, 1.0)
+        self._timer.start(self._turn)
+
+    def add(self, viewer: SocketViewer, due_in: float) -> None:
+        self.remove(viewer)
+        slot = int(time.monotonic() + due_in) + 1
+        self._slots.setdefault(slot, set()).add(viewer)
+        viewer.wheel_slot = slot
+
+    def remove(self, viewer: SocketViewer) -> None:
+        if viewer.wheel_slot is not None:
+            self._slots.get(viewer.wheel_slot, set()).discard(viewer)
+            viewer.wheel_slot = None
+
+    def _turn(self) -> None:
+        now = int(time.monotonic())
+        for slot in [s for s in self._slots if s <= now]:
+            for viewer in self._slots.pop(slot):
+                viewer.wheel_slot = None
+                viewer.keepalive_due()
+
+
+_wheels: dict[int, KeepaliveWheel] = {}
+
+
+def keepalive_wheel(loop: Any) -> KeepaliveWheel:
+    """The wheel of this event loop (one per process: gevent runs one loop)."""
+    wheel = _wheels.get(id(loop))
+    if wheel is None:
+        wheel = _wheels[id(loop)] = KeepaliveWheel(loop)
+    return wheel

@@ -103,6 +103,16 @@ class _NoReader:
         pass
 
 
+def _is_lone_pong(data: bytes) -> bool:
+    """Exactly one masked pong frame from a client (payload up to 125 bytes)."""
+    return (
+        len(data) >= 6
+        and data[0] == 0x8A  # FIN + pong
+        and data[1] & 0x80 != 0  # masked, as every client frame is
+        and len(data) == 6 + (data[1] & 0x7F)
+    )
+
+
 def gevent_loop() -> Any:
     """gevent's event loop when gevent has patched the socket module (gunicorn's gevent
     worker), else None."""
@@ -173,6 +183,7 @@ class RelayServer(Server):  # type: ignore[misc]
         self.loop = gevent_loop()
         self.detached = False
         self._watch: Any = None
+        self._unread: list[bytes] = []
         self._next_ping = 0.0
         if self.loop is not None:
             options["thread_class"] = _NoReader
@@ -217,7 +228,8 @@ class RelayServer(Server):  # type: ignore[misc]
         return self.loop is not None
 
     def arm(self, wake: Callable[[], None]) -> None:
-        """Call ``wake`` (once) when the client sends something or goes away."""
+        """Call ``wake`` (once) when the client sends something or goes away. A lone pong
+        (the answer to our keepalive ping) is taken in right away, without waking anyone."""
         if self.loop is None or not self.connected:
             return
         if self._watch is None:
@@ -225,8 +237,9 @@ class RelayServer(Server):  # type: ignore[misc]
         if not self._watch.active:
 
             def readable() -> None:
-                self._watch.stop()  # one-shot: a level-triggered watcher would spin
-                wake()
+                if not self._took_pong():
+                    self._watch.stop()  # one-shot: a level-triggered watcher would spin
+                    wake()
 
             self._watch.start(readable)
 
@@ -236,28 +249,47 @@ class RelayServer(Server):  # type: ignore[misc]
             self._watch.close()
             self._watch = None
 
+    def _took_pong(self) -> bool:
+        """Read what arrived; True if it was just a pong. Anything else waits in ``_unread``
+        for ``pump``."""
+        data = self._recv_nowait()
+        if data is None:
+            return True  # nothing after all
+        if _is_lone_pong(data) and not self._unread:
+            self.pong_received = True
+            return True
+        self._unread.append(data)
+        return False
+
+    def _recv_nowait(self) -> bytes | None:
+        """One read without waiting: the bytes, b"" when the client has gone, None when
+        there is nothing."""
+        sock = self.sock
+        timeout = sock.gettimeout()
+        sock.settimeout(0.0)  # gevent: fail instead of waiting (this may run in its hub)
+        try:
+            return bytes(sock.recv(self.receive_bytes))
+        except (BlockingIOError, TimeoutError):
+            return None
+        except OSError:
+            return b""
+        finally:
+            sock.settimeout(timeout)
+
     def pump(self) -> None:
         """Take in what the client sent, without waiting (replies to pings and closes as
         simple-websocket's reader would, and queues messages in ``input_buffer``)."""
-        if self.loop is None or not self.connected:
+        if self.loop is None:
             return
-        sock = self.sock
-        timeout = sock.gettimeout()
-        sock.settimeout(0.0)  # gevent: fail instead of waiting; nothing else runs meanwhile
-        try:
-            while self.connected:
-                data = sock.recv(self.receive_bytes)
-                if not data:
-                    self.connected = False
-                    break
-                self.ws.receive_data(data)
-                self.connected = self._handle_events()
-        except (BlockingIOError, TimeoutError):
-            pass  # all read
-        except OSError:
-            self.connected = False
-        finally:
-            sock.settimeout(timeout)
+        while self.connected:
+            data = self._unread.pop(0) if self._unread else self._recv_nowait()
+            if data is None:
+                return  # all read
+            if not data:
+                self.connected = False
+                return
+            self.ws.receive_data(data)
+            self.connected = self._handle_events()
 
     def keepalive(self) -> None:
         """Ping every ``ping_interval``; close a client that did not answer the last one."""
@@ -269,6 +301,19 @@ class RelayServer(Server):  # type: ignore[misc]
         self.pong_received = False
         self.send_bytes(_PING)
         self._next_ping = time.monotonic() + self.ping_interval
+
+    def ping_now(self) -> bool:
+        """For a parked viewer's timer: ping without waiting if the last ping was answered
+        (True), else leave it to ``keepalive`` in the viewer (False)."""
+        if not self.ping_interval or time.monotonic() < self._next_ping:
+            return True
+        if not self.pong_received or not isinstance(self.sock, _WholeWrites):
+            return False
+        if not self.sock.try_send(_PING):
+            return False
+        self.pong_received = False
+        self._next_ping = time.monotonic() + self.ping_interval
+        return True
 
     def until_keepalive(self) -> float:
         if not self.ping_interval:
