@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 import redis
 
 
@@ -14,8 +17,23 @@ def make_redis(url: str, max_connections: int = 200) -> redis.Redis:
         decode_responses=True,
         health_check_interval=30,
         socket_connect_timeout=5,
+        **_driver_info(),
     )
     return redis.Redis(connection_pool=pool)
+
+
+@functools.cache
+def _driver_info() -> dict[str, Any]:
+    """redis-py 8 reads its own version from the package metadata (disk, email parsing)
+    for every new connection: a burst of a thousand viewers paid for it hundreds of
+    times. Resolve it once."""
+    try:
+        from redis.driver_info import DriverInfo
+        from redis.utils import get_lib_version
+    except ImportError:  # redis-py before 8: nothing to resolve
+        return {}
+    version = get_lib_version()  # type: ignore[no-untyped-call]
+    return {"driver_info": DriverInfo(name="redis-py", lib_version=version)}
 
 
 def make_blocking_client(url: str, block_s: float) -> redis.Redis:

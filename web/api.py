@@ -18,7 +18,6 @@ from models.exceptions import (
 )
 from models.settings import Settings
 from models.tables import ACTIVE_STREAM_STATUSES, Chat, Message, utcnow
-from web.attach import load_snapshot
 from web.auth import current_user_id, ensure_user
 from web.chats import (
     add_turn,
@@ -119,9 +118,7 @@ def resume_chat() -> Response:
     chat = get_chat(db, current_user_id(db), chat_id)
     stream = latest_stream(db, chat.id)
     if stream is not None and stream.status in ACTIVE_STREAM_STATUSES:
-        snap = load_snapshot(db, stream.id)
-        assert snap is not None
-        return sse_response(rt, snap, after, parse_batch(request.args.get("batch")))
+        return sse_response(rt, stream, after, parse_batch(request.args.get("batch")))
     recent = utcnow() - timedelta(seconds=rt.settings.resume_fallback_s)
     answer = db.scalar(
         select(Message)
@@ -176,9 +173,7 @@ def stream_events(stream_id: str) -> Response:
     after = last_event_id()
     batched = parse_batch(request.args.get("batch"))
     stream = get_stream(db, current_user_id(db), stream_id)
-    snap = load_snapshot(db, stream.id)
-    assert snap is not None
-    return sse_response(rt, snap, after, batched)
+    return sse_response(rt, stream, after, batched)
 
 
 def _cancel_status(result: str) -> str:

@@ -73,14 +73,16 @@ class Follower:
     # The viewer's socket, for the hub to write to directly while the viewer waits.
     direct: DirectWrite | None = None
     stale_ms: float = 8000.0  # a running writer whose heartbeat is older is presumed dead
+    # True while the batch just yielded is a catch-up block that another read follows.
+    more: bool = False
 
-    def follow(self, after: int, initial: Snapshot) -> Generator[Batch | None, None, None]:
-        if initial.finished and not self.log.exists(self.stream_id):
-            events = initial.events(after)  # the log expired: SQL has it all
+    def follow(self, after: int, finished: bool) -> Generator[Batch | None, None, None]:
+        """``finished``: whether SQL had the stream ended when the viewer asked."""
+        if finished and not self.log.exists(self.stream_id):
+            events = self.snapshot().events(after)  # the log expired: SQL has it all
             if events:
                 yield Batch.of(events)
             return
-        del initial  # not kept for the life of the attach (it holds the answer's text)
         cursor, ended = yield from self._drain(after)
         CATCHUP.observe(cursor - after)
         if ended:
@@ -129,18 +131,22 @@ class Follower:
         )
 
     def _drain(self, cursor: int) -> Drain:
-        """Send what the log has after ``cursor``, a block (see BlockCache) at a time."""
+        """Send what the log has after ``cursor``, a block (see BlockCache) at a time. Each
+        full block's successor is read before the block is yielded, so ``more`` tells the
+        caller exactly when it may hold a block to write it with the next."""
         block = self.blocks.block
-        while True:
-            batch = self.blocks.read(self.stream_id, cursor)
-            if batch is None:
-                return cursor, False
+        batch = self.blocks.read(self.stream_id, cursor)
+        while batch is not None:
+            full = batch.last % block == 0 and batch.types[-1] not in TERMINAL_TYPES
+            after = self.blocks.read(self.stream_id, batch.last) if full else None
+            self.more = after is not None
             yield batch
+            self.more = False
             cursor = batch.last
             if self._ends_with_final(batch):
                 return cursor, True
-            if cursor % block:  # the log ends inside this block
-                return cursor, False
+            batch = after
+        return cursor, False
 
     def _recheck(self, cursor: int) -> Drain:
         """Re-read the log; if it has nothing new and the stream ended in SQL, finish from SQL

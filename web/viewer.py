@@ -27,6 +27,7 @@ from sqlalchemy.exc import OperationalError
 
 from models.exceptions import BadRequest, RelayError
 from web import shutdown
+from web.attach import Follower
 from web.chats import cancel_stream, get_stream
 from web.errors import as_unavailable
 from web.frames import Batch
@@ -37,6 +38,7 @@ from web.websocket import CLOSE_INTERNAL_ERROR, RelayServer
 log = logging.getLogger("relay.web")
 CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001
+HOLD_BYTES = 256 * 1024
 Events = Generator[Batch | None, None, None]
 
 
@@ -48,14 +50,16 @@ class SocketViewer:
         rt: Runtime,
         ws: RelayServer,
         uid: str,
-        stream_id: str,
+        follower: Follower,
         batched: bool,
         events: Events,
     ) -> None:
         self.rt = rt
         self.ws = ws
         self.uid = uid
-        self.stream_id = stream_id
+        self.follower = follower
+        self.stream_id = follower.stream_id
+        self._held: list[bytes] = []  # catch-up blocks to write together
         self.batched = batched
         self.events = events
         self.wake: threading.Event = ws.event  # shared with the follower and the hub
@@ -65,6 +69,7 @@ class SocketViewer:
     def run(self) -> None:
         """Serve until the viewer ends or parks (it then resumes in a greenlet of its own)."""
         try:
+            self.ws.arm(self.wake.set)  # a client message wakes or interrupts a long catch-up
             if self._serve():
                 return  # parked
         except ConnectionClosed:
@@ -88,15 +93,34 @@ class SocketViewer:
                 self._close(CLOSE_GOING_AWAY, "server restarting; reconnect with after=<last seq>")
                 return False
             if batch is not None:
-                self.ws.send_batch(batch, self.batched)
+                self._send(batch)
             elif not self._wait():
                 return True
         # The follower ends right after the stream's final terminal event.
+        self._write_held()
         self._close(CLOSE_NORMAL, "stream ended")
         return False
 
+    def _send(self, batch: Batch) -> None:
+        """Write a batch; a catch-up block that another read follows is held, so a long
+        catch-up goes out in a few large writes rather than one per block."""
+        frames = self.ws.frames(batch, self.batched)
+        if self.follower.more and sum(map(len, self._held)) < HOLD_BYTES:
+            self._held.append(frames)
+            return
+        if self._held:
+            self._held.append(frames)
+            frames, self._held = b"".join(self._held), []
+        self.ws.send_bytes(frames)
+
+    def _write_held(self) -> None:
+        if self._held:
+            frames, self._held = b"".join(self._held), []
+            self.ws.send_bytes(frames)
+
     def _wait(self) -> bool:
         """Nothing to send: wait for the wake event here (True), or park (False)."""
+        self._write_held()
         self.ws.flush()  # what a direct write left unsent
         if self.wake.is_set():
             return True

@@ -184,6 +184,8 @@ class RelayServer(Server):  # type: ignore[misc]
         self.detached = False
         self._watch: Any = None
         self._unread: list[bytes] = []
+        self._readable = False  # the watcher saw the client send something (or leave)
+        self._on_readable: Callable[[], None] | None = None
         self._next_ping = 0.0
         if self.loop is not None:
             options["thread_class"] = _NoReader
@@ -209,7 +211,11 @@ class RelayServer(Server):  # type: ignore[misc]
 
     def send_batch(self, batch: Batch, batched: bool) -> None:
         """Send a batch's messages, encoded once for every connection alike."""
-        self.send_bytes(batch.ws_bytes(batched, self.deflate))
+        self.send_bytes(self.frames(batch, batched))
+
+    def frames(self, batch: Batch, batched: bool) -> bytes:
+        """A batch's messages as this connection's WebSocket frames."""
+        return batch.ws_bytes(batched, self.deflate)
 
     def send_bytes(self, frames: bytes) -> None:
         if not self.connected:
@@ -232,6 +238,7 @@ class RelayServer(Server):  # type: ignore[misc]
         (the answer to our keepalive ping) is taken in right away, without waking anyone."""
         if self.loop is None or not self.connected:
             return
+        self._on_readable = wake
         if self._watch is None:
             self._watch = self.loop.io(self.sock.fileno(), 1)  # 1: readable
         if not self._watch.active:
@@ -239,6 +246,7 @@ class RelayServer(Server):  # type: ignore[misc]
             def readable() -> None:
                 if not self._took_pong():
                     self._watch.stop()  # one-shot: a level-triggered watcher would spin
+                    self._readable = True
                     wake()
 
             self._watch.start(readable)
@@ -279,17 +287,20 @@ class RelayServer(Server):  # type: ignore[misc]
     def pump(self) -> None:
         """Take in what the client sent, without waiting (replies to pings and closes as
         simple-websocket's reader would, and queues messages in ``input_buffer``)."""
-        if self.loop is None:
-            return
+        if self.loop is None or not self._readable:
+            return  # nothing arrived since the socket's watcher last looked
+        self._readable = False
         while self.connected:
             data = self._unread.pop(0) if self._unread else self._recv_nowait()
             if data is None:
-                return  # all read
+                break  # all read
             if not data:
                 self.connected = False
                 return
             self.ws.receive_data(data)
             self.connected = self._handle_events()
+        if self._on_readable is not None:
+            self.arm(self._on_readable)
 
     def keepalive(self) -> None:
         """Ping every ``ping_interval``; close a client that did not answer the last one."""
@@ -324,6 +335,7 @@ class RelayServer(Server):  # type: ignore[misc]
         """Keep the connection open on a socket of its own, so the WSGI request can end
         (the server closes its socket object when the request returns)."""
         if isinstance(self.sock, _WholeWrites):
+            self.disarm()  # its watcher watches the old descriptor
             self.sock.adopt_dup()
             self.detached = True
 
