@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Table, bindparam, select, update
+from sqlalchemy import Table, bindparam, func, select, update
 from sqlalchemy.orm import Session
 
 from models.events import CHUNK, TERMINAL_FOR_STATUS, Event, error_event
@@ -43,21 +43,26 @@ def load_layout(stream: Stream) -> Layout:
     return layout
 
 
-def mark_running(db: Session, stream_id: str, attempt: int, task_id: str) -> None:
-    """Record that ``attempt`` (run by ``task_id``) now writes the stream."""
+_STREAMS: Table = Stream.__table__  # type: ignore[assignment]
+_MESSAGES: Table = Message.__table__  # type: ignore[assignment]
+
+
+def mark_running(db: Session, stream_id: str, message_id: str, attempt: int, task_id: str) -> None:
+    """Record that ``attempt`` (run by ``task_id``) now writes the stream. Core statements:
+    this is on the path from a post to its first chunk."""
     now = utcnow()
-    stream = db.get(Stream, stream_id)
-    if stream is None:
-        return
-    stream.status, stream.attempt, stream.task_id = "running", attempt, task_id
-    stream.started_at = stream.started_at or now
-    stream.updated_at = now
-    db.execute(update(Message).where(Message.id == stream.message_id).values(status="streaming"))
+    db.execute(
+        _STREAMS.update()
+        .where(_STREAMS.c.id == stream_id)
+        .values(
+            status="running", attempt=attempt, task_id=task_id, updated_at=now,
+            started_at=func.coalesce(_STREAMS.c.started_at, now),
+        )
+    )  # fmt: skip
+    db.execute(_MESSAGES.update().where(_MESSAGES.c.id == message_id).values(status="streaming"))
     db.commit()
 
 
-_STREAMS: Table = Stream.__table__  # type: ignore[assignment]
-_MESSAGES: Table = Message.__table__  # type: ignore[assignment]
 # Core statements (no ORM bulk-update machinery): a worker checkpoints every running answer
 # every few seconds, so this is the hottest SQL relay runs.
 _CHECKPOINT_STREAM = (

@@ -14,6 +14,7 @@ Behaviour is chosen by the requested model:
   fake-crlf      like fake-ok in CRLF lines, with comments, event and retry fields, each JSON
                  split over two data lines, written a few bytes at a time
   fake-cr        the same with bare CR line ends
+  fake-keepalive like fake-ok, in a chunked body on a connection kept open for the next request
 A trailing assistant message is a prefix to continue: the answer resumes after it.
 """
 
@@ -43,6 +44,7 @@ class Exchange:
 
     body: dict[str, Any]
     headers: dict[str, str]
+    peer: tuple[str, int]  # the client's address: the same for requests on one connection
     chunks_sent: int = 0
     disconnected: bool = False
     completed: bool = False
@@ -87,7 +89,7 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         length = int(self.headers.get("Content-Length", 0))
         body = json.loads(self.rfile.read(length))
-        exchange = Exchange(body, dict(self.headers.items()))
+        exchange = Exchange(body, dict(self.headers.items()), self.client_address)
         self.owner.exchanges.append(exchange)
         model = self._model = body["model"]
         key = json.dumps(body["messages"][:2])
@@ -104,6 +106,10 @@ class _Handler(BaseHTTPRequestHandler):
     @property
     def _newline(self) -> bytes | None:
         return {"fake-crlf": b"\r\n", "fake-cr": b"\r"}.get(self._model)
+
+    @property
+    def _chunked(self) -> bool:
+        return self._model == "fake-keepalive"
 
     def _error(self, status: int, message: str, code: str) -> None:
         payload = json.dumps({"error": {"message": message, "type": code, "code": code}})
@@ -122,10 +128,7 @@ class _Handler(BaseHTTPRequestHandler):
         if model == "fake-length":
             text, finish = text[:60], "length"
         pieces = [text[i : i + 7] for i in range(0, len(text), 7)]
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Connection", "close")
-        self.end_headers()
+        self._start_body()
         try:
             for n, piece in enumerate(pieces, start=1):
                 if model == "fake-drop" and n > 10:
@@ -143,9 +146,24 @@ class _Handler(BaseHTTPRequestHandler):
             usage = {"prompt_tokens": 42, "completion_tokens": len(pieces), "total_tokens": 0}
             self._event({**_chunk(model, None, None), "choices": [], "usage": usage})
             self._write(b"data: [DONE]\n\n")
+            self._end_body()
             exchange.completed = True
         except (BrokenPipeError, ConnectionResetError):
             exchange.disconnected = True
+
+    def _start_body(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        if self._chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+        else:
+            self.send_header("Connection", "close")
+        self.end_headers()
+
+    def _end_body(self) -> None:
+        if self._chunked:
+            self.wfile.write(b"0\r\n\r\n")  # the end of the body; the connection stays
+            self.wfile.flush()
 
     def _wait_for_hangup(self, exchange: Exchange, seconds: float) -> None:
         readable, _, _ = select.select([self.connection], [], [], seconds)
@@ -161,6 +179,8 @@ class _Handler(BaseHTTPRequestHandler):
         self._write(f"data: {json.dumps(payload)}\n\n".encode())
 
     def _write(self, event: bytes) -> None:
+        if self._chunked:
+            event = b"%x\r\n%s\r\n" % (len(event), event)
         newline = self._newline
         if newline is None:
             self.wfile.write(event)

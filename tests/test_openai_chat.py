@@ -268,19 +268,23 @@ def test_the_sdks_environment_headers_are_kept() -> None:
 OPENAI_ENV = {
     "RELAY_GENERATOR": "openai",
     "RELAY_MODEL": "fake-ok",
-    "RELAY_ALLOWED_MODELS": "fake-slow,fake-drop,fake-429,fake-length,fake-error",
+    "RELAY_ALLOWED_MODELS": "fake-slow,fake-drop,fake-429,fake-length,fake-error,fake-keepalive",
     "OPENAI_API_KEY": KEY,
     "RELAY_OPENAI_CONTINUATION": "prefix",
     "RELAY_OPENAI_RETRY_BACKOFF_S": "0.05",
 }
 
 
+def talking_to(stack: Stack, fake: FakeOpenAI, transport: str) -> Stack:
+    """``stack``, whose workers (started by the test) talk to the fake through ``transport``."""
+    stack.env["OPENAI_BASE_URL"] = fake.base_url
+    stack.env["RELAY_OPENAI_TRANSPORT"] = transport
+    return stack
+
+
 @pytest.fixture
 def openai_stack(isolated_stack: Stack, fake: FakeOpenAI, transport: str) -> Stack:
-    """A stack whose workers (started by the test) talk to the fake through ``transport``."""
-    isolated_stack.env["OPENAI_BASE_URL"] = fake.base_url
-    isolated_stack.env["RELAY_OPENAI_TRANSPORT"] = transport
-    return isolated_stack
+    return talking_to(isolated_stack, fake, transport)
 
 
 pytestmark_e2e = pytest.mark.stack_env(**OPENAI_ENV)
@@ -301,6 +305,22 @@ def test_e2e_answer_usage_and_history(openai_stack: Stack, fake: FakeOpenAI) -> 
     sent = [m["content"] for m in fake.exchanges[-1].body["messages"]]
     assert sent == ["first question", ANSWER, "and another"]  # the whole conversation
     assert KEY not in worker.output()
+
+
+@pytestmark_e2e
+def test_e2e_the_next_answer_reuses_the_upstream_connection(
+    isolated_stack: Stack, fake: FakeOpenAI
+) -> None:
+    # httpx only: the official client closes its response at [DONE], so it never reuses one.
+    stack = talking_to(isolated_stack, fake, "httpx")
+    stack.start_worker("w1")
+    client = stack.client()
+    for question in ("first", "second"):
+        posted = client.post_chat(question, model="fake-keepalive")
+        assert client.attach(posted["streamId"]).text == ANSWER
+    first, second = fake.exchanges
+    assert first.completed and second.completed
+    assert first.peer == second.peer  # one TCP connection: no new handshake for the second
 
 
 @pytestmark_e2e

@@ -39,7 +39,7 @@ def make_stream(db: Session) -> Stream:
 
 def test_checkpoint_and_finalize_are_fenced_by_attempt(db: Session) -> None:
     stream = make_stream(db)
-    store.mark_running(db, stream.id, 2, "task")
+    store.mark_running(db, stream.id, stream.message_id, 2, "task")
     assert store.checkpoint(db, stream.id, stream.message_id, 1, "stale", [5]) is False
     assert store.checkpoint(db, stream.id, stream.message_id, 2, "Hel", [3]) is True
     assert db.get(Message, stream.message_id).content == "Hel"  # type: ignore[union-attr]

@@ -37,10 +37,11 @@ def current_user_id(db: Session) -> str:
     header = request.headers.get("Authorization", "")
     if header.lower().startswith("bearer "):
         token = header[7:].strip()
-        uid = db.scalar(select(User.id).where(User.token_hash == hash_token(token)))
-        if uid is None:
+        # The whole row: it stays in the session, so ensure_user() needs no second query.
+        user = db.scalar(select(User).where(User.token_hash == hash_token(token)))
+        if user is None:
             raise Unauthorized("the bearer token is not valid")
-        return uid
+        return user.id
     uid = session.get("uid")
     if not isinstance(uid, str):
         uid = str(uuid.uuid4())

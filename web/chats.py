@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 from models import lifecycle, store
 from models.events import error_event
 from models.exceptions import BrokerUnavailable, ChatBusy, ChatNotFound, StreamNotFound
-from models.tables import ACTIVE_STREAM_STATUSES, Chat, Message, Stream, utcnow
+from models.tables import ACTIVE_STREAM_STATUSES, Chat, Message, Stream, new_id, utcnow
 from web.runtime import Runtime
 from workers.celery_app import GENERATE
 
@@ -53,10 +53,11 @@ def add_turn(
 ) -> tuple[Chat, Stream, str]:
     """Create the user message, the pending answer and its stream (not yet committed);
     returns the chat, the stream and the user message's id."""
+    # IDs are chosen here rather than at INSERT time, so the whole turn goes to the
+    # database in the one flush of its commit.
     if chat_id is None:
-        chat = Chat(user_id=uid, title=_title(text))
+        chat = Chat(id=new_id(), user_id=uid, title=_title(text))
         db.add(chat)
-        db.flush()
         position = 0
     else:
         chat = get_chat(db, uid, chat_id)
@@ -65,16 +66,14 @@ def add_turn(
         position += 1
     now = utcnow()
     chat.updated_at = now
-    question = Message(chat_id=chat.id, position=position, role="user", content=text)
-    db.add(question)
+    question = Message(id=new_id(), chat_id=chat.id, position=position, role="user",
+                       content=text)  # fmt: skip
     answer = Message(
-        chat_id=chat.id, position=position + 1, role="assistant", status="pending", model=model
-    )
-    db.add(answer)
-    db.flush()
-    stream = Stream(chat_id=chat.id, message_id=answer.id, status="queued")
-    db.add(stream)
-    db.flush()
+        id=new_id(), chat_id=chat.id, position=position + 1, role="assistant",
+        status="pending", model=model,
+    )  # fmt: skip
+    stream = Stream(id=new_id(), chat_id=chat.id, message_id=answer.id, status="queued")
+    db.add_all([question, answer, stream])
     return chat, stream, question.id
 
 

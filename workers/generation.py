@@ -41,22 +41,25 @@ class HandedOff(Exception):
 
 
 def load_job(rt: WorkerRuntime, stream_id: str) -> Job | None:
-    """Load the stream and the conversation before its answer."""
+    """Load the stream and the conversation before its answer (two plain queries: this is
+    on the path from a post to its first chunk)."""
     with rt.sessions() as db:
-        stream = db.get(Stream, stream_id)
-        if stream is None:
+        row = db.execute(
+            select(Stream.message_id, Stream.chat_id, Stream.status, Stream.attempt,
+                   Message.position, Message.model)
+            .join(Message, Message.id == Stream.message_id)
+            .where(Stream.id == stream_id)
+        ).first()  # fmt: skip
+        if row is None:
             return None
-        answer = db.get(Message, stream.message_id)
-        assert answer is not None
-        rows = db.scalars(
-            select(Message)
-            .where(Message.chat_id == stream.chat_id, Message.position < answer.position)
+        message_id, chat_id, status, attempt, position, model = row
+        turns = db.execute(
+            select(Message.role, Message.content)
+            .where(Message.chat_id == chat_id, Message.position < position)
             .order_by(Message.position)
         )
-        history = tuple(Turn(m.role, m.content) for m in rows if m.content)
-        return Job(
-            stream.id, stream.message_id, stream.status, history, answer.model, stream.attempt
-        )
+        history = tuple(Turn(role, content) for role, content in turns if content)
+        return Job(stream_id, message_id, status, history, model, attempt)
 
 
 def run_generation(rt: WorkerRuntime, stream_id: str, task_id: str) -> str:
@@ -78,7 +81,7 @@ def run_generation(rt: WorkerRuntime, stream_id: str, task_id: str) -> str:
     writer = LogWriter(rt, job, claim.attempt, claim.last_seq, task_id)
     try:
         with rt.sessions() as db:
-            store.mark_running(db, stream_id, claim.attempt, task_id)
+            store.mark_running(db, stream_id, job.message_id, claim.attempt, task_id)
         with watch(rt, writer):
             if claim.cancel_requested:
                 return writer.finish("cancelled")

@@ -23,10 +23,11 @@ from models.settings import Settings
 from workers.generators.base import GenerationReport, GenerationRequest
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
-# No idle connections are kept: hang_up() may then shut down a stream's socket even after
-# the stream ended, without ever hitting a connection that another request reuses. Reuse
-# was nil anyway: a stream is closed at [DONE], before the end of its body is read.
-LIMITS = httpx.Limits(max_connections=1000, max_keepalive_connections=0)
+# Connections are kept for the next answer (no new TCP and TLS handshake before its first
+# token) when the end of the body is read after [DONE] (drain_for_reuse). hang_up() only
+# touches a response that is still open, so never a connection back in the pool.
+LIMITS = httpx.Limits(max_connections=1000, max_keepalive_connections=100)
+DRAIN_S = 0.25  # how long the end of a body may take after [DONE] before we give up on reuse
 Event = tuple[bytes, bytes]  # (event type, data)
 
 
@@ -108,10 +109,12 @@ class HttpxTransport:
         try:
             if not response.is_success:
                 raise status_error(response)
-            finished = yield from texts(chunks(events(response), response), request.report)
+            stream = events(response)
+            finished = yield from texts(chunks(stream, response), request.report)
             if not finished and not request.abort.requested:
                 # The connection closed before the model said it was done: a cut answer.
                 raise httpx.RemoteProtocolError("the stream ended without a finish_reason")
+            drain_for_reuse(stream)
         finally:
             response.close()  # also on .close() of this generator: stop paying for tokens
 
@@ -132,6 +135,22 @@ def hang_up(response: httpx.Response) -> None:
         sock.shutdown(socket.SHUT_RDWR)
     # The reading thread closes the response itself when it wakes (or when its generator
     # is closed): closing it here too would race with that read.
+
+
+def drain_for_reuse(stream: Iterator[Event]) -> None:
+    """Read the rest of the body after [DONE] (normally just its end, already on its way)
+    so the connection goes back to the pool. Bounded, and only under gevent (where a wait
+    can be cut short): a server that keeps the body open costs its connection, never the
+    answer's end."""
+    try:
+        from gevent import Timeout, monkey
+    except ImportError:
+        return
+    if not monkey.is_module_patched("socket"):
+        return
+    with contextlib.suppress(Exception), Timeout(DRAIN_S, False):
+        for _ in stream:
+            pass
 
 
 def request_body(params: dict[str, Any]) -> dict[str, Any]:
