@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import redis
-from redis.client import Pipeline
 
 from models import keys, scripts
 from models.events import STATUS_FOR_TERMINAL, Event
@@ -119,19 +118,18 @@ class ChunkLog:
         )
         return self.append_result(stream_id, attempt, reply)
 
-    def queue_append(
-        self, pipe: Pipeline, stream_id: str, attempt: int, events: Sequence[Event]
-    ) -> None:
-        """Queue ``append_many`` on a pipeline (the worker sends many streams' at once);
-        read its reply with ``append_result``. A NoScriptError reply means the server lost
-        the script: ``load_scripts`` and send again. (A redis-py Script on a pipeline would
-        cost a SCRIPT EXISTS round trip on every execute.)"""
-        pipe.evalsha(
+    def append_command(self, stream_id: str, attempt: int, events: Sequence[Event]) -> list[Any]:
+        """The ``append_many`` call as a command for a pipeline (the worker sends many
+        streams' at once); read its reply with ``append_result``. A NoScriptError reply
+        means the server lost the script: ``load_scripts`` and send again. (A redis-py
+        Script on a pipeline would cost a SCRIPT EXISTS round trip on every execute.)"""
+        return [
+            "EVALSHA",
             self._append.sha,
             2,
             *self._keys(stream_id),
             *self._append_args(attempt, events, stream_id),
-        )
+        ]
 
     def load_scripts(self) -> None:
         """Load the append script into the server (after a restart or a flush)."""

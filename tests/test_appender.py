@@ -176,3 +176,21 @@ def test_a_generation_waits_when_redis_falls_far_behind(
     assert done.wait(30)
     stream.flush()
     assert [e.seq for e in log.read("s9", 0, 100)] == list(range(1, 31))
+
+
+def test_confirmed_events_are_counted_and_a_dropped_connection_is_dialled_again(
+    log: ChunkLog, redis_client: redis.Redis
+) -> None:
+    counted: list[int] = []
+    group = GroupAppender(log, on_appended=counted.append, recheck_idle_s=0)
+    stream = group.open("s10", started(log, "s10"), 0)
+    for seq in (1, 2, 3):
+        stream.submit(chunk(seq))
+    stream.flush()
+    killed = redis_client.client_kill_filter(_type="normal", skipme=True)
+    assert killed >= 1  # the appender's own connection was among them
+    stream.submit(chunk(4))
+    stream.flush()  # the flusher saw its connection closed and dialled again
+    assert stream.acked == 4
+    wait_for(lambda: sum(counted) == 4)  # reported when the flusher goes idle
+    assert [e.seq for e in log.read("s10", 0, 10)] == [1, 2, 3, 4]

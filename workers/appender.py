@@ -17,13 +17,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from redis.exceptions import NoScriptError
 
 from models.chunklog import ChunkLog
 from models.events import Event
 from models.exceptions import StaleAttempt
+from models.redisconn import PinnedConnection
 
 log = logging.getLogger("relay.worker")
 Reply = bool | Exception  # cancel pending, or why the append failed
@@ -45,6 +46,7 @@ class StreamAppender:
         self.pending: list[Event] = []
         self.in_flight = False
         self.error: Exception | None = None
+        self.waiters = 0  # threads in ``changed.wait``: the flusher notifies only then
 
     def submit(self, event: Event) -> None:
         """Queue ``event`` (seq ``acked`` + pending + 1) for the next round trip."""
@@ -65,8 +67,14 @@ class GroupAppender:
         coalesce_s: float = 0.0,
         max_events: int = 512,
         max_pending: int = 8192,
+        on_appended: Callable[[int], None] = lambda n: None,
+        recheck_idle_s: float = 1.0,
     ) -> None:
         self.chunks = chunks
+        self.on_appended = on_appended  # events the log confirmed, once per round trip
+        self.recheck_idle_s = recheck_idle_s  # see PinnedConnection
+        self._appended = 0  # confirmed, not yet reported (the flusher's own)
+        self._reported_at = 0.0
         self.coalesce_s = coalesce_s
         self.max_events = max_events  # per stream per round trip
         self.max_pending = max_pending  # a generation waits when Redis falls this far behind
@@ -74,21 +82,23 @@ class GroupAppender:
         self._work = threading.Condition(self.lock)  # the flusher waits here for ready streams
         self._ready: dict[StreamAppender, None] = {}  # streams with events to send, in order
         self._thread: threading.Thread | None = None
+        self._conn: PinnedConnection | None = None  # the flusher's own, made on first use
 
     def open(self, stream_id: str, attempt: int, last_seq: int) -> StreamAppender:
+        with self.lock:
+            self._ensure_thread()
         return StreamAppender(self, stream_id, attempt, last_seq)
 
     def submit(self, stream: StreamAppender, event: Event) -> None:
         with self.lock:
             self._raise_error(stream)
             while len(stream.pending) >= self.max_pending:
-                stream.changed.wait()
+                self._wait(stream)
                 self._raise_error(stream)
             stream.pending.append(event)
             if not stream.in_flight and stream not in self._ready:
                 self._ready[stream] = None
                 self._work.notify()
-            self._ensure_thread()
 
     def flush(self, stream: StreamAppender, timeout: float | None = None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -97,8 +107,17 @@ class GroupAppender:
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     raise TimeoutError(f"stream {stream.stream_id}: appends still pending")
-                stream.changed.wait(left)
+                self._wait(stream, left)
             self._raise_error(stream)
+
+    @staticmethod
+    def _wait(stream: StreamAppender, timeout: float | None = None) -> None:
+        """Wait (holding the lock) until one of the stream's appends completes."""
+        stream.waiters += 1
+        try:
+            stream.changed.wait(timeout)
+        finally:
+            stream.waiters -= 1
 
     @staticmethod
     def _raise_error(stream: StreamAppender) -> None:
@@ -124,6 +143,7 @@ class GroupAppender:
     def _take(self) -> list[tuple[StreamAppender, list[Event]]]:
         with self.lock:
             while not self._ready:
+                self._report_appended()  # idle: the count is exact
                 self._work.wait()
             if self.coalesce_s > 0:
                 deadline = time.monotonic() + self.coalesce_s
@@ -154,10 +174,10 @@ class GroupAppender:
             return [exc for _ in work]
 
     def _pipeline(self, work: Sequence[tuple[StreamAppender, list[Event]]]) -> list[object]:
-        pipe = self.chunks.redis.pipeline(transaction=False)
-        for stream, events in work:
-            self.chunks.queue_append(pipe, stream.stream_id, stream.attempt, events)
-        return list(pipe.execute(raise_on_error=False))
+        if self._conn is None:
+            self._conn = PinnedConnection(self.chunks.redis, self.recheck_idle_s)
+        append = self.chunks.append_command
+        return self._conn.pipeline([append(s.stream_id, s.attempt, ev) for s, ev in work])
 
     @staticmethod
     def _reply(stream: StreamAppender, reply: object) -> Reply:
@@ -169,6 +189,8 @@ class GroupAppender:
             return exc
 
     def _settle(self, work: list[tuple[StreamAppender, list[Event]]], replies: list[Reply]) -> None:
+        appended = 0
+        now = time.monotonic()
         with self.lock:
             for (stream, events), reply in zip(work, replies, strict=True):
                 stream.in_flight = False
@@ -176,8 +198,22 @@ class GroupAppender:
                     stream.error = reply
                 else:
                     stream.acked = events[-1].seq
-                    stream.acked_at = time.monotonic()
+                    appended += len(events)
+                    stream.acked_at = now
                     stream.cancel_requested = stream.cancel_requested or reply
                     if stream.pending:
                         self._ready[stream] = None
-                stream.changed.notify_all()
+                if stream.waiters:
+                    stream.changed.notify_all()
+        self._appended += appended
+        if now - self._reported_at >= 1.0:
+            self._report_appended()
+
+    def _report_appended(self) -> None:
+        """Hand the count of confirmed events to ``on_appended``: at most once a second
+        while busy, and whenever the flusher goes idle (an increment of a multiprocess
+        Prometheus counter costs about as much as reading a chunk)."""
+        self._reported_at = time.monotonic()
+        if self._appended:
+            n, self._appended = self._appended, 0
+            self.on_appended(n)

@@ -198,7 +198,6 @@ class LogWriter:
         self.parts.append(piece)
         self.length += len(piece)
         self.layout.append(self.length)
-        self.rt.metrics.chunk()
         if self.first_chunk_at is None:
             self.first_chunk_at = time.monotonic()
 

@@ -27,8 +27,9 @@ class WorkerMetrics:
             buckets=TTFC_BUCKETS, registry=self.registry,
         )  # fmt: skip
 
-    def chunk(self) -> None:
-        self.chunks.inc()
+    def appended(self, n: int) -> None:
+        """``n`` more chunks the log confirmed (reported in sums, see GroupAppender)."""
+        self.chunks.inc(n)
 
     def finished(self, outcome: str, duration: float, ttfc: float | None) -> None:
         self.generations.labels(outcome).inc()

@@ -83,6 +83,8 @@ def build_runtime(
     chunks = ChunkLog(
         client, retention_s=settings.log_retention_s, running_ttl_s=settings.running_log_ttl_s
     )
+    metrics = WorkerMetrics()
+    coalesce_s = settings.coalesce_ms / 1000
     return WorkerRuntime(
         settings=settings,
         sessions=make_sessionmaker(make_engine(settings.database_url)),
@@ -91,7 +93,8 @@ def build_runtime(
         enqueue=enqueue,
         is_revoked=is_revoked,
         shutdown=Shutdown(settings.shutdown_grace_s),
-        appender=GroupAppender(chunks, coalesce_s=settings.coalesce_ms / 1000),
+        appender=GroupAppender(chunks, coalesce_s=coalesce_s, on_appended=metrics.appended),
+        metrics=metrics,
     )
 
 
