@@ -143,8 +143,12 @@ class GroupAppender:
     def _take(self) -> list[tuple[StreamAppender, list[Event]]]:
         with self.lock:
             while not self._ready:
-                self._report_appended()  # idle: the count is exact
-                self._work.wait()
+                if not self._appended:
+                    self._work.wait()
+                elif (left := self._reported_at + 1.0 - time.monotonic()) > 0:
+                    self._work.wait(left)
+                else:  # idle for a while: the count is exact
+                    self._report_appended()
             if self.coalesce_s > 0:
                 deadline = time.monotonic() + self.coalesce_s
                 while (left := deadline - time.monotonic()) > 0:
@@ -210,9 +214,9 @@ class GroupAppender:
             self._report_appended()
 
     def _report_appended(self) -> None:
-        """Hand the count of confirmed events to ``on_appended``: at most once a second
-        while busy, and whenever the flusher goes idle (an increment of a multiprocess
-        Prometheus counter costs about as much as reading a chunk)."""
+        """Hand the count of confirmed events to ``on_appended``: at most once a second,
+        and a second after the last append when the flusher goes idle (an increment of a
+        multiprocess Prometheus counter costs about as much as reading a chunk)."""
         self._reported_at = time.monotonic()
         if self._appended:
             n, self._appended = self._appended, 0
