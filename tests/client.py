@@ -82,13 +82,17 @@ class Client:
 
     # -- WebSocket ---------------------------------------------------------------------------
 
-    def connect_ws(self, path: str, **headers: str) -> ClientConnection:
+    def connect_ws(
+        self, path: str, *, max_queue: int | None = 16, **headers: str
+    ) -> ClientConnection:
         cookies = "; ".join(f"{k}={v}" for k, v in self.http.cookies.items())
         hdrs = {"Cookie": cookies} if cookies else {}
         if "Authorization" in self.http.headers:
             hdrs["Authorization"] = str(self.http.headers["Authorization"])
         hdrs.update(headers)
-        return connect(self.ws_base + path, additional_headers=hdrs, open_timeout=10)
+        return connect(
+            self.ws_base + path, additional_headers=hdrs, open_timeout=10, max_queue=max_queue
+        )
 
     def attach(
         self,
@@ -102,7 +106,10 @@ class Client:
         """Read events until the server closes (or ``until`` says stop, then drop)."""
         got = Attach()
         target = path or f"/api/v1/streams/{stream_id}/ws?after={after}"
-        with self.connect_ws(target) as ws:
+        # No read-side backpressure: when ``until`` stops early, messages the client did not
+        # read (and the server's close frame behind them) would otherwise stay unread and the
+        # client's closing handshake would wait for its 10 s timeout.
+        with self.connect_ws(target, max_queue=None) as ws:
             deadline = time.monotonic() + timeout
             try:
                 while time.monotonic() < deadline:

@@ -213,7 +213,7 @@ def test_sigterm_hands_running_generations_to_another_worker(isolated_stack: Sta
     stack = isolated_stack
     workers = [stack.start_worker("w1"), stack.start_worker("w2")]
     client = stack.client()
-    posted = client.post_chat("Long goodbye [demo:words=1200]")
+    posted = client.post_chat("Long goodbye [demo:words=600]")  # ~14 s: outlasts the hand-off
     sid = posted["streamId"]
     seen = client.attach(sid, until=lambda a: len(a.events) >= 10)
     leaving = writer_of(stack, sid, workers)
