@@ -20,6 +20,7 @@ from models.settings import Settings
 from models.tables import ACTIVE_STREAM_STATUSES, Chat, Message, utcnow
 from web.auth import current_user_id, ensure_user
 from web.chats import (
+    StreamRef,
     add_turn,
     cancel_stream,
     chat_detail_json,
@@ -31,6 +32,7 @@ from web.chats import (
     get_stream,
     latest_stream,
     stream_json,
+    stream_ref,
 )
 from web.runtime import get_db, get_runtime
 from web.streaming import parse_after, parse_batch, snapshot_response, sse_response
@@ -118,7 +120,8 @@ def resume_chat() -> Response:
     chat = get_chat(db, current_user_id(db), chat_id)
     stream = latest_stream(db, chat.id)
     if stream is not None and stream.status in ACTIVE_STREAM_STATUSES:
-        return sse_response(rt, stream, after, parse_batch(request.args.get("batch")))
+        batched = parse_batch(request.args.get("batch"))
+        return sse_response(rt, StreamRef.of(stream), after, batched)
     recent = utcnow() - timedelta(seconds=rt.settings.resume_fallback_s)
     answer = db.scalar(
         select(Message)
@@ -172,7 +175,7 @@ def stream_events(stream_id: str) -> Response:
     db = get_db()
     after = last_event_id()
     batched = parse_batch(request.args.get("batch"))
-    stream = get_stream(db, current_user_id(db), stream_id)
+    stream = stream_ref(db, current_user_id(db), stream_id)
     return sse_response(rt, stream, after, batched)
 
 

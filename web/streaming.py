@@ -16,11 +16,11 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from models.exceptions import InvalidAfter, InvalidParameter, RelayError, StreamNotFound
-from models.tables import TERMINAL_STREAM_STATUSES, Stream
+from models.tables import TERMINAL_STREAM_STATUSES
 from web import shutdown
 from web.attach import Follower, Snapshot, load_snapshot
 from web.auth import check_origin, current_user_id
-from web.chats import get_chat, get_stream, latest_stream
+from web.chats import StreamRef, latest_stream_ref, stream_ref
 from web.errors import as_unavailable
 from web.frames import Batch
 from web.hub import DirectWrite
@@ -33,7 +33,7 @@ log = logging.getLogger("relay.web")
 SSE_KEEPALIVE_S = 10.0
 CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001
-Resolver = Callable[[Session, str], Stream]
+Resolver = Callable[[Session, str], StreamRef]
 
 
 def parse_after(raw: str | None) -> int:
@@ -58,7 +58,7 @@ def parse_batch(raw: str | None) -> bool:
     raise InvalidParameter(f"batch must be 1 or 0, got {raw!r}")
 
 
-def nothing_after(rt: Runtime, stream: Stream, after: int) -> bool:
+def nothing_after(rt: Runtime, stream: StreamRef, after: int) -> bool:
     """Check ``after`` against the stream; True when the client has already seen its end.
     SQL's ``last_seq`` never runs ahead of the log, so an ``after`` below it needs no look
     at Redis (a thousand viewers catching up from 0 cost no extra round trip)."""
@@ -92,7 +92,7 @@ def follower(
     )
 
 
-def sse_response(rt: Runtime, stream: Stream, after: int, batched: bool = False) -> Response:
+def sse_response(rt: Runtime, stream: StreamRef, after: int, batched: bool = False) -> Response:
     """Serve the events after ``after`` as Server-Sent Events (204 when nothing is left)."""
     if nothing_after(rt, stream, after):
         return Response(status=204)
@@ -177,24 +177,19 @@ def serve_socket(ws: RelayServer, resolve: Resolver) -> None:
     # hub share it. While the viewer waits, the hub writes new batches itself (direct).
     viewer = follower(rt, stream.id, ws.event, direct=ws.direct_writer(batched))
     events = viewer.follow(after, stream.status in TERMINAL_STREAM_STATUSES)
-    del stream  # a parked viewer keeps no ORM object
     SocketViewer(rt, ws, uid, viewer, batched, events).run()
 
 
 def _chat_latest(chat_id: str) -> Resolver:
-    def resolve(db: Session, uid: str) -> Stream:
-        chat = get_chat(db, uid, chat_id)
-        stream = latest_stream(db, chat.id)
-        if stream is None:
-            raise StreamNotFound(f"chat {chat_id} has no stream yet")
-        return stream
+    def resolve(db: Session, uid: str) -> StreamRef:
+        return latest_stream_ref(db, uid, chat_id)
 
     return resolve
 
 
 def _stream_by_id(stream_id: str) -> Resolver:
-    def resolve(db: Session, uid: str) -> Stream:
-        return get_stream(db, uid, stream_id)
+    def resolve(db: Session, uid: str) -> StreamRef:
+        return stream_ref(db, uid, stream_id)
 
     return resolve
 
