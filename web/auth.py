@@ -9,7 +9,7 @@ import time
 import uuid
 from urllib.parse import urlparse
 
-from flask import request, session
+from flask import g, request, session
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -68,15 +68,14 @@ def current_user_id(db: Session) -> str:
     header = request.headers.get("Authorization", "")
     if header.lower().startswith("bearer "):
         token_hash = hash_token(header[7:].strip())
-        cached = TOKENS.get(token_hash)
-        if cached is not None:
-            return cached
-        # The whole row: it stays in the session, so ensure_user() needs no second query.
-        user = db.scalar(select(User).where(User.token_hash == token_hash))
-        if user is None:
-            raise Unauthorized("the bearer token is not valid")
-        TOKENS.put(token_hash, user.id)
-        return user.id
+        user_id = TOKENS.get(token_hash)
+        if user_id is None:
+            user_id = db.scalar(select(User.id).where(User.token_hash == token_hash))
+            if user_id is None:
+                raise Unauthorized("the bearer token is not valid")
+            TOKENS.put(token_hash, user_id)
+        g.user_row_exists = True  # an API user's row is made with its token
+        return user_id
     uid = session.get("uid")
     if not isinstance(uid, str):
         uid = str(uuid.uuid4())
@@ -87,6 +86,8 @@ def current_user_id(db: Session) -> str:
 
 def ensure_user(db: Session, uid: str) -> None:
     """Create the guest row the first time this user writes something."""
+    if g.get("user_row_exists"):
+        return
     if db.get(User, uid) is None:
         db.add(User(id=uid, kind="guest"))
         db.flush()
