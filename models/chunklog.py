@@ -136,6 +136,28 @@ class ChunkLog:
         self.redis.script_load(self._append.script)
 
     @staticmethod
+    def position_command(stream_id: str) -> list[Any]:
+        """Read what an append's lost reply would have said (see ``append_outcome``)."""
+        return ["HMGET", keys.state_key(stream_id), "attempt", "seq", "status", "cancel"]
+
+    @staticmethod
+    def append_outcome(state: Sequence[Any], attempt: int, first: int, last: int) -> str:
+        """What became of an append of seqs ``first``..``last`` whose reply was lost, from the
+        state read afterwards (the script is atomic: all of them or none): 'written' (with a
+        pending cancel: 'written+cancel'), 'missing' (the log ends right before them), 'stale'
+        (another attempt owns the stream) or 'gone' (the state vanished: Redis lost data)."""
+        owner, seq, status, cancel = state
+        if owner is None or seq is None:
+            return "gone"
+        if int(owner) != attempt:
+            return "stale"
+        if int(seq) == last:
+            return "written+cancel" if cancel == "1" else "written"
+        if int(seq) == first - 1 and status == "running":
+            return "missing"
+        return "stale"
+
+    @staticmethod
     def append_result(stream_id: str, attempt: int, reply: Any) -> bool:
         if reply[0] == "stale":
             raise StaleAttempt(f"attempt {attempt} of stream {stream_id} was fenced off")

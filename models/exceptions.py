@@ -105,6 +105,12 @@ class ServiceUnavailable(RelayError):
     ws_close = 1013  # try again later
 
 
+class LogUnavailable(Exception):
+    """The chunk log could not be reached for longer than the worker's budget
+    (RELAY_BACKEND_BUDGET_S), or its state vanished (Redis lost its data): an infrastructure
+    fault, not a generation failure."""
+
+
 class StaleAttempt(Exception):
     """This attempt no longer owns the stream: another attempt (or a cancel) fenced it off."""
 

@@ -8,9 +8,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import redis
+from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry
 
 
 def make_redis(url: str, max_connections: int = 200) -> redis.Redis:
@@ -63,14 +65,16 @@ class PinnedConnection:
 
     def __init__(self, client: redis.Redis, recheck_idle_s: float = 1.0) -> None:
         pool = client.connection_pool
-        self.conn = pool.connection_class(**pool.connection_kwargs)
+        # No retries inside: whether a failed round trip may be sent again is its owner's
+        # call (an append may have run), and so is how long to keep trying.
+        kwargs = {**pool.connection_kwargs, "retry": Retry(NoBackoff(), 0)}
+        self.conn = pool.connection_class(**kwargs)
         self.recheck_idle_s = recheck_idle_s
         self.used_at = 0.0
 
     def pipeline(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
         """Send ``commands`` in one write; return a reply per command (a ResponseError in
-        place of a command that failed). Raises the connection's errors (after its retry
-        policy, as redis-py's pipeline does)."""
+        place of a command that failed). Raises the connection's errors at once."""
         conn = self.conn
         now = time.monotonic()
         if now - self.used_at >= self.recheck_idle_s:

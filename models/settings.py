@@ -36,6 +36,9 @@ class Settings:
     # The worker's group commit waits this long after the first pending piece to gather
     # more per Redis call (0: send at once; pieces that arrive meanwhile share a call anyway).
     coalesce_ms: float = 0.0
+    # How long a worker rides out a Redis outage (appends retried with backoff, their fate
+    # read back from the log) before the answer ends with backend_unavailable.
+    backend_budget_s: float = 30.0
     # The worker copies the partial answer to SQL this often.
     checkpoint_interval_s: float = 2.0
     heartbeat_interval_s: float = 2.0

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -14,8 +16,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from models import keys
 from models.chunklog import ChunkLog
 from models.events import CHUNK, DONE, Event
-from models.exceptions import StaleAttempt
-from ops.redis_server import free_port
+from models.exceptions import LogUnavailable, StaleAttempt
+from models.redisconn import PinnedConnection
+from ops.redis_server import EmbeddedRedis, free_port
 from tests.client import wait_for
 from workers.appender import GroupAppender
 
@@ -144,12 +147,12 @@ def test_a_lost_script_is_loaded_again(log: ChunkLog, redis_client: redis.Redis)
     assert stream.acked == 1
 
 
-def test_an_unreachable_redis_fails_the_append_once() -> None:
+def test_an_outage_longer_than_the_budget_fails_the_append_once() -> None:
     dead = ChunkLog(redis.Redis(port=free_port(), socket_connect_timeout=1))
-    group = GroupAppender(dead)
+    group = GroupAppender(dead, budget_s=0.5)
     stream = group.open("s8", 1, 0)
     stream.submit(chunk(1))
-    with pytest.raises(RedisConnectionError):
+    with pytest.raises(LogUnavailable):
         stream.flush()
     assert stream.acked == 0
     stream.flush()  # reported once: nothing is pending any more
@@ -194,3 +197,69 @@ def test_confirmed_events_are_counted_and_a_dropped_connection_is_dialled_again(
     assert stream.acked == 4
     wait_for(lambda: sum(counted) == 4)  # reported when the flusher goes idle
     assert [e.seq for e in log.read("s10", 0, 10)] == [1, 2, 3, 4]
+
+
+class _LosesOneReply(PinnedConnection):
+    """A real connection whose first round trip is applied by Redis but whose reply never
+    arrives (the connection drops right after): the fault a Redis restart or a network
+    blip causes between the write and its acknowledgement."""
+
+    lost = False
+
+    def _round_trip(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
+        replies = super()._round_trip(commands)
+        if not self.lost and commands[0][0] == "EVALSHA":
+            self.lost = True
+            self.conn.disconnect()
+            raise RedisConnectionError("the reply was lost (injected)")
+        return replies
+
+
+def test_a_lost_reply_is_read_back_from_the_log_not_guessed(log: ChunkLog) -> None:
+    group = GroupAppender(log)
+    attempt = started(log, "s11")
+    group._conn = _LosesOneReply(log.redis)
+    stream = group.open("s11", attempt, 0)
+    for seq in (1, 2, 3):
+        stream.submit(chunk(seq))
+    stream.flush()  # the append was applied: the writer learns it from the log
+    assert stream.acked == 3
+    stream.submit(chunk(4))
+    stream.flush()
+    assert [e.seq for e in log.read("s11", 0, 10)] == [1, 2, 3, 4]
+    assert "".join(e.text for e in log.read("s11", 0, 10)) == "<1><2><3><4>"
+
+
+def test_a_redis_restart_is_ridden_out_without_a_gap_or_a_double(tmp_path: Path) -> None:
+    server = EmbeddedRedis(tmp_path / "redis", persistent=True).start()
+    try:
+        log = ChunkLog(redis.Redis.from_url(server.url, decode_responses=True))
+        group = GroupAppender(log, budget_s=30)
+        stream = group.open("s12", started(log, "s12"), 0)
+        for seq in range(1, 11):
+            stream.submit(chunk(seq))
+        stream.flush()
+        server.stop()  # SIGTERM: Redis writes its append-only file and exits
+        for seq in range(11, 21):  # the generation keeps handing pieces over meanwhile
+            stream.submit(chunk(seq))
+        wait_for(lambda: stream.in_flight)  # the flusher is retrying its round trip
+        server.start()  # same port, same data, no scripts loaded
+        stream.flush()
+        assert stream.acked == 20
+        assert [e.seq for e in log.read("s12", 0, 100)] == list(range(1, 21))
+        assert "".join(e.text for e in log.read("s12", 0, 100)) == "".join(
+            f"<{i}>" for i in range(1, 21)
+        )
+    finally:
+        server.stop()
+
+
+def test_the_fate_of_an_append_comes_from_the_state_it_left() -> None:
+    outcome = ChunkLog.append_outcome
+    assert outcome(["2", "7", "running", None], 2, 5, 7) == "written"
+    assert outcome(["2", "7", "running", "1"], 2, 5, 7) == "written+cancel"
+    assert outcome(["2", "7", "done", None], 2, 5, 7) == "written"  # it carried the end
+    assert outcome(["2", "4", "running", None], 2, 5, 7) == "missing"
+    assert outcome(["3", "4", "running", None], 2, 5, 7) == "stale"  # taken over
+    assert outcome(["2", "4", "cancelled", None], 2, 5, 7) == "stale"
+    assert outcome([None, None, None, None], 2, 5, 7) == "gone"

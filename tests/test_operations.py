@@ -8,14 +8,17 @@ import os
 import signal
 import subprocess
 import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import requests
 
-from ops.redis_server import free_port
+from ops.redis_server import EmbeddedRedis, free_port
 from tests.client import Attach, assert_coherent, read_rest, wait_for
-from tests.conftest import Stack
+from tests.conftest import Stack, migrated_database, stack_env
 from tests.procs import BIN, ROOT, Proc, start_web
 
 LONG = "[demo:words=300]"
@@ -323,3 +326,59 @@ def test_a_misconfigured_worker_refuses_to_start(isolated_stack: Stack) -> None:
     with pytest.raises(RuntimeError) as info:
         isolated_stack.start_worker("w1")
     assert "unknown generator 'no-such-generator'" in str(info.value)
+
+
+@contextmanager
+def own_redis_stack(tmp_path: Path, **extra: str) -> Iterator[tuple[Stack, EmbeddedRedis]]:
+    """A web process and a worker on a Redis of their own that keeps its data across a
+    restart (append-only file), so a test can stop and start it."""
+    server = EmbeddedRedis(tmp_path / "redis", persistent=True).start()
+    try:
+        with migrated_database("sqlite", tmp_path) as database_url:
+            env = {**stack_env(server.url, database_url), **extra}
+            port = free_port()
+            stack = Stack(env, tmp_path, port, start_web(env, port, tmp_path), [])
+            try:
+                stack.start_worker("w1")
+                yield stack, server
+            finally:
+                stack.stop()
+    finally:
+        server.stop()
+
+
+def test_a_redis_restart_mid_answer_loses_nothing(tmp_path: Path) -> None:
+    """Redis stopped and started again on the same data while an answer streams: the writer
+    reads back what its lost appends did and carries on, so the answer ends done, gapless,
+    with the stored text equal to the streamed one."""
+    with own_redis_stack(tmp_path) as (stack, server):
+        client = stack.client()
+        posted = client.post_chat(f"Through a Redis restart {LONG}")
+        sid = posted["streamId"]
+        seen = client.attach(sid, until=lambda a: len(a.events) >= 10)
+        server.stop()  # SIGTERM: Redis writes its append-only file and exits
+        time.sleep(2)  # the outage: the generation goes on, its appends wait
+        server.start()
+        events = read_rest(client, sid, seen)
+        assert events[-1]["type"] == "done"
+        assert_coherent(client, posted["chatId"], events)
+        assert client.stream(sid)["status"] == "done"
+        worker = stack.extra[0]
+        assert worker.alive()
+        assert "reading what it has" in worker.output()  # it did meet the outage
+
+
+def test_an_outage_past_the_budget_ends_the_answer_backend_unavailable(tmp_path: Path) -> None:
+    with own_redis_stack(tmp_path, RELAY_BACKEND_BUDGET_S="1") as (stack, server):
+        client = stack.client()
+        posted = client.post_chat(f"Past the budget {LONG}")
+        sid = posted["streamId"]
+        seen = client.attach(sid, until=lambda a: len(a.events) >= 10)
+        server.stop()
+        time.sleep(4)  # longer than the budget
+        server.start()
+        events = read_rest(client, sid, seen)
+        assert events[-1]["type"] == "error"
+        assert events[-1]["error"]["code"] == "backend_unavailable"  # type: ignore[index]
+        assert_coherent(client, posted["chatId"], events)  # the text so far, stored
+        assert client.stream(sid)["status"] == "failed"

@@ -19,15 +19,19 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from models.chunklog import ChunkLog
 from models.events import Event
-from models.exceptions import StaleAttempt
+from models.exceptions import LogUnavailable, StaleAttempt
 from models.redisconn import PinnedConnection
 
 log = logging.getLogger("relay.worker")
 Reply = bool | Exception  # cancel pending, or why the append failed
+# The connection failed mid round trip: each append in it may or may not have been applied.
+UNKNOWN_OUTCOME = (RedisConnectionError, RedisTimeoutError, OSError)
 
 
 class StreamAppender:
@@ -69,10 +73,12 @@ class GroupAppender:
         max_pending: int = 8192,
         on_appended: Callable[[int], None] = lambda n: None,
         recheck_idle_s: float = 1.0,
+        budget_s: float = 30.0,
     ) -> None:
         self.chunks = chunks
         self.on_appended = on_appended  # events the log confirmed, once per round trip
         self.recheck_idle_s = recheck_idle_s  # see PinnedConnection
+        self.budget_s = budget_s  # how long an outage is ridden out before appends fail
         self._appended = 0  # confirmed, not yet reported (the flusher's own)
         self._reported_at = 0.0
         self.coalesce_s = coalesce_s
@@ -165,17 +171,73 @@ class GroupAppender:
     def _send(self, work: list[tuple[StreamAppender, list[Event]]]) -> list[Reply]:
         """One round trip for every stream's events; a reply per stream."""
         try:
-            replies = self._pipeline(work)
-            retry = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
-            if retry:  # Redis restarted or was flushed: load the script, send those again
-                self.chunks.load_scripts()
-                again = self._pipeline([work[i] for i in retry])
-                for i, reply in zip(retry, again, strict=True):
-                    replies[i] = reply
-            return [self._reply(s, r) for (s, _), r in zip(work, replies, strict=True)]
-        except Exception as exc:  # the connection: every stream of this round failed
+            return self._append(work)
+        except UNKNOWN_OUTCOME as exc:
+            log.warning("appending to the log failed (%s): reading what it has", exc)
+            return self._recover(work)
+        except Exception as exc:  # not the connection: every stream of this round failed
             log.warning("appending to the log failed: %s", exc)
             return [exc for _ in work]
+
+    def _append(self, work: Sequence[tuple[StreamAppender, list[Event]]]) -> list[Reply]:
+        replies = self._pipeline(work)
+        retry = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
+        if retry:  # Redis restarted or was flushed: load the script, send those again
+            self.chunks.load_scripts()
+            again = self._pipeline([work[i] for i in retry])
+            for i, reply in zip(retry, again, strict=True):
+                replies[i] = reply
+        return [self._reply(s, r) for (s, _), r in zip(work, replies, strict=True)]
+
+    def _recover(self, work: list[tuple[StreamAppender, list[Event]]]) -> list[Reply]:
+        """The connection failed during a round trip, so whether each append was applied is
+        unknown (a lost reply is not a lost write). Never guess: read each stream's state,
+        send again only what the log does not have, and keep at it with backoff for
+        ``budget_s``; only an outage longer than that fails the appends (LogUnavailable)."""
+        deadline = time.monotonic() + self.budget_s
+        replies: list[Reply | None] = [None] * len(work)
+        delay = 0.05
+        while True:
+            unsettled = [i for i, r in enumerate(replies) if r is None]
+            if not unsettled:
+                return [r for r in replies if r is not None]
+            try:
+                self._settle_unknown(work, unsettled, replies)
+                continue
+            except UNKNOWN_OUTCOME as exc:
+                if time.monotonic() + delay >= deadline:
+                    error = LogUnavailable(f"the log was unreachable for {self.budget_s:g}s: {exc}")
+                    return [error if r is None else r for r in replies]
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+    def _settle_unknown(
+        self,
+        work: list[tuple[StreamAppender, list[Event]]],
+        unsettled: list[int],
+        replies: list[Reply | None],
+    ) -> None:
+        """Read the unsettled streams' states; settle what the log has, send the rest again."""
+        assert self._conn is not None
+        states = self._conn.pipeline([self.chunks.position_command(work[i][0].stream_id)
+                                      for i in unsettled])  # fmt: skip
+        resend = []
+        for i, state in zip(unsettled, states, strict=True):
+            stream, events = work[i]
+            outcome = ChunkLog.append_outcome(state, stream.attempt, events[0].seq, events[-1].seq)
+            if outcome.startswith("written"):
+                replies[i] = outcome == "written+cancel"
+            elif outcome == "missing":
+                resend.append(i)
+            elif outcome == "stale":
+                replies[i] = StaleAttempt(f"attempt {stream.attempt} of stream "
+                                          f"{stream.stream_id} was fenced off")  # fmt: skip
+            else:
+                replies[i] = LogUnavailable(f"the log of stream {stream.stream_id} is gone")
+        if resend:
+            again = self._append([work[i] for i in resend])
+            for i, reply in zip(resend, again, strict=True):
+                replies[i] = reply
 
     def _pipeline(self, work: Sequence[tuple[StreamAppender, list[Event]]]) -> list[object]:
         if self._conn is None:

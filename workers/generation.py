@@ -18,7 +18,7 @@ from sqlalchemy import select
 
 from models import store
 from models.events import CHUNK, TERMINAL_FOR_STATUS, Event, error_event
-from models.exceptions import GenerationError, StaleAttempt
+from models.exceptions import GenerationError, LogUnavailable, StaleAttempt
 from models.tables import TERMINAL_STREAM_STATUSES, Message, Stream
 from workers.generators import GenerationRequest, Turn
 from workers.runtime import WorkerRuntime
@@ -151,6 +151,9 @@ class LogWriter:
                 cancelled = self.write_all(pieces)
         except (StaleAttempt, HandedOff):
             raise
+        except LogUnavailable as exc:  # an outage past the budget, not the generator's fault
+            log.warning("stream=%s log unavailable: %s", self.job.stream_id, exc)
+            return self.fail("backend_unavailable", str(exc))
         except Exception as exc:
             if self.request.abort.requested:  # the watcher closed the upstream on purpose
                 return self.after_abort()

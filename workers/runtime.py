@@ -93,7 +93,12 @@ def build_runtime(
         enqueue=enqueue,
         is_revoked=is_revoked,
         shutdown=Shutdown(settings.shutdown_grace_s),
-        appender=GroupAppender(chunks, coalesce_s=coalesce_s, on_appended=metrics.appended),
+        appender=GroupAppender(
+            chunks,
+            coalesce_s=coalesce_s,
+            on_appended=metrics.appended,
+            budget_s=settings.backend_budget_s,
+        ),
         metrics=metrics,
     )
 
