@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import socket
+import struct
 import threading
 import zlib
 from dataclasses import dataclass
@@ -252,3 +253,23 @@ def viewers_connected(client: Client) -> float:
         ln for ln in text.splitlines() if ln.startswith('relay_viewers_connected{transport="ws"')
     )
     return float(line.rsplit(" ", 1)[1])
+
+
+def test_viewers_that_vanish_mid_answer_are_not_server_errors(isolated_stack: Stack) -> None:
+    """A viewer whose connection is reset while its answer streams (a phone losing signal)
+    is a normal event: no error, no traceback, no 500 in the web process's log."""
+    stack = isolated_stack
+    stack.start_worker("w1")
+    client = stack.client()
+    sid = client.post_chat("Vanishing viewers [demo:words=300]")["streamId"]
+    cookie = "; ".join(f"{k}={v}" for k, v in client.http.cookies.items())
+    for _ in range(3):
+        (sock, reader), _head = handshake(stack.port, f"/api/v1/streams/{sid}/ws", cookie, None)
+        reader.read(2)  # the first frame has started: the viewer is being written to
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        reader.close()
+        sock.close()  # linger 0: a reset, no close frame
+    assert client.attach(sid).last["type"] == "done"  # the server wrote on after the resets
+    wait_for(lambda: viewers_connected(client) == 0)
+    log = stack.web.output()
+    assert "Traceback" not in log and "ERROR" not in log and '" 500 ' not in log, log[-3000:]
