@@ -68,6 +68,7 @@ def procfile_worker(root: Path, bindir: Path, concurrency: int) -> list[str]:
     if line is None:
         raise RuntimeError(f"{root / 'Procfile'} has no worker line")
     command = re.sub(r"\$\{RELAY_WORKER_CONCURRENCY:-\d+\}", str(concurrency), line[7:])
+    command = re.sub(r"\$\{HONCHO_PROCESS_NAME:-([\w.-]+)\}", r"\1", command)  # one worker
     argv = shlex.split(command)
     return [str(bindir / argv[0]), *argv[1:]]
 

@@ -3,6 +3,7 @@ with honcho, and a clean stop."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -16,7 +17,7 @@ import requests
 
 from ops.redis_server import free_port
 from tests.client import Client, wait_for
-from tests.procs import ROOT
+from tests.procs import BIN, ROOT
 
 
 @contextmanager
@@ -89,6 +90,14 @@ def test_procfile_scales_workers_with_honcho(tmp_path: Path) -> None:
         writers = {r.hget(f"relay:{{{p['streamId']}}}:state", "worker") for p in posted}
         r.close()
         assert len(writers) == 3  # every one of the three workers took a share
+        # Each worker is a Celery node of its own name (Procfile: honcho's process name).
+        ping = subprocess.run(
+            [str(BIN / "celery"), "-A", "workers", "inspect", "ping", "--json", "--timeout", "5"],
+            env={**os.environ, "REDIS_URL": url}, cwd=ROOT, capture_output=True, text=True,
+            timeout=60,
+        )  # fmt: skip
+        nodes = {name.split("@")[0] for name in json.loads(ping.stdout)}
+        assert nodes == {"worker.1", "worker.2", "worker.3"}, ping.stdout + ping.stderr
         metrics = client.request("GET", "/metrics").text
         assert 'relay_attaches_total{kind="new",transport="ws"} 6.0' in metrics  # both web
         os.killpg(proc.pid, signal.SIGTERM)
