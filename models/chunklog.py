@@ -158,9 +158,13 @@ class ChunkLog:
         return "stale"
 
     @staticmethod
+    def fenced_off(stream_id: str, attempt: int) -> StaleAttempt:
+        return StaleAttempt(f"attempt {attempt} of stream {stream_id} was fenced off")
+
+    @staticmethod
     def append_result(stream_id: str, attempt: int, reply: Any) -> bool:
         if reply[0] == "stale":
-            raise StaleAttempt(f"attempt {attempt} of stream {stream_id} was fenced off")
+            raise ChunkLog.fenced_off(stream_id, attempt)
         return bool(int(reply[1]))
 
     def _append_args(

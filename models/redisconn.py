@@ -65,8 +65,8 @@ class PinnedConnection:
 
     def __init__(self, client: redis.Redis, recheck_idle_s: float = 1.0) -> None:
         pool = client.connection_pool
-        # No retries inside: whether a failed round trip may be sent again is its owner's
-        # call (an append may have run), and so is how long to keep trying.
+        # No retries inside (not even while connecting): whether a failed round trip may be
+        # sent again is its owner's call (an append may have run), and so is how long to try.
         kwargs = {**pool.connection_kwargs, "retry": Retry(NoBackoff(), 0)}
         self.conn = pool.connection_class(**kwargs)
         self.recheck_idle_s = recheck_idle_s
@@ -80,9 +80,11 @@ class PinnedConnection:
         if now - self.used_at >= self.recheck_idle_s:
             self._drop_if_closed()
         self.used_at = now
-        return conn.retry.call_with_retry(  # type: ignore[no-any-return]
-            lambda: self._round_trip(commands), lambda _error: conn.disconnect()
-        )
+        try:
+            return self._round_trip(commands)
+        except Exception:
+            conn.disconnect()  # never send on a connection left mid-reply
+            raise
 
     def _drop_if_closed(self) -> None:
         conn = self.conn
@@ -105,6 +107,3 @@ class PinnedConnection:
             except ResponseError as exc:
                 replies.append(exc)
         return replies
-
-    def close(self) -> None:
-        self.conn.disconnect()

@@ -61,19 +61,28 @@ def test_a_mid_block_read_gets_the_rest_of_its_block(log: ChunkLog) -> None:
     assert cache.stats()["blocks"] == 0
 
 
-def test_viewers_asking_at_once_share_one_read(log: ChunkLog, redis_client: redis.Redis) -> None:
-    written(log, "c", 500)
-    cache = BlockCache(log, block=500)
+def read_at_once(
+    cache: BlockCache, redis_client: redis.Redis, sid: str, viewers: int
+) -> list[Batch | None]:
+    """``viewers`` threads read the stream's first block while Redis holds every command
+    (time for them all to pile up); their results."""
     results: list[Batch | None] = []
-    before = xranges(redis_client)
-    redis_client.client_pause(300, all=True)  # hold every command: time to pile up
+    redis_client.client_pause(300, all=True)
     threads = [
-        threading.Thread(target=lambda: results.append(cache.read("c", 0))) for _ in range(20)
+        threading.Thread(target=lambda: results.append(cache.read(sid, 0))) for _ in range(viewers)
     ]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
+    return results
+
+
+def test_viewers_asking_at_once_share_one_read(log: ChunkLog, redis_client: redis.Redis) -> None:
+    written(log, "c", 500)
+    cache = BlockCache(log, block=500)
+    before = xranges(redis_client)
+    results = read_at_once(cache, redis_client, "c", 20)
     assert len(results) == 20 and all(
         r is not None and r.datas == texts(results[0]) for r in results
     )
@@ -101,16 +110,8 @@ def test_viewers_flagged_at_once_share_reads_of_a_live_block(
 ) -> None:
     written(log, "e", 7)  # the live end: not a full block, never kept
     cache = BlockCache(log, block=500)
-    results: list[Batch | None] = []
     before = xranges(redis_client)
-    redis_client.client_pause(300, all=True)
-    threads = [
-        threading.Thread(target=lambda: results.append(cache.read("e", 0))) for _ in range(50)
-    ]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    results = read_at_once(cache, redis_client, "e", 50)
     assert [texts(r) for r in results] == [[f"<{s}>" for s in range(1, 8)]] * 50
     assert xranges(redis_client) - before <= 3  # the one in flight and the next, not fifty
     assert cache.stats()["blocks"] == 0

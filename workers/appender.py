@@ -230,8 +230,7 @@ class GroupAppender:
             elif outcome == "missing":
                 resend.append(i)
             elif outcome == "stale":
-                replies[i] = StaleAttempt(f"attempt {stream.attempt} of stream "
-                                          f"{stream.stream_id} was fenced off")  # fmt: skip
+                replies[i] = ChunkLog.fenced_off(stream.stream_id, stream.attempt)
             else:
                 replies[i] = LogUnavailable(f"the log of stream {stream.stream_id} is gone")
         if resend:
