@@ -4,19 +4,22 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed-stamp
 PYTHON  ?= python3
 
-.PHONY: install run test lint bench clean chromium
+.PHONY: install run test lint bench clean chromium postgresql chaos
+
+# One line per step with its time (ops/step.py, standard library only, run by $(PYTHON)).
+STEP    := $(PYTHON) -m ops.step
 
 $(STAMP): pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
-	touch $(STAMP)
+	@$(STEP) --skip-if $(PY) --needs-python 3.11 setup 1/3 "creating the virtualenv $(VENV) with $(PYTHON)" -- $(PYTHON) -m venv $(VENV)
+	@$(STEP) setup 2/3 "upgrading pip" -- $(PY) -m pip install --quiet --upgrade pip
+	@$(STEP) setup 3/3 "installing Python packages: pip install -e '.[dev]' (first run: 20 s to a minute)" -- $(PY) -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
 
 install: $(STAMP)
 
-# Extra honcho arguments: make run ARGS="-c worker=3"
+# Extra arguments, as honcho start takes them: make run ARGS="-c worker=3" (ops/supervise.py)
 run: install
-	$(PY) -m ops.run $(ARGS)
+	@$(PY) -m ops.run $(ARGS)
 
 # Browser tests drive Debian's chromium through Playwright (never a downloaded browser).
 chromium:
@@ -24,8 +27,38 @@ chromium:
 	  echo "installing Debian's chromium for the browser tests"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 
-test: install chromium
-	$(PY) -m pytest $(PYTEST_ARGS)
+# The chaos test starts a private PostgreSQL from Debian's binaries (never the system server).
+postgresql:
+	@ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || { \
+	  echo "installing Debian's PostgreSQL for the chaos test"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; }
+
+# The AI SDK test's npm packages (exact versions, tests/aisdk/package-lock.json), installed
+# again only when the lock changes or node_modules is gone.
+AISDK_STAMP := tests/aisdk/node_modules/.installed-stamp
+
+$(AISDK_STAMP): tests/aisdk/package-lock.json
+	npm ci --prefix tests/aisdk --no-audit --no-fund --loglevel=error
+	touch $(AISDK_STAMP)
+
+# The example AI SDK front end's packages (examples/ai-sdk-chat/package-lock.json), for its
+# browser test (tests/test_example_aisdk.py); again only when the lock changes.
+EXAMPLE_STAMP := examples/ai-sdk-chat/node_modules/.installed-stamp
+
+$(EXAMPLE_STAMP): examples/ai-sdk-chat/package-lock.json
+	npm ci --prefix examples/ai-sdk-chat --no-audit --no-fund --loglevel=error
+	touch $(EXAMPLE_STAMP)
+
+# Four test processes (pytest-xdist): most tests wait on real servers, so four fit two cores
+# (about 6 minutes here, 15 one by one). PYTEST_ARGS="-n 0" runs them in one process.
+test: install chromium postgresql $(AISDK_STAMP) $(EXAMPLE_STAMP)
+	$(PY) -m pytest -n 4 $(PYTEST_ARGS)
+
+# The chaos test at a bigger size (tests/chaos.py); prints its figures as one JSON object.
+# Other sizes: make chaos CHAOS_ARGS="--streams 100 --answer-s 60"; on Redis Sentinel, with a
+# failover as the Redis fault: make chaos CHAOS_ARGS="--redis sentinel"
+chaos: install postgresql
+	$(PY) -m tests.chaos --streams 300 $(CHAOS_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -4,11 +4,15 @@ Loaded by ``workers.celery_app`` with ``config_from_object``; the broker comes f
 CELERY_BROKER_URL, or REDIS_URL when that is unset.
 """
 
+from kombu import Queue
+
+from models.redisconn import broker_settings
 from models.settings import Settings
 
 _settings = Settings.from_env()
 
-broker_url = _settings.broker_url
+# A redis+sentinel:// URL becomes kombu's sentinel:// form plus the master's name.
+broker_url, _sentinel_options = broker_settings(_settings.broker_url)
 # Generations report through the Redis log and SQL, never through Celery results.
 task_ignore_result = True
 result_backend = None
@@ -30,7 +34,14 @@ worker_prefetch_multiplier = 1
 # longest generation, or a second copy starts while the first still runs (the claim fences it).
 # max_connections: kombu's Redis pool (default 10) refuses a connection beyond it, and a
 # gevent worker acknowledges many tasks at once ("Couldn't ack ... MaxConnectionsError").
-broker_transport_options = {"visibility_timeout": 3600, "max_connections": 1000}
+# queue_order_strategy "priority": a worker's BRPOP names its queues in the order of
+# task_queues below (kombu's default rotates them), so continuations go first.
+broker_transport_options = {
+    "visibility_timeout": 3600,
+    "max_connections": 1000,
+    "queue_order_strategy": "priority",
+    **_sentinel_options,
+}
 broker_connection_retry_on_startup = True
 
 # Backstops only: RELAY_MAX_GENERATION_S (1800 s), checked by the generation itself, ends a
@@ -39,7 +50,11 @@ broker_connection_retry_on_startup = True
 task_soft_time_limit = 1900
 task_time_limit = 1960
 
+# New chats go to "relay"; continuations (a stream whose writer died or handed off, an admin
+# retry) to "relay.continue", which every worker drains first, so recovering an answer never
+# waits behind hundreds of new chats (workers.celery_app.CONTINUE_QUEUE).
 task_default_queue = "relay"
+task_queues = (Queue("relay.continue"), Queue("relay"))
 # Task events (for `celery events` / Flower) are off: each costs a Redis round trip and
 # they add ~1 ms to every answer's start (the sent event is published by the web tier with
 # the task, the received and started events by the worker before it runs the task). Turn

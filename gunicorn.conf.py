@@ -12,7 +12,9 @@ worker_class = "gevent"
 # The default (1,000) is far below what one gevent process can hold for idle viewers.
 worker_connections = int(os.environ.get("WEB_WORKER_CONNECTIONS", "10000"))
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
-bind = [f"0.0.0.0:{os.environ.get('PORT', '8000')}"]
+# Loopback unless HOST says otherwise (HOST=0.0.0.0 in a container or behind a proxy on
+# another machine): guest chats and /metrics are not for the whole network by default.
+bind = [f"{os.environ.get('HOST', '127.0.0.1')}:{os.environ.get('PORT', '8000')}"]
 # On SIGTERM, sockets are closed with 1001 "going away" at once (see post_worker_init);
 # this is how long the rest (plain HTTP requests) get to finish.
 graceful_timeout = 10
@@ -20,6 +22,10 @@ graceful_timeout = 10
 # but keep it generous for synchronous start-up work.
 timeout = 60
 accesslog = "-"
+# How long a new connection may wait for its first request to be read. The gevent worker
+# closes it silently after this; a burst of a thousand viewers attaching at once kept the
+# event loop busy past the default 2 s, and hundreds of handshakes were dropped unanswered.
+keepalive = 30
 
 
 def post_worker_init(worker: Any) -> None:

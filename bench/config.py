@@ -11,7 +11,8 @@ from typing import Any
 BENCH_DIR = Path(__file__).resolve().parent
 PROJECT_ROOT = BENCH_DIR.parent
 WORKLOADS = ("latency", "fanout", "catchup", "throughput", "throughput10", "idle", "dispatch")
-EXTRA_WORKLOADS = ("log",)  # micro-benchmarks of the chunk log; run only when named
+# Micro-benchmarks (the chunk log, the sweeper at scale); run only when named.
+EXTRA_WORKLOADS = ("log", "sweep")
 
 
 @dataclass(frozen=True)
@@ -93,7 +94,7 @@ class Knobs:
             return self.timeout_s
         own = {"latency": self.d + 150, "fanout": self.d + 150, "catchup": 1200,
                "throughput": 400, "throughput10": 400, "idle": self.idle_wait_s + 400,
-               "dispatch": 120 + 3 * self.dispatch_n, "log": 300}  # fmt: skip
+               "dispatch": 120 + 3 * self.dispatch_n, "log": 300, "sweep": 300}  # fmt: skip
         return own[workload]
 
     def public(self) -> dict[str, Any]:

@@ -56,6 +56,11 @@ def relay_env(root: Path, tmp: Path, redis_url: str, upstream_port: int) -> dict
         OPENAI_BASE_URL=f"http://127.0.0.1:{upstream_port}/v1",
         OPENAI_API_KEY="bench",
         RELAY_MODEL="bench",
+        # The load generator is one user posting hundreds of answers: no per-user limits
+        # (settings an older checkout under test simply ignores).
+        RELAY_MAX_RUNNING_PER_USER="0",
+        RELAY_POSTS_PER_MINUTE="0",
+        RELAY_NEW_GUESTS_PER_MINUTE="0",
     )
     return env
 

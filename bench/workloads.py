@@ -1,6 +1,7 @@
 """The workloads by name: their sizes (from the knobs) and the runner each uses.
 
-``log`` (not in the default suite) runs bench/log.py, the chunk log's micro-benchmarks, under
+``log`` and ``sweep`` (not in the default suite) run bench/log.py (the chunk log's
+micro-benchmarks) and bench/sweep.py (one sweeper pass over 5,000 active streams) under
 BENCH_RELAY_ROOT's interpreter with that checkout as working directory, so that its
 ``models`` are the ones under test.
 """
@@ -51,14 +52,26 @@ def live(name: str) -> Workload:
     return run
 
 
-async def micro(ctx: Ctx) -> dict[str, np.ndarray]:
-    """Run bench/log.py with the interpreter and the working directory of the code under test."""
+def micro(script: str) -> Workload:
+    """A micro-benchmark script of bench/ (log.py, sweep.py), run on the run's Redis."""
+
+    async def run(ctx: Ctx) -> dict[str, np.ndarray]:
+        return await run_script(ctx, script)
+
+    return run
+
+
+async def run_script(ctx: Ctx, script_name: str) -> dict[str, np.ndarray]:
+    """Run a bench/ script with the interpreter and the working directory of the code under
+    test; its JSON output becomes the results."""
     root = ctx.knobs.relay_root
     script = (
         "import runpy, sys; sys.argv = [sys.argv[1], sys.argv[2]]; "
         "runpy.run_path(sys.argv[0], run_name='__main__')"
     )
-    argv = [str(root / ".venv/bin/python"), "-c", script, str(BENCH_DIR / "log.py"), ctx.redis_url]
+    argv = [
+        str(root / ".venv/bin/python"), "-c", script, str(BENCH_DIR / script_name), ctx.redis_url,
+    ]  # fmt: skip
     proc = await asyncio.create_subprocess_exec(
         *argv, cwd=root, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         preexec_fn=die_with_parent,
@@ -70,8 +83,8 @@ async def micro(ctx: Ctx) -> dict[str, np.ndarray]:
             proc.kill()  # our own child, by its pid
             await proc.wait()
     if proc.returncode:
-        raise RuntimeError(f"bench/log.py failed: {err.decode()[-1500:]}")
-    ctx.out["config"] = {"script": "bench/log.py", "cwd": str(root)}
+        raise RuntimeError(f"bench/{script_name} failed: {err.decode()[-1500:]}")
+    ctx.out["config"] = {"script": f"bench/{script_name}", "cwd": str(root)}
     ctx.out["results"].update(json.loads(out))
     return {}
 
@@ -84,5 +97,6 @@ REGISTRY: dict[str, Workload] = {
     "throughput10": live("throughput10"),
     "idle": idle.run,
     "dispatch": dispatch.run,
-    "log": micro,
+    "log": micro("log.py"),
+    "sweep": micro("sweep.py"),
 }

@@ -6,7 +6,12 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
+
+# What a database that is down, restarting or unreachable raises (an infrastructure fault,
+# never a verdict on the data): callers wait and try again.
+OUTAGE_ERRORS: tuple[type[Exception], ...] = (OperationalError, InterfaceError)
 
 
 def normalize_url(url: str) -> str:
@@ -17,15 +22,28 @@ def normalize_url(url: str) -> str:
     return url
 
 
+# A checkout waits this long for a free pooled connection before giving up (SQLAlchemy's
+# TimeoutError: 503 / WebSocket 1013 "busy"). A burst of viewers queues here while the event
+# loop serves those ahead; a database that is down fails its own connection attempt at once.
+POOL_WAIT_S = 60.0
+
+
 def make_engine(url: str) -> Engine:
     """Create an engine; SQLite gets WAL and a busy timeout so web and workers share it."""
     url = normalize_url(url)
     if url.startswith("sqlite"):
         _ensure_sqlite_dir(url)
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        pooled = "///" in url and not url.endswith(":memory:")  # a file: a QueuePool
+        engine = create_engine(
+            url,
+            connect_args={"check_same_thread": False, "timeout": 30},
+            **({"pool_timeout": POOL_WAIT_S} if pooled else {}),
+        )
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    return create_engine(
+        url, pool_pre_ping=True, pool_size=10, max_overflow=20, pool_timeout=POOL_WAIT_S
+    )
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:

@@ -14,6 +14,8 @@ CHUNKS = "chunks"
 DONE = "done"
 CANCELLED = "cancelled"
 ERROR = "error"
+# A cancelled event's reason when the detach policy ended it (nobody watched for too long).
+ABANDONED = "abandoned"
 # Written by an admin retry after a terminal event: the answer continues after it.
 RESUMED = "resumed"
 TERMINAL_TYPES = frozenset({DONE, CANCELLED, ERROR})
@@ -32,6 +34,7 @@ class Event:
     message_id: str = ""
     error: dict[str, str] = field(default_factory=dict)
     attempt: int = 0
+    reason: str = ""  # cancelled: why, when not at a person's request ("abandoned")
 
     @property
     def terminal(self) -> bool:
@@ -47,6 +50,8 @@ class Event:
             out["error"] = self.error
         elif self.type == RESUMED:
             out["attempt"] = self.attempt
+        elif self.type == CANCELLED and self.reason:
+            out["reason"] = self.reason
         return out
 
     @functools.cached_property
@@ -70,6 +75,8 @@ class Event:
             return json.dumps(self.error, separators=(",", ":"))
         if self.type == RESUMED:
             return str(self.attempt)
+        if self.type == CANCELLED:
+            return self.reason
         return ""
 
     @classmethod
@@ -88,6 +95,8 @@ class Event:
             return cls(seq, kind, error=json.loads(data) if data else {})
         if kind == RESUMED:
             return cls(seq, kind, attempt=int(data or 0))
+        if kind == CANCELLED:
+            return cls(seq, kind, reason=data)
         return cls(seq, kind)
 
 

@@ -37,6 +37,13 @@ class InvalidParameter(BadRequest):
     code = "invalid_parameter"
 
 
+class InvalidTitle(BadRequest):
+    """A chat title that is not 1-200 characters of text on one line."""
+
+    code = "invalid_title"
+    status = 422
+
+
 class ModelNotAllowed(BadRequest):
     code = "model_not_allowed"
 
@@ -65,6 +72,38 @@ class ChatBusy(RelayError):
     code = "chat_busy"
     status = 409
     ws_close = 4409
+
+
+class IdempotencyInProgress(RelayError):
+    """A request with the same Idempotency-Key is still being answered."""
+
+    code = "idempotency_in_progress"
+    status = 409
+    ws_close = 4409
+
+
+class IdempotencyKeyReused(RelayError):
+    """The Idempotency-Key was used before with a different request body."""
+
+    code = "idempotency_key_reused"
+    status = 422
+    ws_close = 4400
+
+
+class TooManyRequests(RelayError):
+    """A limit was reached; ``retry_after`` (seconds) goes out as Retry-After."""
+
+    code = "rate_limited"
+    status = 429
+    ws_close = 1008
+
+    def __init__(self, message: str, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = max(1, retry_after)
+
+
+class TooManyRunning(TooManyRequests):
+    code = "too_many_running"
 
 
 class StreamFinished(RelayError):
@@ -109,6 +148,16 @@ class LogUnavailable(Exception):
     """The chunk log could not be reached for longer than the worker's budget
     (RELAY_BACKEND_BUDGET_S), or its state vanished (Redis lost its data): an infrastructure
     fault, not a generation failure."""
+
+
+class LogBehind(Exception):
+    """The log ends before an append's first seq: entries it had confirmed are gone (a
+    Sentinel failover to a replica that had not received them yet). The writer sends them
+    again from ``seq`` + 1; the append script never writes a gap."""
+
+    def __init__(self, stream_id: str, seq: int) -> None:
+        super().__init__(f"the log of stream {stream_id} ends at seq {seq}")
+        self.seq = seq
 
 
 class StaleAttempt(Exception):

@@ -11,10 +11,35 @@ from typing import Any
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # Runtime files (SQLite database, embedded Redis data, local secret key); git-ignored.
 VAR_DIR = Path(os.environ.get("RELAY_VAR_DIR") or PROJECT_ROOT / "var")
+# Written by `make run` while its embedded Redis runs (ops/run.py), removed when it stops.
+REDIS_URL_FILE = VAR_DIR / "redis.url"
 
 
 def _default_database_url() -> str:
     return f"sqlite:///{VAR_DIR / 'relay.db'}"
+
+
+def recorded_redis_url() -> str:
+    """The URL of the embedded Redis of a running `make run`, or "" when none is recorded."""
+    try:
+        return REDIS_URL_FILE.read_text().strip()
+    except FileNotFoundError:
+        return ""
+
+
+def redis_origin(environ: Mapping[str, str] | None = None) -> str:
+    """Where ``Settings.from_env(environ)`` takes its Redis URL from, for commands to say
+    which Redis they use: "REDIS_URL", "make run" (var/redis.url) or "default"."""
+    env = os.environ if environ is None else environ
+    if env.get("REDIS_URL"):
+        return "REDIS_URL"
+    if environ is None and recorded_redis_url():
+        return "make run"
+    return "default"
+
+
+DETACH_POLICIES = ("continue", "cancel-after")
+MIN_DETACH_S, MAX_DETACH_S = 1, 86400
 
 
 @dataclass(frozen=True)
@@ -24,6 +49,10 @@ class Settings:
     database_url: str = ""
     redis_url: str = "redis://127.0.0.1:6379/0"
     broker_url: str = ""
+    # Everything relay itself keeps in Redis (logs, stream states, live channels, limits,
+    # idempotency, locks); default: redis_url. May be a redis+cluster:// URL (the broker,
+    # redis_url / broker_url, cannot).
+    log_redis_url: str = ""
     secret_key: str = ""
     # Finished logs stay in Redis this long; afterwards the text is served from SQL.
     log_retention_s: int = 3600
@@ -39,6 +68,10 @@ class Settings:
     # How long a worker rides out a Redis outage (appends retried with backoff, their fate
     # read back from the log) before the answer ends with backend_unavailable.
     backend_budget_s: float = 30.0
+    # Confirm each append only once this many replicas have it (Redis WAIT; 0: never wait),
+    # waiting at most this long: a Sentinel failover then cannot lose a confirmed append.
+    redis_wait_replicas: int = 0
+    redis_wait_ms: int = 1000
     # The worker copies the partial answer to SQL this often.
     checkpoint_interval_s: float = 2.0
     heartbeat_interval_s: float = 2.0
@@ -46,12 +79,16 @@ class Settings:
     heartbeat_stale_s: float = 8.0
     # The sweeper looks for streams whose writer died this often (one worker at a time).
     sweep_interval_s: float = 2.0
-    # A stream queued this long without a worker claiming it has its task sent again.
+    # A stream queued this long without a worker claiming it has its task sent again (then
+    # after twice as long, and so on, while no worker claims a copy).
     queued_grace_s: float = 300.0
+    # Claims, recovery sends and hand-offs a stream may take; past it the answer ends
+    # failed with too_many_attempts (an admin retry starts a new budget).
+    max_attempts: int = 5
     # A generation running longer than this ends with a "timeout" error.
     max_generation_s: float = 1800.0
     # On SIGTERM a worker lets generations run this long, then hands them to another worker.
-    # Keep it below the supervisor's kill timeout (honcho: 5 s; Heroku: 30 s).
+    # Keep it below the supervisor's kill timeout (make run: 15 s or more; Heroku: 30 s).
     shutdown_grace_s: float = 3.0
     worker_metrics_port: int = 0
     # Test aid only: "point=seconds" pauses (see WorkerRuntime.fault).
@@ -92,26 +129,86 @@ class Settings:
     # previous ping (keeps proxies from timing out a quiet answer; finds dead clients).
     ws_ping_s: float = 25.0
     redis_max_connections: int = 200
+    # How long a request waits for a free connection of that pool before giving up with 503 /
+    # WebSocket 1013 "busy" (a burst waits; a Redis that is down is reported at once).
+    redis_pool_wait_s: float = 60.0
     allowed_origins: tuple[str, ...] = ()
     # Mark the session cookie Secure (set it when relay is served over HTTPS).
     secure_cookies: bool = False
     chat_busy_policy: str = "reject"
+    # What happens to an answer when everyone leaves (a request may choose with "onDetach"):
+    # "continue" to the end, or "cancel-after": cancel it (reason "abandoned", text kept)
+    # once no viewer has been attached for on_detach_seconds.
+    on_detach: str = "continue"
+    on_detach_seconds: int = 60
+    # Completion webhooks: when an answer ends while none of its viewers is attached, POST
+    # it to this URL, signed the Standard Webhooks way with the secret ("whsec_<base64>");
+    # tried up to webhook_max_attempts times with backoff. Empty: off.
+    # An answer queued for longer than this has its queue position on its owner's feed
+    # (answer.waiting, updated every sweep while it changes).
+    queue_position_after_s: float = 1.0
+    webhook_url: str = ""
+    webhook_secret: str = ""
+    webhook_timeout_s: float = 10.0
+    webhook_max_attempts: int = 8
+    # "production": refuse to start without SECRET_KEY (one key for every machine); anything
+    # else lets a single machine keep a generated key in var/secret_key.
+    env: str = "development"
+    # When set, GET /metrics wants "Authorization: Bearer <token>".
+    metrics_token: str = ""
+    # Limits (429 with Retry-After; 0 turns one off): answers a user may have queued or
+    # running at once, posts per user per minute, new guest users per client address per
+    # minute (behind a proxy, the address is the proxy's unless it is trusted: see docs).
+    max_running_per_user: int = 3
+    posts_per_minute: int = 20
+    new_guests_per_minute: int = 30
+    # Reverse proxies in front of the web tier whose X-Forwarded-For, -Proto and -Host are
+    # trusted (Werkzeug's ProxyFix with this many hops): the new-guest limit and the Origin
+    # check then see the client's address and the public host. 0: the headers are ignored.
+    trusted_proxies: int = 0
+    # GET /api/v1/chats returns at most this many chats (newest first); ?limit= asks fewer.
+    list_page_size: int = 50
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
-        """Build settings from environment variables, falling back to defaults."""
+        """Build settings from environment variables, falling back to defaults (and, for
+        the Redis URL of the process environment, to a running `make run`'s Redis)."""
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {}
         for f in fields(cls):
             raw = env.get(_env_name(f.name))
             if raw is not None and raw != "":
                 values[f.name] = _coerce(f.name, raw, getattr(cls, f.name))
+        # Without REDIS_URL, a command run next to a `make run` uses its embedded Redis rather
+        # than 127.0.0.1:6379. Only from the process environment: an explicit mapping is
+        # the whole configuration (tests, ops.supervise).
+        if redis_origin(environ) == "make run":
+            values["redis_url"] = recorded_redis_url()
         settings = cls(**values)
         if not settings.database_url:
             settings = replace(settings, database_url=_default_database_url())
         if not settings.broker_url:
             settings = replace(settings, broker_url=settings.redis_url)
+        if not settings.log_redis_url:
+            settings = replace(settings, log_redis_url=settings.redis_url)
         return settings
+
+    def __post_init__(self) -> None:
+        if self.on_detach not in DETACH_POLICIES:
+            raise ValueError(f"RELAY_ON_DETACH must be one of {', '.join(DETACH_POLICIES)}, "
+                             f"not {self.on_detach!r}")  # fmt: skip
+        if not MIN_DETACH_S <= self.on_detach_seconds <= MAX_DETACH_S:
+            raise ValueError(
+                f"RELAY_ON_DETACH_SECONDS must be {MIN_DETACH_S}..{MAX_DETACH_S}, "
+                f"not {self.on_detach_seconds}"
+            )
+
+        if self.webhook_url and not self.webhook_secret:
+            raise ValueError("RELAY_WEBHOOK_URL needs RELAY_WEBHOOK_SECRET (whsec_<base64>)")
+
+    def detach_after_s(self) -> int | None:
+        """The deployment's detach policy as a stream stores it (None: continue)."""
+        return self.on_detach_seconds if self.on_detach == "cancel-after" else None
 
     def allows_model(self, model: str) -> bool:
         return model == self.model or model in self.allowed_models
@@ -128,6 +225,8 @@ class Settings:
         updated = replace(self, **picked)
         if "redis_url" in picked and "broker_url" not in picked:
             updated = replace(updated, broker_url=updated.redis_url)
+        if "redis_url" in picked and "log_redis_url" not in picked:
+            updated = replace(updated, log_redis_url=updated.redis_url)
         return updated
 
 

@@ -11,7 +11,7 @@ from sqlalchemy import Table, bindparam, func, select, update
 from sqlalchemy.orm import Session
 
 from models.events import CHUNK, TERMINAL_FOR_STATUS, Event, error_event
-from models.tables import Message, Stream, utcnow
+from models.tables import ACTIVE_STREAM_STATUSES, Message, Stream, utcnow
 
 MESSAGE_STATUS = {"done": "complete", "cancelled": "cancelled", "failed": "failed"}
 
@@ -47,20 +47,29 @@ _STREAMS: Table = Stream.__table__  # type: ignore[assignment]
 _MESSAGES: Table = Message.__table__  # type: ignore[assignment]
 
 
-def mark_running(db: Session, stream_id: str, message_id: str, attempt: int, task_id: str) -> None:
-    """Record that ``attempt`` (run by ``task_id``) now writes the stream. Core statements:
-    this is on the path from a post to its first chunk."""
+def mark_running(db: Session, stream_id: str, message_id: str, attempt: int, task_id: str) -> bool:
+    """Record that ``attempt`` (run by ``task_id``) now writes the stream; False when SQL has
+    ended the stream or a later attempt owns it (the claim is void). Core statements: this
+    is on the path from a post to its first chunk."""
     now = utcnow()
-    db.execute(
+    res = db.execute(
         _STREAMS.update()
-        .where(_STREAMS.c.id == stream_id)
+        .where(
+            _STREAMS.c.id == stream_id,
+            _STREAMS.c.status.in_(ACTIVE_STREAM_STATUSES),
+            _STREAMS.c.attempt <= attempt,  # equal: this call again, after a lost reply
+        )
         .values(
             status="running", attempt=attempt, task_id=task_id, updated_at=now,
             started_at=func.coalesce(_STREAMS.c.started_at, now),
         )
     )  # fmt: skip
+    if res.rowcount == 0:  # type: ignore[attr-defined]
+        db.rollback()
+        return False
     db.execute(_MESSAGES.update().where(_MESSAGES.c.id == message_id).values(status="streaming"))
     db.commit()
+    return True
 
 
 # Core statements (no ORM bulk-update machinery): a worker checkpoints every running answer
@@ -109,14 +118,25 @@ def finalize(
     text: str,
     layout: Layout,
     attempt: int | None,
+    takeover: bool = False,
     error: ErrorInfo | None = None,
     usage: dict[str, Any] | None = None,
+    reason: str | None = None,
 ) -> bool:
-    """Store the final text and status (the terminal event's seq is len(layout) + 1);
-    with ``attempt``, only if that attempt still owns the stream."""
+    """Store the final text and status (the terminal event's seq is len(layout) + 1), and
+    why it ended when not plainly (``reason``: ``abandoned``).
+
+    A compare-and-set: only a stream still queued or running ends, so SQL's end is decided
+    once. With ``attempt``, only while that attempt owns the stream; with ``takeover`` too,
+    while no later attempt does (the stream's attempt becomes ``attempt``, fencing off the
+    writer that was taken over). False when refused."""
     now = utcnow()
-    stmt = update(Stream).where(Stream.id == stream_id)
-    if attempt is not None:
+    stmt = update(Stream).where(Stream.id == stream_id, Stream.status.in_(ACTIVE_STREAM_STATUSES))
+    values: dict[str, Any] = {}
+    if attempt is not None and takeover:
+        stmt = stmt.where(Stream.attempt <= attempt)
+        values["attempt"] = attempt
+    elif attempt is not None:
         stmt = stmt.where(Stream.attempt == attempt)
     res = db.execute(
         stmt.values(
@@ -126,8 +146,10 @@ def finalize(
             content_hash=content_hash(text),
             error_code=error.code if error else None,
             error_message=error.message if error else None,
+            end_reason=reason,
             finished_at=now,
             updated_at=now,
+            **values,
         )
     )
     if res.rowcount == 0:  # type: ignore[attr-defined]
@@ -141,12 +163,34 @@ def finalize(
     return True
 
 
+def extend_final(db: Session, stream_id: str, text: str, layout: Layout) -> bool:
+    """Bring an ended stream's stored text up to its log, which holds more (an append whose
+    reply was lost, a writer that ended in SQL as it was being taken over): the log is
+    what viewers saw, so it is the text. Only moves forward; False when nothing changed."""
+    now = utcnow()
+    res = db.execute(
+        update(Stream)
+        .where(Stream.id == stream_id, Stream.last_seq < len(layout) + 1)
+        .where(Stream.status.not_in(ACTIVE_STREAM_STATUSES))
+        .values(
+            last_seq=len(layout) + 1, seq_layout=json.dumps(layout),
+            content_hash=content_hash(text), updated_at=now,
+        )
+    )  # fmt: skip
+    if res.rowcount == 0:  # type: ignore[attr-defined]
+        db.rollback()
+        return False
+    _set_message(db, stream_id, content=text, updated_at=now)
+    db.commit()
+    return True
+
+
 def reopen(db: Session, stream: Stream, layout: Layout, task_id: str) -> None:
     """Queue a finished stream again (admin retry); ``layout`` ends with the resumed marker."""
     now = utcnow()
     stream.status, stream.task_id = "queued", task_id
     stream.seq_layout, stream.last_seq = json.dumps(layout), len(layout)
-    stream.error_code = stream.error_message = None
+    stream.error_code = stream.error_message = stream.end_reason = stream.notice = None
     stream.finished_at, stream.updated_at = None, now
     _set_message(db, stream.id, status="pending", updated_at=now)
     db.commit()
@@ -177,7 +221,9 @@ def events_from_sql(stream: Stream, content: str, after: int) -> list[Event]:
                 error_event(seq, stream.error_code or "failed", stream.error_message or "")
             )
         else:
-            events.append(Event(seq, terminal, message_id=stream.message_id))
+            events.append(
+                Event(seq, terminal, message_id=stream.message_id, reason=stream.end_reason or "")
+            )
     return events
 
 

@@ -51,10 +51,16 @@ class User(Base):
 
 class Chat(Base):
     __tablename__ = "chats"
-    __table_args__ = (Index("ix_chats_user_updated", "user_id", "updated_at"),)
+    __table_args__ = (
+        Index("ix_chats_user_updated", "user_id", "updated_at"),
+        # A client-chosen id (the AI SDK's chat id) names one chat per user, not globally.
+        UniqueConstraint("user_id", "client_id", name="uq_chats_user_client"),
+    )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
     user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    # The id the client gave the chat (AI SDK endpoints), or None for relay's own chats.
+    client_id: Mapped[str | None] = mapped_column(String(64))
     title: Mapped[str] = mapped_column(String(200), default="")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
@@ -106,6 +112,14 @@ class Stream(Base):
     content_hash: Mapped[str | None] = mapped_column(String(64))
     error_code: Mapped[str | None] = mapped_column(String(64))
     error_message: Mapped[str | None] = mapped_column(Text)
+    # The detach policy: cancel once no viewer has been attached for this many seconds
+    # (None: go on to the end, "continue"). ``end_reason``: why it ended, when not plain
+    # (``abandoned``: cancelled by that policy).
+    detach_after_s: Mapped[int | None] = mapped_column(Integer)
+    end_reason: Mapped[str | None] = mapped_column(String(32))
+    # The completion webhook of its last end (RELAY_WEBHOOK_URL): None until decided, then
+    # skipped (someone was watching), queued, sent or failed. A retry clears it.
+    notice: Mapped[str | None] = mapped_column(String(16))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, index=True)

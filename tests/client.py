@@ -191,6 +191,18 @@ def wait_for(probe: Callable[[], Any], timeout: float = 30, interval: float = 0.
     raise AssertionError(f"condition not met within {timeout}s")
 
 
+def wait_until(probe: Callable[[], Any], what: str, timeout: float = 30) -> Any:
+    """Poll ``probe`` (every 0.1 s) until it returns something truthy; TimeoutError naming
+    ``what`` after ``timeout`` seconds (the servers the tests start: a node, a failover)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = probe()
+        if result:
+            return result
+        time.sleep(0.1)
+    raise TimeoutError(f"timed out waiting for {what}")
+
+
 def chunk_text(events: list[dict[str, Any]]) -> str:
     return "".join(e["text"] for e in events if e["type"] == "chunk")
 

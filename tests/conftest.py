@@ -13,16 +13,37 @@ from pathlib import Path
 
 import pytest
 import redis
+from playwright.sync_api import Browser
 from sqlalchemy import create_engine, text
 
 from models.db import normalize_url
 from models.migrate import upgrade
+from models.redisconn import is_cluster, make_cluster
 from ops.redis_server import EmbeddedRedis, free_port
+from tests.chromium import launched
 from tests.client import Client
-from tests.procs import Proc, start_web, start_worker
+from tests.cluster import Cluster
+from tests.procs import Proc, stack_env, start_web, start_worker
 
 PG_URL = os.environ.get("TEST_DATABASE_URL", "")
 BACKENDS = ["sqlite", "postgresql"] if PG_URL else ["sqlite"]
+# RELAY_TEST_LOG_CLUSTER=1: every stack keeps relay's data on a Redis Cluster of its own
+# (three primaries, tests/cluster.py; RELAY_LOG_REDIS_URL), the broker on the private Redis.
+LOG_CLUSTER = bool(os.environ.get("RELAY_TEST_LOG_CLUSTER"))
+
+
+@contextmanager
+def log_store(env: dict[str, str], workdir: Path) -> Iterator[None]:
+    """Point ``env``'s relay data at a cluster of its own when LOG_CLUSTER asks."""
+    if not LOG_CLUSTER:
+        yield
+        return
+    cluster = Cluster(workdir / "cluster").start()
+    env["RELAY_LOG_REDIS_URL"] = cluster.url
+    try:
+        yield
+    finally:
+        cluster.stop()
 
 
 @pytest.fixture(scope="session")
@@ -90,7 +111,11 @@ class Stack:
         return Client(base_url or self.base_url)
 
     def redis(self) -> redis.Redis:
-        return redis.Redis.from_url(self.env["REDIS_URL"], decode_responses=True)
+        """A client of relay's data (the cluster under RELAY_TEST_LOG_CLUSTER)."""
+        url = self.env.get("RELAY_LOG_REDIS_URL") or self.env["REDIS_URL"]
+        if is_cluster(url):
+            return make_cluster(url, max_connections=20)  # type: ignore[return-value]
+        return redis.Redis.from_url(url, decode_responses=True)
 
     def start_web(self, port: int | None = None) -> tuple[Proc, int]:
         port = port or free_port()
@@ -105,8 +130,8 @@ class Stack:
         self.extra.append(proc)
         return proc, port
 
-    def start_worker(self, name: str) -> Proc:
-        proc = start_worker(self.env, self.logdir, name)
+    def start_worker(self, name: str, concurrency: int = 8) -> Proc:
+        proc = start_worker(self.env, self.logdir, name, concurrency=concurrency)
         self.extra.append(proc)
         return proc
 
@@ -124,23 +149,6 @@ class Stack:
             proc.stop()
 
 
-def stack_env(redis_url: str, database_url: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RELAY_", "CELERY_"))}
-    env.update(
-        REDIS_URL=redis_url,
-        DATABASE_URL=database_url,
-        SECRET_KEY="test-secret-key",
-        PYTHONUNBUFFERED="1",
-        RELAY_DEMO_CHUNKS_PER_SECOND="80",
-        RELAY_CHECKPOINT_INTERVAL_S="0.5",
-        RELAY_HEARTBEAT_INTERVAL_S="0.5",
-        RELAY_HEARTBEAT_STALE_S="3",
-        RELAY_SWEEP_INTERVAL_S="0.5",
-        RELAY_SHUTDOWN_GRACE_S="1",
-    )
-    return env
-
-
 @pytest.fixture(scope="session")
 def stack(
     redis_server: EmbeddedRedis, database_url: str, tmp_path_factory: pytest.TempPathFactory
@@ -150,16 +158,17 @@ def stack(
     redis_url = f"redis://127.0.0.1:{redis_server.port}/{db_index}"
     env = stack_env(redis_url, database_url)
     logdir = tmp_path_factory.mktemp("logs")
-    worker = start_worker(env, logdir)
-    port = free_port()
-    try:
-        web = start_web(env, port, logdir)
-    except Exception:
-        worker.stop()
-        raise
-    running = Stack(env, logdir, port, web, [worker])
-    yield running
-    running.stop()
+    with log_store(env, logdir):
+        worker = start_worker(env, logdir)
+        port = free_port()
+        try:
+            web = start_web(env, port, logdir)
+        except Exception:
+            worker.stop()
+            raise
+        running = Stack(env, logdir, port, web, [worker])
+        yield running
+        running.stop()
 
 
 # Redis database numbers for isolated stacks; each is flushed when its stack stops.
@@ -174,18 +183,28 @@ def isolated_stack(
     with no worker yet, for tests that kill, stop or add workers. Start workers with
     ``stack.start_worker(name)``; extra settings come from a ``stack_env`` marker."""
     marker = request.node.get_closest_marker("stack_env")
-    extra: dict[str, str] = dict(marker.kwargs) if marker else {}
+    with own_stack(redis_server, tmp_path, dict(marker.kwargs) if marker else {}) as running:
+        yield running
+
+
+@contextmanager
+def own_stack(
+    redis_server: EmbeddedRedis, tmp_path: Path, extra: dict[str, str]
+) -> Iterator[Stack]:
+    """``isolated_stack``'s stack, with ``extra`` settings chosen at run time."""
     with migrated_database("sqlite", tmp_path) as database_url:
         env = stack_env(f"redis://127.0.0.1:{redis_server.port}/{next(_isolated)}", database_url)
         env.update(extra)
-        port = free_port()
-        web = start_web(env, port, tmp_path)
-        running = Stack(env, tmp_path, port, web, [])
-        try:
-            yield running
-        finally:
-            running.stop()
-            running.redis().flushdb()  # our own server and database number
+        with log_store(env, tmp_path):
+            port = free_port()
+            web = start_web(env, port, tmp_path)
+            running = Stack(env, tmp_path, port, web, [])
+            try:
+                yield running
+            finally:
+                running.stop()
+                # Our own server and database number (and cluster, which stops next).
+                redis.Redis.from_url(env["REDIS_URL"]).flushdb()
 
 
 @pytest.fixture
@@ -201,3 +220,10 @@ def redis_client(redis_server: EmbeddedRedis) -> Iterator[redis.Redis]:
     yield client
     client.flushdb()
     client.close()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    """Debian's Chromium (tests/chromium.py), one per test module."""
+    with launched() as chromium:
+        yield chromium

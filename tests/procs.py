@@ -89,11 +89,15 @@ def start_web(
 
 
 def start_worker(
-    env: Mapping[str, str], logdir: Path, name: str = "w1", timeout: float = 30.0
+    env: Mapping[str, str],
+    logdir: Path,
+    name: str = "w1",
+    timeout: float = 30.0,
+    concurrency: int = 8,
 ) -> Proc:
     args = [
         str(BIN / "celery"), "-A", "workers", "worker",
-        "--pool", "gevent", "--concurrency", "8",
+        "--pool", "gevent", "--concurrency", str(concurrency),
         "--hostname", f"{name}-{os.getpid()}@%h",
         "--loglevel", "INFO",
         "--without-mingle", "--without-gossip",
@@ -108,3 +112,28 @@ def start_worker(
         time.sleep(0.1)
     proc.kill()
     raise RuntimeError(f"worker did not start:\n{proc.output()}")
+
+
+def stack_env(redis_url: str, database_url: str) -> dict[str, str]:
+    """The environment of the tests' relay processes: the short timings of a test stack
+    (heartbeat 0.5 s, stale 3 s, sweep 0.5 s, shutdown grace 1 s, checkpoint 0.5 s)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RELAY_", "CELERY_"))}
+    env.update(
+        REDIS_URL=redis_url,
+        DATABASE_URL=database_url,
+        SECRET_KEY="test-secret-key",
+        PYTHONUNBUFFERED="1",
+        RELAY_DEMO_CHUNKS_PER_SECOND="80",
+        RELAY_CHECKPOINT_INTERVAL_S="0.5",
+        RELAY_HEARTBEAT_INTERVAL_S="0.5",
+        RELAY_HEARTBEAT_STALE_S="3",
+        RELAY_SWEEP_INTERVAL_S="0.5",
+        # No queue positions on the feed unless a test asks (tests/test_waiting.py).
+        RELAY_QUEUE_POSITION_AFTER_S="600",
+        RELAY_SHUTDOWN_GRACE_S="1",
+        # Tests post many answers as one user; tests/test_limits.py turns the limits on.
+        RELAY_MAX_RUNNING_PER_USER="0",
+        RELAY_POSTS_PER_MINUTE="0",
+        RELAY_NEW_GUESTS_PER_MINUTE="0",
+    )
+    return env

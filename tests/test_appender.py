@@ -206,8 +206,8 @@ class _LosesOneReply(PinnedConnection):
 
     lost = False
 
-    def _round_trip(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
-        replies = super()._round_trip(commands)
+    def pipeline(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
+        replies = super().pipeline(commands)
         if not self.lost and commands[0][0] == "EVALSHA":
             self.lost = True
             self.conn.disconnect()

@@ -24,23 +24,11 @@ from playwright.sync_api import (
     ViewportSize,
     WebSocket,
     expect,
-    sync_playwright,
 )
 
 from tests.client import wait_for
 from tests.conftest import Stack
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 DESKTOP: ViewportSize = {"width": 1280, "height": 800}
 PHONE: ViewportSize = {"width": 390, "height": 844}
@@ -86,14 +74,6 @@ window.WebSocket = class extends window.WebSocket {
 
 
 # -- fixtures --------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    with sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        yield b
-        b.close()
 
 
 class Session:
@@ -216,6 +196,8 @@ class Sockets:
         page.on("websocket", self._opened)
 
     def _opened(self, ws: WebSocket) -> None:
+        if "/api/v1/feed/" in ws.url:
+            return  # the page's live feed, not an answer's stream
         messages: list[dict[str, Any]] = []
         self.opened.append((ws.url, messages))
         ws.on("framereceived", lambda payload: messages.append(json.loads(payload)))

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import uuid
+
 import pytest
 import redis
 
 from models import keys
-from models.chunklog import ChunkLog
+from models.chunklog import Beat, ChunkLog
 from models.events import CANCELLED, CHUNK, DONE, Event
 from models.exceptions import StaleAttempt
 
@@ -51,8 +53,8 @@ def test_a_stale_attempt_is_fenced_off(log: ChunkLog, redis_client: redis.Redis)
     with pytest.raises(StaleAttempt):
         log.append("s3", 1, chunk(2, "from the dead"))
     log.append("s3", 2, chunk(2, "from the living"))
-    assert log.heartbeat("s3", 1) == (False, False)
-    assert log.heartbeat("s3", 2) == (True, False)
+    assert log.heartbeat("s3", 1) == Beat(owner=False, cancel=False)
+    assert log.heartbeat("s3", 2) == Beat(owner=True, cancel=False)
     assert [e.text for e in log.read("s3", 0, 10)] == ["x", "from the living"]
 
 
@@ -85,7 +87,7 @@ def test_cancel_of_a_running_stream_is_reported_to_the_writer(log: ChunkLog) -> 
     log.claim("s6", "t1", 5)
     log.append("s6", 1, chunk(1))
     assert log.cancel("s6", 5) == ("requested", 0, 0)
-    assert log.heartbeat("s6", 1) == (True, True)
+    assert log.heartbeat("s6", 1) == Beat(owner=True, cancel=True)
     assert log.append("s6", 1, chunk(2)) is True
 
 
@@ -126,3 +128,83 @@ def test_attempts_never_go_below_sql_after_redis_lost_the_state(
     assert (claim.result, claim.attempt) == ("claimed", 5)
     with pytest.raises(StaleAttempt):
         log.append("s9", 1, chunk(1))  # an old writer from before the loss
+
+
+def server_ms(client: redis.Redis) -> int:
+    seconds, micros = client.time()
+    return int(seconds) * 1000 + int(micros) // 1000
+
+
+def test_the_detach_policy_counts_from_the_last_viewer_leaving(
+    log: ChunkLog, redis_client: redis.Redis
+) -> None:
+    sid = f"dp-{uuid.uuid4().hex}"
+    log.init(sid, detach_after_s=5)
+    assert log.state(sid).detach_ms == 5000
+    assert not log.claim(
+        sid, "t1", 5, detach=True
+    ).cancel_requested  # just posted: nobody needed yet
+    now = server_ms(redis_client)
+    redis_client.hset(keys.state_key(sid), "qt", now - 60_000)  # posted a minute ago
+    viewers = keys.viewers_key(sid)
+    redis_client.zadd(viewers, {"web-a": now + 10_000, "web-b": now - 30_000})  # a lease runs
+    assert log.heartbeat(sid, 1, detach=True) == Beat(owner=True, cancel=False, unwatched=False)
+    assert log.detach_status(sid).cancel_at_ms is None
+    redis_client.zadd(viewers, {"web-a": now - 4_000})  # its last viewer left 4 s ago
+    assert log.heartbeat(sid, 1, detach=True) == Beat(owner=True, cancel=False, unwatched=True)
+    assert log.detach_status(sid).cancel_at_ms == now + 1_000  # from the latest leave
+    redis_client.zadd(viewers, {"web-a": now - 5_000})
+    assert log.heartbeat(sid, 1, detach=True) == Beat(owner=True, cancel=True)
+    state = log.state(sid)
+    assert state.cancel_requested and state.why == "abandoned"
+    assert log.append(sid, 1, chunk(1)) is True  # the writer's next append hears it too
+
+
+def test_without_a_policy_nobody_watching_changes_nothing(
+    log: ChunkLog, redis_client: redis.Redis
+) -> None:
+    sid = f"dp-{uuid.uuid4().hex}"
+    log.init(sid)
+    log.claim(sid, "t1", 5)
+    redis_client.hset(keys.state_key(sid), "qt", server_ms(redis_client) - 3_600_000)
+    assert log.heartbeat(sid, 1, detach=True) == Beat(owner=True, cancel=False, unwatched=False)
+    assert log.detach_status(sid).policy_ms is None
+    assert log.state(sid).why is None
+
+
+def test_an_answer_abandoned_while_queued_is_claimed_with_the_cancel_flag(
+    log: ChunkLog, redis_client: redis.Redis
+) -> None:
+    sid = f"dp-{uuid.uuid4().hex}"
+    log.init(sid, detach_after_s=1)
+    redis_client.hset(keys.state_key(sid), "qt", server_ms(redis_client) - 1_500)
+    claim = log.claim(sid, "t1", 5, detach=True)
+    assert claim.result == "claimed" and claim.cancel_requested
+    assert log.state(sid).why == "abandoned"
+    # A retry starts the count again, with the policy it is given (or none).
+    log.append(sid, claim.attempt, Event(1, CANCELLED, reason="abandoned"))
+    assert log.reopen(sid, "t2", detach_after_s=30)[0] == "reopened"
+    state = log.state(sid)
+    assert (state.detach_ms, state.why, state.cancel_requested) == (30_000, None, False)
+    again = log.claim(sid, "t2", 5, detach=True)
+    assert again.result == "claimed" and not again.cancel_requested
+    log.append(sid, again.attempt, Event(3, CANCELLED))
+    assert log.reopen(sid, "t3")[0] == "reopened"
+    assert log.state(sid).detach_ms is None
+
+
+def test_the_terminal_event_records_whether_a_viewer_saw_the_end(
+    log: ChunkLog, redis_client: redis.Redis
+) -> None:
+    for watched in (True, False):
+        sid = f"ew-{uuid.uuid4().hex}"
+        log.init(sid)
+        attempt = log.claim(sid, "t1", 5).attempt
+        log.append(sid, attempt, chunk(1))
+        lease = server_ms(redis_client) + (10_000 if watched else -1_000)
+        redis_client.zadd(keys.viewers_key(sid), {"web-a": lease})
+        assert log.state(sid).watched_end is False  # only the end records it
+        log.append(sid, attempt, Event(2, DONE, message_id="m"))
+        assert log.state(sid).watched_end is watched
+        assert log.reopen(sid, "t2")[0] == "reopened"
+        assert log.state(sid).watched_end is False  # a retry's end records it again

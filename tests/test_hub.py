@@ -42,16 +42,21 @@ def chunks(first: int, *texts: str) -> list[Event]:
 
 
 def listening(hub: Hub, sid: str, n: int = 1) -> list[tuple[Subscription, threading.Event]]:
-    """Subscribe ``n`` viewers and wait until Redis confirmed the channel (each viewer is
-    flagged then, to re-read the log)."""
-    out = []
-    for _ in range(n):
+    """Subscribe ``n`` viewers of ``sid``: the first, and wait until Redis confirmed the
+    channel (its viewers are flagged then, to re-read the log), then the others, which join
+    a confirmed channel and are not flagged (a viewer reads the log after subscribing
+    anyway). Subscribing all before the confirmation would race with it: a viewer added
+    after it would wait for a flag that never comes."""
+    wake = threading.Event()
+    first = hub.subscribe(sid, 0, wake)
+    assert wake.wait(30.0)
+    assert first.take() == ([], True, False)
+    wake.clear()
+    out = [(first, wake)]
+    for _ in range(n - 1):
         wake = threading.Event()
         out.append((hub.subscribe(sid, 0, wake), wake))
-    for sub, wake in out:
-        assert wake.wait(30.0)
-        assert sub.take() == ([], True, False)
-        wake.clear()
+        assert not wake.is_set()
     return out
 
 
@@ -228,3 +233,25 @@ def test_direct_writes_leave_the_hard_cases_to_the_viewer(hub: Hub, log: ChunkLo
     log.append("m", 1, Event(3, DONE, message_id="x"))  # the end: the viewer closes
     assert [b.first for b in received(sub, wake)] == [3]
     assert writer.written == [] and sub.unpark() == 2
+
+
+def test_the_hub_holds_a_lease_on_the_streams_it_has_viewers_of(
+    hub: Hub, redis_client: redis.Redis
+) -> None:
+    """Presence, the detach policy's input: a lease while this process has viewers of the
+    stream, ended (at the time of leaving) when its last viewer leaves."""
+    viewers = keys.viewers_key("presence")
+    (sub, _wake), (other, _) = listening(hub, "presence", 2)
+
+    def lease() -> float | None:
+        return redis_client.zscore(viewers, hub.hub_id)
+
+    seconds, micros = redis_client.time()
+    now_ms = seconds * 1000 + micros // 1000
+    assert (lease() or 0) > now_ms + hub.presence_lease_ms / 2
+    assert 0 < redis_client.pttl(viewers) <= hub.presence_ttl_ms
+    hub.unsubscribe(sub)  # one viewer left: the lease stands
+    hub.unsubscribe(other)  # the last one left
+    wait_for(lambda: (lease() or 0) < now_ms + hub.presence_lease_ms / 2)
+    seconds, micros = redis_client.time()
+    assert (lease() or 0) <= seconds * 1000 + micros // 1000

@@ -12,9 +12,11 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
+from celery import Celery
 
 from ops.redis_server import EmbeddedRedis, free_port
 from tests.client import Attach, assert_coherent, read_rest, wait_for
@@ -100,7 +102,9 @@ def test_streams_commands(isolated_stack: Stack) -> None:
     stack = isolated_stack
     stack.start_worker("w1")
     client = stack.client()
-    posted = client.post_chat(f"Admin me {LONG}")
+    # Long enough (~12 s) to outlast four CLI runs (each starts Celery: seconds on a busy
+    # machine) before the cancel.
+    posted = client.post_chat("Admin me [demo:words=1000]")
     sid = posted["streamId"]
     seen = client.attach(sid, until=lambda a: len(a.events) >= 5)
     listed = celery(stack, "streams", "list", "--status", "running", check=True).stdout
@@ -209,6 +213,46 @@ def test_a_redelivered_copy_of_a_live_stream_does_nothing(isolated_stack: Stack)
     assert client.stream(sid)["attempt"] == 1
 
 
+def test_failed_and_cancelled_answers_are_failures_in_celerys_events(
+    isolated_stack: Stack,
+) -> None:
+    """Flower and `celery events` read task events: an answer that ended failed or
+    cancelled must not show as a success there."""
+    stack = isolated_stack
+    stack.start_worker("w1")
+    monitor = Celery(broker=stack.env["REDIS_URL"])
+    assert monitor.control.enable_events(reply=True, timeout=10)  # the worker confirmed
+    seen: list[dict[str, Any]] = []
+    with monitor.connection() as conn:
+        receiver = monitor.events.Receiver(conn, handlers={"*": seen.append})
+        listening = threading.Thread(
+            target=lambda: receiver.capture(limit=None, timeout=None, wakeup=False), daemon=True
+        )
+        listening.start()
+        try:
+            client = stack.client()
+            failed = client.post_chat("Fail please [demo:fail-after=3]")["streamId"]
+            done = client.post_chat("Be quick [demo:words=5]")["streamId"]
+            cancelled = client.post_chat(f"Stop me {LONG}")["streamId"]
+            client.attach(cancelled, until=lambda a: len(a.events) >= 3)
+            client.request("POST", f"/api/v1/streams/{cancelled}/cancel")
+
+            def outcome(sid: str) -> dict[str, Any] | None:
+                ends = ("task-failed", "task-succeeded")
+                return next((e for e in seen if e.get("uuid") == sid and e["type"] in ends), None)
+
+            wait_for(lambda: all(outcome(s) for s in (failed, done, cancelled)), timeout=60)
+        finally:
+            receiver.should_stop = True
+    assert outcome(done)["type"] == "task-succeeded"  # type: ignore[index]
+    assert outcome(failed)["type"] == "task-failed"  # type: ignore[index]
+    assert "AnswerFailed" in outcome(failed)["exception"]  # type: ignore[index]
+    assert outcome(cancelled)["type"] == "task-failed"  # type: ignore[index]
+    assert "AnswerCancelled" in outcome(cancelled)["exception"]  # type: ignore[index]
+    assert client.stream(failed)["status"] == "failed"
+    assert client.stream(cancelled)["status"] == "cancelled"
+
+
 # -- graceful shutdown -----------------------------------------------------------------------
 
 
@@ -226,6 +270,29 @@ def test_sigterm_hands_running_generations_to_another_worker(isolated_stack: Sta
     events = read_rest(client, sid, seen)
     assert events[-1]["type"] == "done"
     assert_coherent(client, posted["chatId"], events)
+
+
+def test_a_handed_off_answer_goes_ahead_of_queued_chats(isolated_stack: Stack) -> None:
+    """Continuations have a queue of their own that workers drain first: an answer handed
+    back by a stopping worker is continued before the chats that were queued before it."""
+    stack = isolated_stack
+    leaving = stack.start_worker("w1", concurrency=1)
+    client = stack.client()
+    posted = client.post_chat("Hand me on [demo:words=600]")
+    sid = posted["streamId"]
+    seen = client.attach(sid, until=lambda a: len(a.events) >= 5)
+    queued = [client.post_chat(f"Waiting {i} [demo:words=20]")["streamId"] for i in range(6)]
+    leaving.popen.send_signal(signal.SIGTERM)
+    leaving.popen.wait(30)
+    assert "handed back for another worker" in leaving.output()
+    assert not any(f"stream={q} attempt=1" in leaving.output() for q in queued)
+    arriving = stack.start_worker("w2", concurrency=1)
+    events = read_rest(client, sid, seen)
+    assert events[-1]["type"] == "done"
+    assert_coherent(client, posted["chatId"], events)
+    out = arriving.output()
+    continued_at = out.index(f"stream={sid} attempt=2")
+    assert not any(f"stream={q} attempt=1" in out[:continued_at] for q in queued), out
 
 
 def test_sigterm_to_web_closes_sockets_with_going_away(isolated_stack: Stack) -> None:

@@ -192,7 +192,8 @@ def test_waiting_viewers_hold_no_request(isolated_stack: Stack) -> None:
             stack.start_worker("w1")
             for ws in sockets:
                 events = expand([json.loads(raw) for raw in ws])
-                assert events[-1]["type"] == "done" and ws.close_code == 1000
+                ended = (events[-1]["type"], ws.close_code, ws.close_reason)
+                assert ended == ("done", 1000, "stream ended"), (ended, len(events))
                 assert chunk_text(events) == client.answer(posted["chatId"])["content"]
     finally:
         proc.stop()

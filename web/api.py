@@ -7,17 +7,21 @@ from typing import Any
 
 from flask import Blueprint, Flask, Response, jsonify, request
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
+from models import feed, lifecycle
 from models.exceptions import (
     BadRequest,
-    InvalidJSON,
+    ChatNotFound,
     InvalidMessage,
+    InvalidParameter,
     MessageTooLarge,
     ModelNotAllowed,
     StreamFinished,
 )
-from models.settings import Settings
-from models.tables import ACTIVE_STREAM_STATUSES, Chat, Message, utcnow
+from models.settings import DETACH_POLICIES, MAX_DETACH_S, MIN_DETACH_S, Settings
+from models.tables import ACTIVE_STREAM_STATUSES, Chat, Message, Stream, utcnow
+from web import idempotency, ratelimit
 from web.auth import current_user_id, ensure_user
 from web.chats import (
     StreamRef,
@@ -26,25 +30,27 @@ from web.chats import (
     chat_detail_json,
     chat_json,
     check_not_busy,
+    check_regenerable,
+    check_retryable,
     commit_turn,
     enqueue,
     get_chat,
     get_stream,
     latest_stream,
+    list_chats_of,
+    rename_chat,
+    replace_answer,
+    retry_stream,
+    search_query,
     stream_json,
     stream_ref,
+    title_from,
 )
-from web.runtime import get_db, get_runtime
+from web.inputs import check_id, json_object, storable
+from web.runtime import Runtime, get_db, get_runtime
 from web.streaming import parse_after, parse_batch, snapshot_response, sse_response
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
-
-
-def json_body() -> dict[str, Any]:
-    data = request.get_json(silent=True, force=True)
-    if not isinstance(data, dict):
-        raise InvalidJSON("the request body must be a JSON object")
-    return data
 
 
 def message_text(body: dict[str, Any], max_chars: int) -> str:
@@ -53,16 +59,17 @@ def message_text(body: dict[str, Any], max_chars: int) -> str:
         raise InvalidMessage('"message" must be a non-empty string')
     if len(text) > max_chars:
         raise MessageTooLarge(f'"message" is {len(text)} characters; the limit is {max_chars}')
-    return text
+    return storable(text, '"message"', InvalidMessage)
 
 
 def optional_id(body: dict[str, Any], name: str) -> str | None:
+    """An optional id field: absent, or a string; one that cannot be an id names nothing."""
     value = body.get(name)
     if value is None:
         return None
     if not isinstance(value, str) or not value:
         raise BadRequest(f'"{name}" must be a string id when given')
-    return value
+    return check_id(value, ChatNotFound)
 
 
 def requested_model(body: dict[str, Any], settings: Settings) -> str:
@@ -76,36 +83,90 @@ def requested_model(body: dict[str, Any], settings: Settings) -> str:
     return model
 
 
+def requested_detach(body: dict[str, Any], settings: Settings) -> int | None:
+    """The answer's detach policy as seconds (None: continue to the end): the deployment's,
+    or the request's ``onDetach``: ``"continue"``, ``"cancel-after"`` (the deployment's
+    seconds) or ``{"policy": "cancel-after", "seconds": N}``."""
+    asked = body.get("onDetach")
+    if asked is None:
+        return settings.detach_after_s()
+    seconds: Any = settings.on_detach_seconds
+    if isinstance(asked, dict):
+        policy, seconds = asked.get("policy"), asked.get("seconds", seconds)
+        unknown = set(asked) - {"policy", "seconds"}
+        if unknown:
+            raise InvalidParameter(f"onDetach has unknown fields: {', '.join(sorted(unknown))}")
+    else:
+        policy = asked
+    if policy not in DETACH_POLICIES:
+        raise InvalidParameter(
+            'onDetach must be "continue", "cancel-after" or '
+            '{"policy": "cancel-after", "seconds": N}'
+        )
+    if policy == "continue":
+        return None
+    if type(seconds) is not int or not MIN_DETACH_S <= seconds <= MAX_DETACH_S:
+        raise InvalidParameter(
+            f"onDetach seconds must be an integer from {MIN_DETACH_S} to {MAX_DETACH_S}"
+        )
+    return seconds
+
+
 def last_event_id() -> int:
     """Where an SSE client resumes: Last-Event-ID (sent on reconnect) wins over ?after."""
     return parse_after(request.headers.get("Last-Event-ID") or request.args.get("after"))
+
+
+def start_turn(
+    rt: Runtime,
+    db: Session,
+    uid: str,
+    chat: Chat,
+    stream: Stream,
+    question_id: str,
+    *,
+    new_chat: bool,
+) -> idempotency.Answer:
+    """A committed turn: tell the user's feed, send the task, answer 202."""
+    feed.publish_turn(rt, uid, chat, stream, new_chat=new_chat)
+    enqueue(rt, db, stream)
+    return {
+        "chatId": chat.id,
+        "messageId": stream.message_id,
+        "userMessageId": question_id,
+        "streamId": stream.id,
+        "ws": f"/api/v1/streams/{stream.id}/ws",
+        "events": f"/api/v1/streams/{stream.id}/events",
+    }, 202
 
 
 @bp.post("/chat")
 def post_chat() -> tuple[Response, int]:
     rt = get_runtime()
     db = get_db()
-    body = json_body()
+    body = json_object()
     text = message_text(body, rt.settings.max_message_chars)
     chat_id = optional_id(body, "chatId")
     model = requested_model(body, rt.settings)
+    detach_after_s = requested_detach(body, rt.settings)
     interrupt = body.get("interrupt") is True
+    key = idempotency.requested_key()
     uid = current_user_id(db)
-    ensure_user(db, uid)
-    if chat_id is not None:
-        get_chat(db, uid, chat_id)
-    check_not_busy(rt, db, chat_id, interrupt)
-    chat, stream, question_id = add_turn(db, uid, chat_id, text, model)
-    commit_turn(db)  # the rows exist before any worker can look for them
-    enqueue(rt, db, stream)
-    return jsonify(
-        chatId=chat.id,
-        messageId=stream.message_id,
-        userMessageId=question_id,
-        streamId=stream.id,
-        ws=f"/api/v1/streams/{stream.id}/ws",
-        events=f"/api/v1/streams/{stream.id}/events",
-    ), 202
+
+    def post() -> idempotency.Answer:
+        # Every Redis call comes before the first SQL write: with SQLite, a write transaction
+        # left open while this greenlet waits on Redis would stall every other writer of
+        # the process (SQLite's busy wait does not yield to gevent).
+        with ratelimit.admitted(rt, db, uid):
+            if chat_id is not None:
+                get_chat(db, uid, chat_id)
+            check_not_busy(rt, db, chat_id, interrupt)
+            ensure_user(db, uid)
+            chat, stream, question_id = add_turn(db, uid, chat_id, text, model, detach_after_s)
+            commit_turn(db)  # the rows exist before any worker can look for them
+        return start_turn(rt, db, uid, chat, stream, question_id, new_chat=chat_id is None)
+
+    return idempotency.answer_once(rt.log.redis, uid, key, post)
 
 
 @bp.get("/chat")
@@ -116,6 +177,7 @@ def resume_chat() -> Response:
     chat_id = request.args.get("chatId")
     if not chat_id:
         raise BadRequest("chatId is required")
+    check_id(chat_id, ChatNotFound)
     after = last_event_id()
     chat = get_chat(db, current_user_id(db), chat_id)
     stream = latest_stream(db, chat.id)
@@ -138,10 +200,22 @@ def resume_chat() -> Response:
 
 @bp.get("/chats")
 def list_chats() -> Response:
+    """The user's chats, newest first: at most RELAY_LIST_PAGE_SIZE, or ``?limit=`` fewer;
+    ``?q=`` keeps those whose title contains it (ignoring case)."""
     db = get_db()
     uid = current_user_id(db)
-    chats = db.scalars(select(Chat).where(Chat.user_id == uid).order_by(Chat.updated_at.desc()))
-    return jsonify(chats=[chat_json(c) for c in chats])
+    most = get_runtime().settings.list_page_size
+    limit = parse_limit(request.args.get("limit"), most)
+    query = search_query(request.args.get("q"))
+    return jsonify(chats=[chat_json(c) for c in list_chats_of(db, uid, limit, query)])
+
+
+def parse_limit(raw: str | None, most: int) -> int:
+    if raw is None:
+        return most
+    if not (raw.isascii() and raw.isdigit()) or not 0 < int(raw) <= most:  # not '²'
+        raise BadRequest(f"limit must be a whole number from 1 to {most}")
+    return int(raw)
 
 
 @bp.get("/chats/<chat_id>")
@@ -149,6 +223,68 @@ def show_chat(chat_id: str) -> Response:
     db = get_db()
     chat = get_chat(db, current_user_id(db), chat_id)
     return jsonify(chat_detail_json(db, chat))
+
+
+@bp.delete("/chats/<chat_id>")
+def delete_chat(chat_id: str) -> tuple[str, int]:
+    """Delete a chat of this user: its answers (a running one is stopped), SQL rows and logs."""
+    rt = get_runtime()
+    db = get_db()
+    chat = get_chat(db, current_user_id(db), chat_id)
+    lifecycle.delete_chats(rt.log, db, [chat.id])
+    feed.publish_chat(rt, chat.user_id, feed.CHAT_DELETED, chat)
+    return "", 204
+
+
+@bp.patch("/chats/<chat_id>")
+def rename(chat_id: str) -> Response:
+    """Rename a chat of this user: ``{"title": ...}`` (422 ``invalid_title``)."""
+    rt = get_runtime()
+    db = get_db()
+    chat = get_chat(db, current_user_id(db), chat_id)
+    rename_chat(db, chat, title_from(json_object()))
+    feed.publish_chat(rt, chat.user_id, feed.CHAT_RENAMED, chat)
+    return jsonify(chat_json(chat))
+
+
+@bp.post("/chats/<chat_id>/regenerate")
+def regenerate(chat_id: str) -> tuple[Response, int]:
+    """Replace the chat's last answer, once it has ended, with a new answer to the same user
+    message: the old message, stream and log are deleted. Admitted like a post (limits,
+    Idempotency-Key); the body is optional (``{"model": ...}``)."""
+    rt = get_runtime()
+    db = get_db()
+    body = json_object() if request.get_data() else {}
+    asked = requested_model(body, rt.settings) if body.get("model") is not None else None
+    key = idempotency.requested_key()
+    uid = current_user_id(db)
+
+    def produce() -> idempotency.Answer:
+        chat = get_chat(db, uid, chat_id)
+        check_regenerable(db, chat)  # 409 before it counts against the user's limits
+        with ratelimit.admitted(rt, db, uid):
+            db.expire_all()  # read again under the user's admission lock
+            old, old_stream = check_regenerable(db, chat)
+            model = asked or _kept_model(old.model, rt.settings)
+            stream, question_id = replace_answer(rt, db, chat, old, old_stream, model)
+            commit_turn(db)
+        return start_turn(rt, db, uid, chat, stream, question_id, new_chat=False)
+
+    return idempotency.answer_once(rt.log.redis, uid, key, produce)
+
+
+def _kept_model(model: str | None, settings: Settings) -> str:
+    """A regenerated answer asks the model of the answer it replaces, while it is allowed."""
+    return model if model and settings.allows_model(model) else settings.model
+
+
+@bp.get("/models")
+def list_models() -> Response:
+    """The models a post may name: the default first, then the others allowed."""
+    current_user_id(get_db())  # the same identity rules as every endpoint (401)
+    settings = get_runtime().settings
+    models = list(dict.fromkeys([settings.model, *settings.allowed_models]))
+    return jsonify(default=settings.model, models=models)
 
 
 @bp.get("/streams/<stream_id>")
@@ -167,6 +303,28 @@ def cancel(stream_id: str) -> tuple[Response, int]:
     if result == "finished" and stream_json(rt, stream)["status"] != "cancelled":
         raise StreamFinished(f"stream {stream_id} has already ended")
     return jsonify(streamId=stream_id, status=_cancel_status(result)), 202
+
+
+@bp.post("/streams/<stream_id>/retry")
+def retry(stream_id: str) -> tuple[Response, int]:
+    """Continue a failed or cancelled answer on the same stream: a ``resumed`` event, then
+    the rest (``lifecycle.retry``, as the admin CLI's ``streams retry``). Admitted like a post."""
+    rt = get_runtime()
+    db = get_db()
+    uid = current_user_id(db)
+    stream = get_stream(db, uid, stream_id)
+    check_retryable(db, stream)  # 409 before it counts against the user's limits
+    with ratelimit.admitted(rt, db, uid):
+        seq = retry_stream(rt, db, stream)
+    return jsonify(
+        streamId=stream.id,
+        chatId=stream.chat_id,
+        messageId=stream.message_id,
+        status="queued",
+        resumedSeq=seq,
+        ws=f"/api/v1/streams/{stream.id}/ws",
+        events=f"/api/v1/streams/{stream.id}/events",
+    ), 202
 
 
 @bp.get("/streams/<stream_id>/events")

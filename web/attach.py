@@ -79,9 +79,11 @@ class Follower:
     def follow(self, after: int, finished: bool) -> Generator[Batch | None, None, None]:
         """``finished``: whether SQL had the stream ended when the viewer asked."""
         if finished and not self.log.exists(self.stream_id):
-            events = self.snapshot().events(after)  # the log expired: SQL has it all
-            if events:
-                yield Batch.of(events)
+            # The log expired: SQL has it all (rebuilt once, shared by every viewer).
+            replay = self.blocks.replay(self.stream_id, self._replay)
+            part = None if replay is None else replay.since(after)
+            if part is not None:
+                yield part
             return
         cursor, ended = yield from self._drain(after)
         CATCHUP.observe(cursor - after)
@@ -93,6 +95,12 @@ class Follower:
             yield from self._tail(sub, cursor)
         finally:
             self.hub.unsubscribe(sub)
+
+    def _replay(self) -> tuple[Batch | None, bool]:
+        """The whole stream as SQL has it; others may share it once SQL has it ended."""
+        snap = self.snapshot()
+        events = snap.events(0)
+        return (Batch.of(events) if events else None), snap.finished
 
     def _tail(self, sub: Subscription, cursor: int) -> Iterator[Batch | None]:
         # Entries written between the catch-up and the subscription: read them now.

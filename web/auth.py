@@ -11,6 +11,8 @@ from urllib.parse import urlparse
 
 from flask import g, request, session
 from sqlalchemy import select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from models.exceptions import ForbiddenOrigin, Unauthorized
@@ -20,11 +22,17 @@ from models.tables import User
 def check_origin(allowed: tuple[str, ...]) -> None:
     """Refuse cross-site WebSockets and writes: browsers attach the session cookie to them.
 
-    Requests without an Origin header (curl, API clients) are not cross-site requests."""
+    The Origin header decides when present. Without it, a browser's Fetch Metadata still
+    tells a cross-site request (``Sec-Fetch-Site: cross-site`` or ``same-site``, a sibling
+    subdomain); requests with neither (curl, API clients) are not cross-site requests."""
     origin = request.headers.get("Origin")
-    if not origin or urlparse(origin).netloc == request.host or origin in allowed:
-        return
-    raise ForbiddenOrigin(f"origin {origin} may not do this on {request.host}")
+    if origin:
+        if urlparse(origin).netloc == request.host or origin in allowed:
+            return
+        raise ForbiddenOrigin(f"origin {origin} may not do this on {request.host}")
+    site = request.headers.get("Sec-Fetch-Site")
+    if site in ("cross-site", "same-site"):
+        raise ForbiddenOrigin(f"a {site} request may not do this on {request.host}")
 
 
 def hash_token(token: str) -> str:
@@ -85,12 +93,20 @@ def current_user_id(db: Session) -> str:
 
 
 def ensure_user(db: Session, uid: str) -> None:
-    """Create the guest row the first time this user writes something."""
+    """Create the guest row the first time this user writes something. A new guest is
+    counted against its address's limit first (a Redis call, before the write), and the
+    row is inserted ignoring an existing one, so a new guest's parallel first posts do not
+    race (two of them may both be counted)."""
     if g.get("user_row_exists"):
         return
-    if db.get(User, uid) is None:
-        db.add(User(id=uid, kind="guest"))
-        db.flush()
+    if db.scalar(select(User.id).where(User.id == uid)) is not None:
+        return
+    from web.ratelimit import check_new_guest
+    from web.runtime import get_runtime
+
+    check_new_guest(get_runtime())
+    insert = sqlite_insert if db.get_bind().dialect.name == "sqlite" else pg_insert
+    db.execute(insert(User).values(id=uid, kind="guest").on_conflict_do_nothing())
 
 
 def create_api_user(db: Session, name: str) -> tuple[str, str]:

@@ -14,6 +14,11 @@ The cache is bounded in bytes, oldest first out.
 
 The TTL bounds the one case where a kept block could go wrong: Redis lost a log and a new
 attempt wrote different text at the same seqs.
+
+A finished stream whose log has expired is rebuilt from SQL, all of it at once; that replay
+is shared the same way (``replay``): a thousand viewers attaching to an old answer cost one
+query and one encoding instead of a thousand, which kept the event loop busy for tens of
+seconds and left the viewers' Redis checkouts waiting behind it.
 """
 
 from __future__ import annotations
@@ -21,12 +26,16 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from models.chunklog import ChunkLog
 from web.frames import Batch
 
 Key = tuple[str, int]
+# What a shared read returns: the batch, and whether it may be kept for later readers.
+Loader = Callable[[], tuple[Batch | None, bool]]
+REPLAY = -1  # the key index of a stream's SQL replay (blocks are 0, 1, ...)
 
 
 @dataclass
@@ -66,7 +75,20 @@ class BlockCache:
         index = after // self.block
         if after % self.block:  # mid-block: read just the rest, nothing to share
             return self._read(stream_id, after, (index + 1) * self.block)
-        key = (stream_id, index)
+
+        def load() -> tuple[Batch | None, bool]:
+            batch = self._read(stream_id, after, after + self.block)
+            return batch, batch is not None and len(batch) == self.block
+
+        return self._shared((stream_id, index), load)
+
+    def replay(self, stream_id: str, load: Loader) -> Batch | None:
+        """A stream as ``load`` rebuilds it from SQL (its log expired), shared like a full
+        block; ``load`` says whether it may be kept (only once SQL has the stream ended)."""
+        return self._shared((stream_id, REPLAY), load)
+
+    def _shared(self, key: Key, load: Loader) -> Batch | None:
+        """``load``'s answer, from the cache, from a read in flight, or read now."""
         with self._lock:
             kept = self._get(key)
             if kept is not None:
@@ -76,7 +98,7 @@ class BlockCache:
             ahead.done.wait()
             with self._lock:
                 kept = self._get(key)
-                if kept is not None:  # it was a full block: nothing newer to read
+                if kept is not None:  # it was kept (a full block): nothing newer to read
                     return kept
                 leads = self._boarding.get(key) is flight and key not in self._flying
                 if leads:  # the first passenger to notice flies the next read
@@ -84,7 +106,7 @@ class BlockCache:
                     self._flying[key] = flight
             if not leads:
                 return self._arrive(flight)
-        return self._fly(key, flight, stream_id, after)
+        return self._fly(key, flight, load)
 
     def _board(self, key: Key) -> tuple[_Flight, _Flight | None]:
         """The flight to take (with the lock held): the one in the air is too old for a new
@@ -99,10 +121,10 @@ class BlockCache:
         )
         return flight, ahead
 
-    def _fly(self, key: Key, flight: _Flight, stream_id: str, after: int) -> Batch | None:
+    def _fly(self, key: Key, flight: _Flight, load: Loader) -> Batch | None:
         try:
-            flight.batch = self._read(stream_id, after, after + self.block)
-            if flight.batch is not None and len(flight.batch) == self.block:
+            flight.batch, keep = load()
+            if flight.batch is not None and keep:
                 self._keep(key, flight.batch)
         except BaseException as exc:
             flight.error = exc

@@ -5,18 +5,28 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from datetime import datetime
+import unicodedata
+from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
 from redis.exceptions import RedisError
 from sqlalchemy import bindparam, func, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, object_session
 
-from models import lifecycle, store
+from models import feed, lifecycle, store
 from models.events import error_event
-from models.exceptions import BrokerUnavailable, ChatBusy, ChatNotFound, StreamNotFound
+from models.exceptions import (
+    BadRequest,
+    BrokerUnavailable,
+    ChatBusy,
+    ChatNotFound,
+    IllegalTransition,
+    InvalidTitle,
+    StreamNotFound,
+)
 from models.tables import ACTIVE_STREAM_STATUSES, Chat, Message, Stream, new_id, utcnow
+from web.inputs import storable
 from web.runtime import Runtime
 from workers.celery_app import GENERATE
 
@@ -98,7 +108,12 @@ def active_stream(db: Session, chat_id: str) -> Stream | None:
 
 
 def add_turn(
-    db: Session, uid: str, chat_id: str | None, text: str, model: str | None = None
+    db: Session,
+    uid: str,
+    chat_id: str | None,
+    text: str,
+    model: str | None = None,
+    detach_after_s: int | None = None,
 ) -> tuple[Chat, Stream, str]:
     """Create the user message, the pending answer and its stream (not yet committed);
     returns the chat, the stream and the user message's id."""
@@ -121,9 +136,35 @@ def add_turn(
         id=new_id(), chat_id=chat.id, position=position + 1, role="assistant",
         status="pending", model=model,
     )  # fmt: skip
-    stream = Stream(id=new_id(), chat_id=chat.id, message_id=answer.id, status="queued")
+    stream = Stream(id=new_id(), chat_id=chat.id, message_id=answer.id, status="queued",
+                    detach_after_s=detach_after_s)  # fmt: skip
     db.add_all([question, answer, stream])
     return chat, stream, question.id
+
+
+def client_chat(db: Session, uid: str, client_id: str) -> Chat | None:
+    """The user's chat that the client named ``client_id`` (the AI SDK's chat id): ids a
+    client chooses are scoped to their user, so another user's chat is simply not found."""
+    return db.scalar(select(Chat).where(Chat.user_id == uid, Chat.client_id == client_id))
+
+
+def add_client_turn(
+    db: Session,
+    uid: str,
+    client_id: str,
+    found: Chat | None,
+    text: str,
+    model: str | None,
+    detach_after_s: int | None = None,
+) -> tuple[Chat, Stream, str]:
+    """``add_turn`` for the chat the client names ``client_id`` (``found``: ``client_chat``'s
+    answer). Its first turn creates the chat under that id; two first posts racing collide
+    on the unique (user, client id) at commit, which ``commit_turn`` answers 409."""
+    chat, stream, question_id = add_turn(
+        db, uid, found.id if found else None, text, model, detach_after_s
+    )
+    chat.client_id = client_id
+    return chat, stream, question_id
 
 
 def commit_turn(db: Session) -> None:
@@ -138,12 +179,16 @@ def commit_turn(db: Session) -> None:
 def enqueue(rt: Runtime, db: Session, stream: Stream) -> None:
     """Hand the committed stream to a worker; the first attempt's task id is the stream ID."""
     try:
-        rt.log.init(stream.id)
+        rt.log.init(stream.id, stream.detach_after_s)
         rt.celery.send_task(GENERATE, args=[stream.id], task_id=stream.id)
     except Exception as exc:
         log.exception("stream=%s could not be enqueued", stream.id)
         _fail_unqueued(rt, db, stream)
         raise BrokerUnavailable("the task queue is unreachable; try again shortly") from exc
+    # Sent: without this mark (this process died just before it), the sweeper sends the
+    # committed stream's task itself after a few seconds.
+    with contextlib.suppress(RedisError):
+        rt.log.mark_sent(stream.id)
 
 
 def _fail_unqueued(rt: Runtime, db: Session, stream: Stream) -> None:
@@ -152,6 +197,7 @@ def _fail_unqueued(rt: Runtime, db: Session, stream: Stream) -> None:
     store.finalize(db, stream.id, status="failed", text="", layout=[], attempt=None, error=error)
     with contextlib.suppress(RedisError):
         rt.log.seal(stream.id, [error_event(1, error.code, error.message)], 0)
+    feed.publish_answer(rt, db, stream.id, feed.ANSWER_FINISHED, "failed")
 
 
 def check_not_busy(rt: Runtime, db: Session, chat_id: str | None, interrupt: bool) -> None:
@@ -172,6 +218,43 @@ def check_not_busy(rt: Runtime, db: Session, chat_id: str | None, interrupt: boo
 def cancel_stream(rt: Runtime, db: Session, stream: Stream) -> str:
     """Ask the stream to stop; when nobody is writing it, end it here and save its text."""
     return lifecycle.cancel(rt.log, db, stream, rt.settings.heartbeat_stale_s)
+
+
+RETRYABLE_STATUSES = ("failed", "cancelled")
+
+
+def retry_stream(rt: Runtime, db: Session, stream: Stream) -> int:
+    """Continue a failed or cancelled answer on the same stream (``lifecycle.retry``, the
+    admin CLI's ``streams retry``); returns the seq of its ``resumed`` event. The new attempt
+    goes to the queue of new chats, as a post's does: a user's retry does not jump it."""
+    check_retryable(db, stream)
+
+    def send(stream_id: str, task_id: str) -> None:
+        try:
+            rt.celery.send_task(GENERATE, args=[stream_id], task_id=task_id)
+        except Exception as exc:  # the stream stays queued: the sweeper sends it
+            log.exception("stream=%s retry could not be enqueued", stream_id)
+            raise BrokerUnavailable(
+                "the task queue is unreachable; the retry is stored and starts by itself shortly"
+            ) from exc
+
+    seq, _task_id = lifecycle.retry(rt.log, db, stream.id, send)
+    return seq
+
+
+def check_retryable(db: Session, stream: Stream) -> None:
+    """409 unless ``stream`` ended failed or cancelled and its chat has no other answer
+    in progress (a chat has at most one)."""
+    if stream.status not in RETRYABLE_STATUSES:
+        raise IllegalTransition(
+            f"stream {stream.id} is {stream.status}; only failed or cancelled answers can be "
+            "retried"
+        )
+    busy = active_stream(db, stream.chat_id)
+    if busy is not None and busy.id != stream.id:
+        raise ChatBusy(
+            f"the answer in stream {busy.id} is still being generated; wait for it or cancel it"
+        )
 
 
 def _title(text: str) -> str:
@@ -234,6 +317,13 @@ def _usage(m: Message) -> dict[str, int] | None:
 def stream_json(rt: Runtime, stream: Stream) -> dict[str, Any]:
     """Status of a stream: SQL, overlaid with the live state from Redis while it exists."""
     live = rt.log.state(stream.id)
+    ended = live.status not in (None, *ACTIVE_STREAM_STATUSES)
+    if ended and stream.status in ACTIVE_STREAM_STATUSES:
+        # The row was read before the log's end: the end is stored in SQL before the
+        # terminal event is written, so a fresh read has it (its error, its finish time).
+        session = object_session(stream)
+        if session is not None:
+            session.refresh(stream)
     status = live.status or stream.status
     last_seq = max(live.last_seq, stream.last_seq)
     out: dict[str, Any] = {
@@ -248,7 +338,142 @@ def stream_json(rt: Runtime, stream: Stream) -> dict[str, Any]:
         "finishedAt": _iso(stream.finished_at),
         "updatedAt": _iso(stream.updated_at),
         "error": None,
+        "endReason": stream.end_reason,
+        "onDetach": detach_json(rt, stream, status),
     }
     if stream.error_code:
         out["error"] = {"code": stream.error_code, "message": stream.error_message or ""}
     return out
+
+
+def detach_json(rt: Runtime, stream: Stream, status: str) -> dict[str, Any]:
+    """The stream's detach policy; while it is active, whether a viewer is attached and
+    when the answer will be cancelled if none comes back (Redis's clock)."""
+    if stream.detach_after_s is None:
+        return {"policy": "continue"}
+    out: dict[str, Any] = {"policy": "cancel-after", "seconds": stream.detach_after_s}
+    if status in ACTIVE_STREAM_STATUSES:
+        countdown = rt.log.detach_status(stream.id)
+        cancel_at = countdown.cancel_at_ms
+        out["watched"] = countdown.unwatched_since_ms is None
+        out["cancelAt"] = None if cancel_at is None else _iso_ms(cancel_at)
+    return out
+
+
+def _iso_ms(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, tz=UTC).isoformat().replace("+00:00", "Z")
+
+
+# -- rename, search, regenerate (the chat page's actions) ------------------------------------
+
+MAX_TITLE_CHARS = 200  # the column's size
+MAX_QUERY_CHARS = 200
+# Unicode categories a title may not hold: control characters (C0, DEL, C1) and the line and
+# paragraph separators, so a title stays one line wherever it is shown.
+_FORBIDDEN_IN_TITLE = ("Cc", "Zl", "Zp")
+
+
+def title_from(body: dict[str, Any]) -> str:
+    """The new title of a rename: ``title``, stripped, 1-200 characters, no control
+    character; else InvalidTitle (422)."""
+    value = body.get("title")
+    if not isinstance(value, str):
+        raise InvalidTitle('"title" must be a string')
+    title = value.strip()
+    if not 0 < len(title) <= MAX_TITLE_CHARS:
+        raise InvalidTitle(f'"title" must be 1 to {MAX_TITLE_CHARS} characters (after trimming)')
+    if any(unicodedata.category(c) in _FORBIDDEN_IN_TITLE for c in title):
+        raise InvalidTitle('"title" must not contain control characters or line breaks')
+    return storable(title, '"title"', InvalidTitle)
+
+
+def rename_chat(db: Session, chat: Chat, title: str) -> None:
+    """Give the chat a new title. ``updatedAt`` stays: the list is ordered by activity, and
+    a rename is not a turn."""
+    chat.title = title
+    db.commit()
+
+
+def search_query(raw: str | None) -> str | None:
+    """The ``q`` of a chat search: None (no search) when absent or blank, else the text."""
+    if raw is None or not raw.strip():
+        return None
+    if len(raw) > MAX_QUERY_CHARS or "\x00" in raw:
+        raise BadRequest(f"q must be at most {MAX_QUERY_CHARS} characters, without NUL")
+    return raw.strip()
+
+
+def list_chats_of(db: Session, uid: str, limit: int, query: str | None = None) -> list[Chat]:
+    """The user's chats, most recently updated first; with ``query``, only those whose title
+    contains it, ignoring case (LIKE wildcards in it match themselves)."""
+    stmt = select(Chat).where(Chat.user_id == uid)
+    if query is not None:
+        stmt = stmt.where(Chat.title.icontains(query, autoescape=True))
+    return list(db.scalars(stmt.order_by(Chat.updated_at.desc()).limit(limit)))
+
+
+def last_answer(db: Session, chat_id: str) -> tuple[Message, Stream | None] | None:
+    """The chat's last assistant message and its stream, or None when it has none."""
+    answer = db.scalar(
+        select(Message)
+        .where(Message.chat_id == chat_id, Message.role == "assistant")
+        .order_by(Message.position.desc())
+        .limit(1)
+    )
+    if answer is None:
+        return None
+    return answer, db.scalar(select(Stream).where(Stream.message_id == answer.id))
+
+
+def check_regenerable(db: Session, chat: Chat) -> tuple[Message, Stream | None]:
+    """The chat's last answer if it may be replaced: it has ended (done, failed or
+    cancelled) and no other answer of the chat is in progress; else 409."""
+    found = last_answer(db, chat.id)
+    if found is None:
+        raise IllegalTransition(f"chat {chat.id} has no answer to regenerate yet")
+    answer, stream = found
+    if stream is not None and stream.status in ACTIVE_STREAM_STATUSES:
+        raise IllegalTransition(
+            f"the last answer (stream {stream.id}) is still {stream.status}; stop it or wait "
+            "for it before regenerating"
+        )
+    busy = db.scalar(
+        select(Stream.id).where(
+            Stream.chat_id == chat.id, Stream.status.in_(ACTIVE_STREAM_STATUSES)
+        )
+    )
+    if busy is not None:
+        raise ChatBusy(
+            f"the answer in stream {busy} is still being generated; wait for it or cancel it"
+        )
+    return answer, stream
+
+
+def replace_answer(
+    rt: Runtime, db: Session, chat: Chat, old: Message, old_stream: Stream | None, model: str
+) -> tuple[Stream, str]:
+    """Delete the chat's last answer (message, stream, log) and put a new pending answer in
+    its place, for the same user message (not yet committed). Returns the new stream and
+    the user message's id. The log goes first, as ``lifecycle.delete_chats`` does: Redis
+    before any SQL write (a failure after it leaves rows SQL can replay)."""
+    if old_stream is not None:
+        rt.log.forget([old_stream.id])
+        db.delete(old_stream)
+        db.flush()
+    position = old.position
+    detach_after_s = old_stream.detach_after_s if old_stream is not None else None
+    db.delete(old)
+    db.flush()  # the old answer's position is free before the new one takes it
+    question_id = db.scalar(
+        select(Message.id).where(Message.chat_id == chat.id, Message.position == position - 1)
+    )
+    chat.updated_at = utcnow()
+    answer = Message(
+        id=new_id(), chat_id=chat.id, position=position, role="assistant",
+        status="pending", model=model,
+    )  # fmt: skip
+    stream = Stream(id=new_id(), chat_id=chat.id, message_id=answer.id, status="queued",
+                    detach_after_s=detach_after_s)  # fmt: skip
+    db.add_all([answer, stream])
+    log.info("chat=%s answer %s replaced by %s", chat.id, old.id, answer.id)
+    return stream, question_id or ""

@@ -18,20 +18,24 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import hiredis
 import redis
+from redis.cluster import RedisCluster
 from redis.connection import Connection
+from redis.exceptions import RedisClusterException
 
 from models import keys
 from models.events import TERMINAL_TYPES
+from models.redisconn import RedisClient, server_time_ms, subscriber_pool
 from web.frames import Batch
 from web.instruments import HUB_DISPATCH, HUB_LAGGED
 
@@ -132,28 +136,40 @@ class Hub:
     def __init__(
         self,
         redis_url: str,
-        control: redis.Redis,
+        control: RedisClient,
         *,
         queue_size: int = 2048,
         check_interval_s: float = 5.0,
         stale_ms: float = 8000.0,
+        presence_ttl_s: int = 86400,
     ) -> None:
         self.redis_url = redis_url
         self.control = control  # pool client: the doorbell and the periodic check
         self.queue_size = queue_size
         self.check_interval_s = check_interval_s
         self.stale_ms = stale_ms
-        self.doorbell = keys.hub_channel(uuid.uuid4().hex)
+        self.hub_id = uuid.uuid4().hex
+        self.doorbell = keys.hub_channel(self.hub_id)
+        # Presence (the detach policy's input): while this process has viewers of a stream,
+        # its member in the stream's viewers set holds a lease renewed at every check; it
+        # outlives a missed check, and a process that dies stops renewing it.
+        self.presence_lease_ms = int(check_interval_s * 2500)
+        self.presence_ttl_ms = presence_ttl_s * 1000
+        self._clock_offset_ms = 0  # Redis's clock minus ours, measured at every check
         self._channels: dict[str, _Channel] = {}
         self._lock = threading.Lock()  # guards _channels and _rung
         self._rung = False
         self._subscribed: set[str] = set()  # stream IDs, owned by the hub thread
         self._conn: Connection | None = None
-        self._reader: _PushReader | None = None
+        self._reader: PushReader | None = None
         self._last_reply = 0.0
         self._dispatched = 0
         self._thread: threading.Thread | None = None
         self._stopping = False
+        # On a cluster: which node the next connection goes to (hubs start at random places,
+        # and a failed connection moves on to the next node).
+        self._pick = random.randrange(1 << 16)
+        self._failed = False
 
     # -- viewers -------------------------------------------------------------------------------
 
@@ -199,6 +215,9 @@ class Hub:
     def stop(self) -> None:
         self._stopping = True
         self._ring(force=True)  # the hub thread wakes, sees _stopping and closes
+        with self._lock:
+            watched = list(self._channels)
+        self._presence((), watched)  # their viewers are leaving with this process
 
     def _ring(self, force: bool = False) -> None:
         """Ask the hub thread to bring its subscriptions in line (once until it does)."""
@@ -224,10 +243,13 @@ class Hub:
             try:
                 self._connect()
                 backoff = 0.1
+                self._failed = False
                 self._listen()
             except Exception:
                 if self._stopping:
                     break
+                self._failed = True
+                self._pick += 1
                 log.warning("hub lost Redis; retrying in %.1fs", backoff, exc_info=True)
                 time.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
@@ -236,14 +258,16 @@ class Hub:
 
     def _connect(self) -> None:
         """A plain connection in subscribe mode, read and written by this thread only (lighter
-        per message than redis-py's PubSub, and no other thread ever reconnects it)."""
-        pool = redis.ConnectionPool.from_url(
-            self.redis_url, decode_responses=True, socket_connect_timeout=5,
-            socket_keepalive=True,
+        per message than redis-py's PubSub, and no other thread ever reconnects it). On a
+        cluster, to any one node: a classic PUBLISH (the scripts', the doorbell's) reaches
+        the subscribers of every node; after a failure, to the next node."""
+        pool = subscriber_pool(
+            self.redis_url, self.control, self._pick, self._failed, decode_responses=True,
+            socket_connect_timeout=5, socket_keepalive=True,
         )  # fmt: skip
         self._conn = pool.get_connection()
-        self._reader = _PushReader(self._conn)
-        _command(self._conn, "SUBSCRIBE", self.doorbell)
+        self._reader = PushReader(self._conn)
+        send_command(self._conn, "SUBSCRIBE", self.doorbell)
         self._last_reply = time.monotonic()
         self._subscribed = set()
         with self._lock:
@@ -267,10 +291,12 @@ class Hub:
                 self._channels[sid].confirmed = True  # subscribed all along
         added, dropped = watched - self._subscribed, self._subscribed - watched
         if added:
-            _command(self._conn, "SUBSCRIBE", *(keys.live_channel(sid) for sid in added))
+            send_command(self._conn, "SUBSCRIBE", *(keys.live_channel(sid) for sid in added))
         if dropped:
-            _command(self._conn, "UNSUBSCRIBE", *(keys.live_channel(sid) for sid in dropped))
+            send_command(self._conn, "UNSUBSCRIBE", *(keys.live_channel(sid) for sid in dropped))
         self._subscribed = watched
+        if added or dropped:
+            self._presence(added, dropped)
 
     def _listen(self) -> None:
         conn, reader = self._conn, self._reader
@@ -289,7 +315,7 @@ class Hub:
         """PING on every check; a connection silent for three checks is dead."""
         if time.monotonic() - self._last_reply > 3 * self.check_interval_s:
             raise redis.ConnectionError("the hub's pub/sub connection stopped answering")
-        _command(conn, "PING")
+        send_command(conn, "PING")
 
     def _handle(self, reply: Any) -> None:
         self._last_reply = time.monotonic()
@@ -341,17 +367,51 @@ class Hub:
             watched = [(sid, c.seen) for sid, c in self._channels.items() if c.confirmed]
         if not watched:
             return
-        pipe = self.control.pipeline(transaction=False)
-        pipe.time()
-        for sid, _ in watched:
-            pipe.hmget(keys.state_key(sid), "status", "hb", "seq")
-        replies = pipe.execute()
-        seconds, micros = replies[0]
-        now_ms = int(seconds) * 1000 + int(micros) // 1000
-        for (sid, seen), state in zip(watched, replies[1:], strict=True):
+        if isinstance(self.control, RedisCluster):  # TIME has no slot: a round trip of its own
+            try:
+                now_ms = server_time_ms(self.control)
+                cluster_pipe = self.control.pipeline(transaction=False)  # type: ignore[no-untyped-call]
+                for sid, _ in watched:
+                    cluster_pipe.hmget(keys.state_key(sid), "status", "hb", "seq")
+                states = cluster_pipe.execute()
+            except (redis.RedisError, RedisClusterException):
+                # Another node than the hub's may be down: the hub's own connection is
+                # checked by its PING; this check runs again next interval.
+                log.warning("hub check failed", exc_info=True)
+                return
+        else:
+            pipe = self.control.pipeline(transaction=False)
+            pipe.time()
+            for sid, _ in watched:
+                pipe.hmget(keys.state_key(sid), "status", "hb", "seq")
+            replies = pipe.execute()
+            seconds, micros = replies[0]
+            now_ms = int(seconds) * 1000 + int(micros) // 1000
+            states = replies[1:]
+        self._clock_offset_ms = now_ms - int(time.time() * 1000)
+        for (sid, seen), state in zip(watched, states, strict=True):
             missed, writer_gone = self._look(state, seen, now_ms)
             if missed or writer_gone:
                 self._flag_stream(sid, state[2], writer_gone)
+        self._presence([sid for sid, _ in watched], ())
+
+    def _presence(self, attached: Iterable[str], left: Iterable[str]) -> None:
+        """Renew this process's lease on the streams it has viewers of; end it (at now) on
+        the streams its last viewer left. Best effort: a lease not renewed runs out."""
+        now_ms = int(time.time() * 1000) + self._clock_offset_ms
+        writes = [(sid, now_ms + self.presence_lease_ms) for sid in attached]
+        writes += [(sid, now_ms) for sid in left]
+        if not writes:
+            return
+        try:
+            pipe = self.control.pipeline(transaction=False)
+            for sid, until_ms in writes:
+                key = keys.viewers_key(sid)
+                pipe.zadd(key, {self.hub_id: until_ms})
+                pipe.pexpire(key, self.presence_ttl_ms)
+            pipe.execute()
+        except (redis.RedisError, RedisClusterException):
+            log.warning("hub presence write failed", exc_info=True)
 
     def _look(self, state: list[str | None], seen: int, now_ms: int) -> tuple[bool, bool]:
         """(the log is past what the hub saw, the writer is gone or done)."""
@@ -379,7 +439,7 @@ class Hub:
             return [sub for c in self._channels.values() for sub in c.subs]
 
 
-class _PushReader:
+class PushReader:
     """Reads a subscribed connection's socket straight into a hiredis reader: one recv per
     wake-up and every whole reply it completed. (redis-py's ``can_read`` polls the socket
     twice and peeks it, and its parser formats a debug line for every message: those were
@@ -418,7 +478,7 @@ class _PushReader:
         return replies
 
 
-def _command(conn: Connection, *args: str) -> None:
+def send_command(conn: Connection, *args: str) -> None:
     conn.send_command(*args)  # type: ignore[no-untyped-call]
 
 

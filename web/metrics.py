@@ -6,21 +6,25 @@ sets it) /metrics adds up all processes of this server.
 
 from __future__ import annotations
 
+import hmac
 import os
 from collections.abc import Iterator
 
-from flask import Flask, Response, jsonify
+from flask import Flask, Response, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select, text
 
-from models.tables import Stream
+from models.events import ABANDONED
+from models.exceptions import Unauthorized
+from models.tables import ACTIVE_STREAM_STATUSES, Stream
 from web.runtime import Runtime, get_runtime
 
 
 class StreamsByStatus(Collector):
-    """relay_streams{status}: counted in SQL at scrape time (an indexed GROUP BY)."""
+    """relay_streams{status}, and the detach policy's relay_streams_abandoned and
+    relay_streams_cancel_after: counted in SQL at scrape time (on the status index)."""
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
@@ -31,12 +35,33 @@ class StreamsByStatus(Collector):
             rows = db.execute(select(Stream.status, func.count()).group_by(Stream.status))
             for status, count in rows.tuples():
                 family.add_metric([status], count)
+            abandoned = db.scalar(
+                select(func.count()).where(
+                    Stream.status == "cancelled", Stream.end_reason == ABANDONED
+                )
+            )
+            policed = db.scalar(
+                select(func.count()).where(
+                    Stream.status.in_(ACTIVE_STREAM_STATUSES), Stream.detach_after_s.is_not(None)
+                )
+            )
         yield family
+        yield GaugeMetricFamily(
+            "relay_streams_abandoned",
+            "Answers cancelled by their detach policy (nobody watched), kept in SQL",
+            value=abandoned or 0,
+        )
+        yield GaugeMetricFamily(
+            "relay_streams_cancel_after",
+            "Queued or running answers under a cancel-after detach policy",
+            value=policed or 0,
+        )
 
 
 def init_app(app: Flask) -> None:
     @app.get("/metrics")
     def metrics() -> Response:
+        _check_metrics_token(get_runtime().settings.metrics_token)
         registry = CollectorRegistry()
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
@@ -82,3 +107,12 @@ def _check_db(rt: Runtime) -> str:
             db.execute(text("SELECT 1"))
 
     return _check(probe)
+
+
+def _check_metrics_token(token: str) -> None:
+    """With RELAY_METRICS_TOKEN set, /metrics answers only ``Authorization: Bearer <it>``."""
+    if not token:
+        return
+    given = request.headers.get("Authorization", "")
+    if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+        raise Unauthorized("/metrics needs Authorization: Bearer <RELAY_METRICS_TOKEN>")

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from models.chunklog import ChunkLog
 from models.db import make_engine, make_sessionmaker
-from models.redisconn import make_redis
+from models.redisconn import broker_settings, make_client
 from models.settings import Settings
 from web import shutdown
 from web.catchup import BlockCache
@@ -36,11 +36,12 @@ class Runtime:
         with self._hub_lock:
             if self._hub is None:
                 self._hub = Hub(
-                    self.settings.redis_url,
+                    self.settings.log_redis_url or self.settings.redis_url,
                     self.log.redis,
                     queue_size=self.settings.viewer_queue_size,
                     check_interval_s=self.settings.hub_check_s,
                     stale_ms=self.settings.heartbeat_stale_s * 1000,
+                    presence_ttl_s=self.log.running_ttl_s,
                 )
                 shutdown.on_begin(self._hub.wake_all)
             return self._hub
@@ -48,10 +49,19 @@ class Runtime:
 
 def init_app(app: Flask, settings: Settings) -> Runtime:
     engine = make_engine(settings.database_url)
-    client = make_redis(settings.redis_url, settings.redis_max_connections)
+    # Relay's own data (RELAY_LOG_REDIS_URL, a cluster possibly); the broker is Celery's.
+    client = make_client(
+        settings.log_redis_url or settings.redis_url,
+        settings.redis_max_connections,
+        settings.redis_pool_wait_s,
+    )
     celery = Celery("relay-web", set_as_current=False)
     celery.config_from_object("celeryconfig")
-    celery.conf.broker_url = settings.broker_url
+    celery.conf.broker_url, sentinel_options = broker_settings(settings.broker_url)
+    celery.conf.broker_transport_options = {
+        **celery.conf.broker_transport_options,
+        **sentinel_options,
+    }
     chunks = ChunkLog(
         client, retention_s=settings.log_retention_s, running_ttl_s=settings.running_log_ttl_s
     )

@@ -10,9 +10,6 @@ from collections.abc import Callable, Generator, Iterator
 from contextlib import closing, contextmanager
 
 from flask import Flask, Response, request
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
-from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from models.exceptions import InvalidAfter, InvalidParameter, RelayError, StreamNotFound
@@ -21,7 +18,7 @@ from web import shutdown
 from web.attach import Follower, Snapshot, load_snapshot
 from web.auth import check_origin, current_user_id
 from web.chats import StreamRef, latest_stream_ref, stream_ref
-from web.errors import as_unavailable
+from web.errors import UNAVAILABLE_ERRORS, as_unavailable
 from web.frames import Batch
 from web.hub import DirectWrite
 from web.instruments import ATTACHES, VIEWERS
@@ -126,21 +123,52 @@ def _sse_body(
     idle_s: float,
 ) -> Iterator[str]:
     yield "retry: 1000\n\n"
-    last_write = time.monotonic()
     VIEWERS.labels("sse").inc()
     with closing(events), _finally(VIEWERS.labels("sse").dec):
-        for batch in events:
-            now = time.monotonic()
-            if shutdown.going_away():
-                return  # the EventSource reconnects (to another process) with Last-Event-ID
-            if batch is None:
-                if now - last_write >= SSE_KEEPALIVE_S:
-                    last_write = now
-                    yield ": keepalive\n\n"
-                wake.wait(idle_s)  # the follower has nothing: until the hub has something
-                continue
+        try:
+            yield from _sse_events(events, batched, wake, idle_s)
+        except UNAVAILABLE_ERRORS as exc:
+            # The status line is long sent: end the response (not a server error). The
+            # EventSource reconnects with Last-Event-ID and gets 503 while it lasts.
+            log.warning("sse ended: backend unavailable (%s)", type(exc).__name__)
+            yield f": {as_unavailable(exc).message}\n\n"
+
+
+def _sse_events(
+    events: Generator[Batch | None, None, None],
+    batched: bool,
+    wake: threading.Event,
+    idle_s: float,
+) -> Iterator[str]:
+    # Going away: the EventSource reconnects (to another process) with Last-Event-ID.
+    yield from sse_frames(events, lambda batch: batch.sse_text(batched), wake, idle_s)
+
+
+def sse_frames(
+    events: Generator[Batch | None, None, None],
+    encode: Callable[[Batch], str],
+    wake: threading.Event,
+    idle_s: float,
+) -> Generator[str, None, bool]:
+    """A follower's batches as SSE text (``encode``; empty text is skipped), with a
+    keepalive comment when nothing was written for SSE_KEEPALIVE_S. Returns True when it
+    stopped because this process is going away, False at the end of the events."""
+    last_write = time.monotonic()
+    for batch in events:
+        now = time.monotonic()
+        if shutdown.going_away():
+            return True
+        if batch is None:
+            if now - last_write >= SSE_KEEPALIVE_S:
+                last_write = now
+                yield ": keepalive\n\n"
+            wake.wait(idle_s)  # the follower has nothing: until the hub has something
+            continue
+        text = encode(batch)
+        if text:
             last_write = now
-            yield batch.sse_text(batched)
+            yield text
+    return False
 
 
 @contextmanager
@@ -211,7 +239,7 @@ def _guarded(ws: RelayServer, resolve: Resolver) -> None:
         serve_socket(ws, resolve)
     except RelayError as exc:  # raised while streaming, e.g. a bad client message
         ws.close(exc.ws_close, exc.message[:120])
-    except (RedisConnectionError, RedisTimeoutError, OperationalError) as exc:
+    except UNAVAILABLE_ERRORS as exc:
         log.warning("socket ended: backend unavailable (%s)", type(exc).__name__)
         unavailable = as_unavailable(exc)  # 1013: the client retries later, after=<last>
         ws.close(unavailable.ws_close, unavailable.message[:120])

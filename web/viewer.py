@@ -13,23 +13,19 @@ threaded server), the viewer waits in its request's thread instead.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import threading
 import time
 from collections.abc import Generator
 from typing import Any
 
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 from simple_websocket import ConnectionClosed
-from sqlalchemy.exc import OperationalError
 
 from models.exceptions import BadRequest, RelayError
 from web import shutdown
 from web.attach import Follower
 from web.chats import cancel_stream, get_stream
-from web.errors import as_unavailable
+from web.errors import UNAVAILABLE_ERRORS, as_unavailable
 from web.frames import Batch
 from web.instruments import VIEWERS
 from web.runtime import Runtime
@@ -76,7 +72,7 @@ class SocketViewer:
             pass
         except RelayError as exc:  # e.g. a bad client message
             self._close(exc.ws_close, exc.message)
-        except (RedisConnectionError, RedisTimeoutError, OperationalError) as exc:
+        except UNAVAILABLE_ERRORS as exc:
             log.warning("socket ended: backend unavailable (%s)", type(exc).__name__)
             unavailable = as_unavailable(exc)  # 1013: the client retries later, after=<last>
             self._close(unavailable.ws_close, unavailable.message)
@@ -132,17 +128,7 @@ class SocketViewer:
 
     def _read_client(self) -> None:
         """Handle what the client sent (cancel); raises ConnectionClosed once it has gone."""
-        ws = self.ws
-        ws.pump()
-        if not ws.connected:
-            raise ConnectionClosed(ws.close_reason, ws.close_message)
-        ws.keepalive()
-        while ws.input_buffer and (raw := ws.receive(timeout=0)) is not None:
-            try:
-                message = json.loads(raw)
-                kind = message.get("type") if isinstance(message, dict) else None
-            except (ValueError, TypeError):
-                kind = None
+        for kind in self.ws.client_messages():
             if kind == "cancel":
                 with self.rt.sessions() as db:
                     cancel_stream(self.rt, db, get_stream(db, self.uid, self.stream_id))
@@ -188,6 +174,7 @@ class SocketViewer:
         if self.ws.loop is not None:
             keepalive_wheel(self.ws.loop).remove(self)
         if self._parked:  # the request is long gone: the socket is ours to close
+            self.ws.finish()
             with contextlib.suppress(OSError):
                 self.ws.sock.close()
         VIEWERS.labels("ws").dec()

@@ -12,19 +12,22 @@ batch are compressed once, then shared.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import re
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import wraps
 from typing import Any
 
 from flask import Response, current_app, request
 from flask_sock import Sock
 from simple_websocket import ConnectionClosed, Server
+from wsproto.utilities import RemoteProtocolError
 
+from models.exceptions import BadRequest
 from web.frames import Batch, Deflate
 
 log = logging.getLogger("relay.web")
@@ -33,6 +36,7 @@ _EXTENSIONS = "HTTP_SEC_WEBSOCKET_EXTENSIONS"
 _PING = b"\x89\x00"  # an unmasked ping frame without payload
 _REPLY_EXTENSIONS = re.compile(rb"\r\nsec-websocket-extensions:([^\r]*)", re.IGNORECASE)
 COMPRESSION_MODES = ("auto", "off")
+LINGER_S = 2.0  # how long a closed connection waits for the client's side of the close
 
 
 class _WholeWrites:
@@ -302,6 +306,20 @@ class RelayServer(Server):  # type: ignore[misc]
         if self._on_readable is not None:
             self.arm(self._on_readable)
 
+    def client_messages(self) -> Iterator[str | None]:
+        """Take in what the client sent: the ``type`` of each JSON object message waiting
+        (None for anything else), after the ping due; ConnectionClosed once it has gone."""
+        self.pump()
+        if not self.connected:
+            raise ConnectionClosed(self.close_reason, self.close_message)
+        self.keepalive()
+        while self.input_buffer and (raw := self.receive(timeout=0)) is not None:
+            try:
+                message = json.loads(raw)
+                yield message.get("type") if isinstance(message, dict) else None
+            except (ValueError, TypeError, RecursionError):  # not JSON, or nested too deep
+                yield None
+
     def keepalive(self) -> None:
         """Ping every ``ping_interval``; close a client that did not answer the last one."""
         if self.loop is None or not self.ping_interval or time.monotonic() < self._next_ping:
@@ -344,6 +362,33 @@ class RelayServer(Server):  # type: ignore[misc]
         if isinstance(self.sock, _WholeWrites) and self.sock.backlog:
             self.send_bytes(b"")
 
+    def finish(self) -> None:
+        """End the connection the way RFC 6455 (7.1.1) asks of a server: after its close
+        frame, wait (up to ``LINGER_S``) for the client to answer and close its end, reading
+        and dropping what it sends, before the socket is closed. Closing at once with the
+        client's pong or close still unread sends a TCP reset; a client whose own reply then
+        fails may drop frames it had received but not yet handed on (websockets' sync client
+        lost the final ``done`` that way). Our side is half-closed first, so the client sees
+        the end of the stream right after the close frame."""
+        if getattr(self, "_finished", False):
+            return
+        self._finished = True
+        if self.loop is None:  # a reader thread reads the socket: it ends at the client's close
+            with contextlib.suppress(Exception):
+                self.sock.shutdown(socket.SHUT_WR)
+                self.thread.join(LINGER_S)
+            return
+        sock = self.sock
+        deadline = time.monotonic() + LINGER_S
+        try:
+            sock.shutdown(socket.SHUT_WR)
+            while (left := deadline - time.monotonic()) > 0:
+                sock.settimeout(left)
+                if not sock.recv(4096):
+                    break  # the client closed its end
+        except (OSError, TimeoutError):
+            pass  # gone already, or it never answered: close anyway
+
     def direct_writer(self, batched: bool) -> Callable[[Batch], bool] | None:
         """For the hub: write a batch to this socket now if that needs no waiting."""
         sock = self.sock
@@ -372,7 +417,10 @@ class RelaySock(Sock):  # type: ignore[misc]
             @wraps(handler)
             def websocket_route(*args: Any, **kw: Any) -> Response:
                 options = current_app.config.get("SOCK_SERVER_OPTIONS", {})
-                ws = RelayServer(request.environ, **options)
+                try:
+                    ws = RelayServer(request.environ, **options)
+                except RemoteProtocolError as exc:  # nothing was sent yet: answer over HTTP
+                    raise BadRequest(f"not a valid WebSocket handshake: {exc}") from None
                 try:
                     handler(ws, *args, **kw)
                 except ConnectionClosed:
@@ -386,6 +434,7 @@ class RelaySock(Sock):  # type: ignore[misc]
                 if not ws.detached:  # a parked viewer lives on after the request
                     with contextlib.suppress(Exception):  # already closed by either side
                         ws.close()
+                    ws.finish()
                 return _finished(ws)
 
             kwargs["websocket"] = True

@@ -10,6 +10,23 @@ it wakes, to gather more pieces per call from providers that send many tiny ones
 
 What the log acknowledged is the truth: ``acked`` is the last seq the log confirmed, and a
 failed append is reported once to the generation, which forgets the pieces after ``acked``.
+
+Unless a Sentinel failover takes it back: a replica promoted before it received the last
+appends has a log that ends before ``acked``. The append script refuses to leave a gap
+(``behind``), and the flusher sends the missing events again from the ones it keeps (the
+last ``KEEP_EVENTS`` confirmed per stream), the same events at the same seqs, so a viewer
+that saw them from the old master sees nothing new and one that attaches sees no hole.
+``wait_replicas`` (RELAY_REDIS_WAIT_REPLICAS) adds Redis's ``WAIT`` to every round trip, so
+an append is confirmed only once that many replicas have it.
+
+On a Redis Cluster the round trip is a ``ClusterPipeline``: each stream's append goes to the
+master that owns its slot (every key of a stream shares its hash tag), all nodes' shares are
+written before any reply is read, and a MOVED or ASK reply (the append did not run) is sent
+again where the cluster says. A node that fails, or a cluster that answers CLUSTERDOWN or
+TRYAGAIN, leaves the appends sent there of unknown outcome (the other nodes' replies stand),
+recovered as above from each stream's state, read from the slot's owner once the slot map
+has been read again. The recovery runs in the flusher, so the process's other streams wait
+for it (a replica's promotion: seconds; a node that stays down: up to the budget).
 """
 
 from __future__ import annotations
@@ -17,6 +34,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -25,13 +43,15 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from models.chunklog import ChunkLog
 from models.events import Event
-from models.exceptions import LogUnavailable, StaleAttempt
-from models.redisconn import PinnedConnection
+from models.exceptions import LogBehind, LogUnavailable, StaleAttempt
+from models.redisconn import ClusterPipeline, PinnedConnection, pipeliner
 
 log = logging.getLogger("relay.worker")
 Reply = bool | Exception  # cancel pending, or why the append failed
 # The connection failed mid round trip: each append in it may or may not have been applied.
 UNKNOWN_OUTCOME = (RedisConnectionError, RedisTimeoutError, OSError)
+KEEP_EVENTS = 4096  # confirmed events kept per stream, to refill a log a failover cut short
+REFILLS = 3  # refills of one round trip (a failover during a refill needs another)
 
 
 class StreamAppender:
@@ -48,6 +68,7 @@ class StreamAppender:
         self.acked_at = 0.0  # when (monotonic): an append also refreshes the heartbeat
         self.cancel_requested = False  # an append reported a pending cancel
         self.pending: list[Event] = []
+        self.kept: deque[Event] = deque(maxlen=KEEP_EVENTS)  # the last confirmed, in order
         self.in_flight = False
         self.error: Exception | None = None
         self.waiters = 0  # threads in ``changed.wait``: the flusher notifies only then
@@ -74,8 +95,13 @@ class GroupAppender:
         on_appended: Callable[[int], None] = lambda n: None,
         recheck_idle_s: float = 1.0,
         budget_s: float = 30.0,
+        wait_replicas: int = 0,
+        wait_ms: int = 1000,
     ) -> None:
         self.chunks = chunks
+        self.wait_replicas = wait_replicas  # WAIT for this many replicas after each round trip
+        self.wait_ms = wait_ms
+        self._short_wait_at = 0.0  # when a WAIT last came back short (logged once a minute)
         self.on_appended = on_appended  # events the log confirmed, once per round trip
         self.recheck_idle_s = recheck_idle_s  # see PinnedConnection
         self.budget_s = budget_s  # how long an outage is ridden out before appends fail
@@ -88,7 +114,8 @@ class GroupAppender:
         self._work = threading.Condition(self.lock)  # the flusher waits here for ready streams
         self._ready: dict[StreamAppender, None] = {}  # streams with events to send, in order
         self._thread: threading.Thread | None = None
-        self._conn: PinnedConnection | None = None  # the flusher's own, made on first use
+        # The flusher's own connection (on a cluster: one per node), made on first use.
+        self._conn: PinnedConnection | ClusterPipeline | None = None
 
     def open(self, stream_id: str, attempt: int, last_seq: int) -> StreamAppender:
         with self.lock:
@@ -171,15 +198,63 @@ class GroupAppender:
     def _send(self, work: list[tuple[StreamAppender, list[Event]]]) -> list[Reply]:
         """One round trip for every stream's events; a reply per stream."""
         try:
-            return self._append(work)
+            replies = self._append(work)
         except UNKNOWN_OUTCOME as exc:
             log.warning("appending to the log failed (%s): reading what it has", exc)
             return self._recover(work)
         except Exception as exc:  # not the connection: every stream of this round failed
             log.warning("appending to the log failed: %s", exc)
             return [exc for _ in work]
+        # On a cluster, one node's failure leaves only its streams' appends unknown.
+        lost = [i for i, reply in enumerate(replies) if isinstance(reply, UNKNOWN_OUTCOME)]
+        if lost:
+            log.warning(
+                "appending to the log failed for %d of %d streams (%s): reading what it has",
+                len(lost), len(work), replies[lost[0]],
+            )  # fmt: skip
+            found = self._recover([work[i] for i in lost])
+            for i, reply in zip(lost, found, strict=True):
+                replies[i] = reply
+        return replies
 
     def _append(self, work: Sequence[tuple[StreamAppender, list[Event]]]) -> list[Reply]:
+        """Send the appends; refill what a failover took from a log (``LogBehind``)."""
+        replies = self._append_once(work)
+        for _ in range(REFILLS):
+            behind = [i for i, r in enumerate(replies) if isinstance(r, LogBehind)]
+            if not behind:
+                break
+            refills = []
+            for i in behind:
+                stream, events = work[i]
+                have = replies[i].seq  # type: ignore[union-attr]
+                refill = self._refill(stream, events, have)
+                log.warning(
+                    "stream %s: the log ends at seq %d, before %d (a failover lost appends): %s",
+                    stream.stream_id, have, events[0].seq,
+                    "sending them again" if refill else "too many to send again",
+                )  # fmt: skip
+                if refill is None:  # the continuation of a new attempt starts from the log
+                    replies[i] = ChunkLog.fenced_off(stream.stream_id, stream.attempt)
+                else:
+                    refills.append((i, (stream, refill)))
+            if refills:
+                again = self._append_once([w for _, w in refills])
+                for (i, _), reply in zip(refills, again, strict=True):
+                    replies[i] = reply
+        return [
+            ChunkLog.fenced_off(s.stream_id, s.attempt) if isinstance(r, LogBehind) else r
+            for (s, _), r in zip(work, replies, strict=True)
+        ]
+
+    @staticmethod
+    def _refill(stream: StreamAppender, events: list[Event], have: int) -> list[Event] | None:
+        """``events`` preceded by the kept ones after seq ``have``, or None if some of those
+        are no longer kept."""
+        refill = [e for e in stream.kept if have < e.seq < events[0].seq] + events
+        return refill if refill[0].seq == have + 1 else None
+
+    def _append_once(self, work: Sequence[tuple[StreamAppender, list[Event]]]) -> list[Reply]:
         replies = self._pipeline(work)
         retry = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
         if retry:  # Redis restarted or was flushed: load the script, send those again
@@ -222,8 +297,12 @@ class GroupAppender:
         states = self._conn.pipeline([self.chunks.position_command(work[i][0].stream_id)
                                       for i in unsettled])  # fmt: skip
         resend = []
+        unknown: Exception | None = None  # a cluster node that did not answer: try again
         for i, state in zip(unsettled, states, strict=True):
             stream, events = work[i]
+            if isinstance(state, UNKNOWN_OUTCOME):
+                unknown = state
+                continue
             outcome = ChunkLog.append_outcome(state, stream.attempt, events[0].seq, events[-1].seq)
             if outcome.startswith("written"):
                 replies[i] = outcome == "written+cancel"
@@ -236,13 +315,36 @@ class GroupAppender:
         if resend:
             again = self._append([work[i] for i in resend])
             for i, reply in zip(resend, again, strict=True):
-                replies[i] = reply
+                if isinstance(reply, UNKNOWN_OUTCOME):
+                    unknown = reply  # unsettled still
+                else:
+                    replies[i] = reply
+        if unknown is not None:
+            raise unknown
 
     def _pipeline(self, work: Sequence[tuple[StreamAppender, list[Event]]]) -> list[object]:
         if self._conn is None:
-            self._conn = PinnedConnection(self.chunks.redis, self.recheck_idle_s)
+            self._conn = pipeliner(self.chunks.redis, self.recheck_idle_s)
         append = self.chunks.append_command
-        return self._conn.pipeline([append(s.stream_id, s.attempt, ev) for s, ev in work])
+        commands = [append(s.stream_id, s.attempt, ev) for s, ev in work]
+        if not self.wait_replicas:
+            return self._conn.pipeline(commands)
+        replies = self._conn.pipeline([*commands, ["WAIT", self.wait_replicas, self.wait_ms]])
+        self._check_wait(replies.pop())
+        return replies
+
+    def _check_wait(self, acknowledged: object) -> None:
+        """A WAIT that timed out still confirms the appends (Redis applied them): say so, at
+        most once a minute, since a failover now could lose them."""
+        if isinstance(acknowledged, int) and acknowledged >= self.wait_replicas:
+            return
+        now = time.monotonic()
+        if now - self._short_wait_at >= 60:
+            self._short_wait_at = now
+            log.warning(
+                "appends reached %s of %d replicas within %d ms (RELAY_REDIS_WAIT_REPLICAS)",
+                acknowledged, self.wait_replicas, self.wait_ms,
+            )  # fmt: skip
 
     @staticmethod
     def _reply(stream: StreamAppender, reply: object) -> Reply:
@@ -250,7 +352,7 @@ class GroupAppender:
             return reply
         try:
             return ChunkLog.append_result(stream.stream_id, stream.attempt, reply)
-        except StaleAttempt as exc:
+        except (StaleAttempt, LogBehind) as exc:
             return exc
 
     def _settle(self, work: list[tuple[StreamAppender, list[Event]]], replies: list[Reply]) -> None:
@@ -262,6 +364,7 @@ class GroupAppender:
                 if isinstance(reply, Exception):
                     stream.error = reply
                 else:
+                    stream.kept.extend(events)
                     stream.acked = events[-1].seq
                     appended += len(events)
                     stream.acked_at = now

@@ -9,21 +9,30 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
-from models import store
-from models.events import CHUNK, TERMINAL_FOR_STATUS, Event, error_event
+from models import feed, lifecycle, store
+from models.chunklog import Claim
+from models.db import OUTAGE_ERRORS
+from models.events import ABANDONED, CHUNK, TERMINAL_FOR_STATUS, Event, error_event
 from models.exceptions import GenerationError, LogUnavailable, StaleAttempt
-from models.tables import TERMINAL_STREAM_STATUSES, Message, Stream
+from models.lifecycle import TOO_MANY_ATTEMPTS
+from models.tables import TERMINAL_STREAM_STATUSES, Chat, Message, Stream
 from workers.generators import GenerationRequest, Turn
 from workers.runtime import WorkerRuntime
 
 log = logging.getLogger("relay.worker")
+T = TypeVar("T")
+# A backend that is down or restarting (Redis's "loading the dataset" is a ConnectionError).
+OUTAGES: tuple[type[Exception], ...] = (*OUTAGE_ERRORS, RedisConnectionError, RedisTimeoutError)
 
 
 @dataclass(frozen=True)
@@ -34,6 +43,14 @@ class Job:
     history: tuple[Turn, ...]
     model: str | None = None
     attempt: int = 0
+    detach_after_s: int | None = None  # the detach policy (None: continue)
+    user_id: str = ""  # the chat's owner, and the chat (for the owner's feed)
+    chat_id: str = ""
+
+    def announce(self, rt: WorkerRuntime, kind: str, **fields: str | None) -> None:
+        """An ``answer.*`` event on the owner's feed (never raises)."""
+        feed.publish(rt, self.user_id, kind, chatId=self.chat_id, streamId=self.stream_id,
+                     messageId=self.message_id, **fields)  # fmt: skip
 
 
 class HandedOff(Exception):
@@ -46,51 +63,88 @@ def load_job(rt: WorkerRuntime, stream_id: str) -> Job | None:
     with rt.sessions() as db:
         row = db.execute(
             select(Stream.message_id, Stream.chat_id, Stream.status, Stream.attempt,
-                   Message.position, Message.model)
+                   Message.position, Message.model, Stream.detach_after_s, Chat.user_id)
             .join(Message, Message.id == Stream.message_id)
+            .join(Chat, Chat.id == Stream.chat_id)
             .where(Stream.id == stream_id)
         ).first()  # fmt: skip
         if row is None:
             return None
-        message_id, chat_id, status, attempt, position, model = row
+        message_id, chat_id, status, attempt, position, model, detach_after_s, user_id = row
         turns = db.execute(
             select(Message.role, Message.content)
             .where(Message.chat_id == chat_id, Message.position < position)
             .order_by(Message.position)
         )
         history = tuple(Turn(role, content) for role, content in turns if content)
-        return Job(stream_id, message_id, status, history, model, attempt)
+        return Job(stream_id, message_id, status, history, model, attempt, detach_after_s,
+                   user_id, chat_id)  # fmt: skip
+
+
+def ride_out(rt: WorkerRuntime, stream_id: str, what: str, call: Callable[[], T]) -> T:
+    """``call()``, tried again with backoff while Redis or SQL is unreachable (a restart),
+    for up to RELAY_BACKEND_BUDGET_S; then the error. Before the claim a task holds its
+    message: a Celery retry would have to publish to the broker that is down (and Celery
+    drops a task whose retry it cannot publish)."""
+    started, delay = time.monotonic(), 0.25
+    while True:
+        try:
+            return call()
+        except OUTAGES as exc:
+            if time.monotonic() - started + delay > rt.settings.backend_budget_s:
+                raise
+            if delay == 0.25:
+                log.warning("stream=%s %s: %s; trying again", stream_id, what,
+                            type(exc).__name__)  # fmt: skip
+            time.sleep(delay)
+            delay = min(delay * 2, 4.0)
 
 
 def run_generation(rt: WorkerRuntime, stream_id: str, task_id: str) -> str:
     """Run one attempt; return what happened (done, cancelled, failed, busy, ...)."""
-    job = load_job(rt, stream_id)
+    job = ride_out(rt, stream_id, "loading", lambda: load_job(rt, stream_id))
     if job is None:
         log.warning("stream=%s not found; dropping task %s", stream_id, task_id)
         return "missing"
     if job.status in TERMINAL_STREAM_STATUSES:
         return "finished"
-    claim = rt.log.claim(
-        stream_id, task_id, rt.settings.heartbeat_stale_s, rt.worker_name, job.attempt
-    )
+    if rt.shutdown.begun:
+        # Celery's consumer polls on for up to 2 s after a SIGTERM, so a stopping worker can
+        # receive a task, even the one it just handed back: pass it on unclaimed (a claim
+        # would count against the stream's attempt budget), after a pause so the copy is not
+        # fetched again by this worker in a tight loop.
+        time.sleep(0.25)
+        rt.enqueue(stream_id, task_id)
+        log.info("stream=%s task=%s passed on: this worker is stopping", stream_id, task_id)
+        return "passed-on"
+    claim = ride_out(rt, stream_id, "claiming", lambda: rt.log.claim(
+        stream_id, task_id, rt.settings.heartbeat_stale_s, rt.worker_name, job.attempt,
+        detach=job.detach_after_s is not None,
+    ))  # fmt: skip
     if claim.result != "claimed":
         log.info("stream=%s task=%s not started: %s", stream_id, task_id, claim.result)
         return claim.result
     log.info("stream=%s attempt=%d task=%s from seq=%d", stream_id, claim.attempt, task_id,
              claim.last_seq)  # fmt: skip
-    writer = LogWriter(rt, job, claim.attempt, claim.last_seq, task_id)
-    try:
+    if not ride_out(rt, stream_id, "starting", lambda: _mark_running(rt, job, claim, task_id)):
         with rt.sessions() as db:
-            store.mark_running(db, stream_id, job.message_id, claim.attempt, task_id)
+            return _claim_void(rt, db, stream_id, claim.attempt)
+    writer = LogWriter(rt, job, claim.attempt, claim.last_seq, task_id)
+    # Off the path to the first chunk (a Redis round trip); the end waits for it, so the
+    # owner's feed always has "started" before "finished".
+    writer.started_news = threading.Thread(
+        target=job.announce, args=(rt, feed.ANSWER_STARTED), name="feed-started", daemon=True
+    )
+    writer.started_news.start()
+    try:
         with watch(rt, writer):
-            if claim.cancel_requested:
-                return writer.finish("cancelled")
-            return writer.run()
+            return writer.begin(claim)
     except StaleAttempt:
         log.warning("stream=%s attempt=%d was superseded; stopping", stream_id, claim.attempt)
         return "superseded"
     except HandedOff:
         writer.settle()  # what was handed to the log is in it before another worker reads it
+        # Marked as a recovery send first, so the sweeper does not send a second copy.
         rt.log.release(stream_id, claim.attempt)
         rt.enqueue(stream_id, task_id)
         log.warning("stream=%s attempt=%d handed back for another worker", stream_id,
@@ -105,6 +159,56 @@ def run_generation(rt: WorkerRuntime, stream_id: str, task_id: str) -> str:
                     claim.attempt)  # fmt: skip
         writer.settle()
         return writer.finish("cancelled")
+
+
+def _mark_running(rt: WorkerRuntime, job: Job, claim: Claim, task_id: str) -> bool:
+    with rt.sessions() as db:
+        return store.mark_running(db, job.stream_id, job.message_id, claim.attempt, task_id)
+
+
+def _claim_void(rt: WorkerRuntime, db: Session, stream_id: str, attempt: int) -> str:
+    """SQL ended the stream (or a later attempt owns it) while the log let us claim it: the
+    log follows SQL's end now, rather than leave a live-looking log to the sweeper."""
+    stream = db.get(Stream, stream_id)
+    if stream is None or stream.status not in TERMINAL_STREAM_STATUSES:
+        log.warning("stream=%s attempt=%d superseded in SQL; stopping", stream_id, attempt)
+        return "superseded"
+    result = lifecycle.seal_from_sql(rt.log, db, stream, 0)
+    log.warning("stream=%s already ended %s in SQL; log %s", stream_id, stream.status, result)
+    return "finished"
+
+
+@dataclass
+class SqlOutage:
+    """How long SQL has been unreachable for one writer, and how long to wait before the
+    next try (the checkpoint interval while it answers; doubling up to 8 s while down)."""
+
+    interval_s: float
+    down_since: float | None = None
+    wait_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.wait_s = self.interval_s
+
+    def failed(self, stream_id: str, what: str, exc: Exception) -> None:
+        if self.down_since is None:
+            self.down_since = time.monotonic()
+            log.warning("stream=%s %s: the database is unreachable (%s); the answer goes on "
+                        "in the log", stream_id, what, type(exc).__name__)  # fmt: skip
+        self.wait_s = min(max(self.wait_s * 2, 0.25), 8.0)
+
+    def answered(self, stream_id: str) -> None:
+        if self.down_since is not None:
+            log.warning("stream=%s the database answers again after %.1fs", stream_id,
+                        self.down_for())  # fmt: skip
+            self.down_since = None
+        self.wait_s = self.interval_s
+
+    def down_for(self) -> float:
+        return 0.0 if self.down_since is None else time.monotonic() - self.down_since
+
+    def backoff(self) -> float:
+        return min(self.wait_s, 2.0)
 
 
 class LogWriter:
@@ -132,11 +236,26 @@ class LogWriter:
         self.handoff = threading.Event()  # set by the watcher when the worker shuts down
         self.timed_out = threading.Event()  # set by the watcher past max_generation_s
         self.first_chunk_at: float | None = None
+        self.sql = SqlOutage(interval)
         self.request = GenerationRequest(job.stream_id, job.history, partial=text, model=job.model)
+        self.started_news: threading.Thread | None = None  # the feed's "answer.started"
 
     @property
     def text(self) -> str:
         return "".join(self.parts)
+
+    def begin(self, claim: Claim) -> str:
+        """Run the attempt, unless a cancel is pending or the attempt budget is spent."""
+        if claim.cancel_requested:
+            return self.finish("cancelled")
+        budget = self.rt.settings.max_attempts
+        if claim.tries > budget:
+            return self.fail(
+                TOO_MANY_ATTEMPTS,
+                f"the answer was started {claim.tries - 1} times without finishing "
+                f"(RELAY_MAX_ATTEMPTS={budget}); retry it to try again",
+            )
+        return self.run()
 
     def run(self) -> str:
         generator = self.rt.generator
@@ -242,15 +361,23 @@ class LogWriter:
         self.next_seq = acked + 1
 
     def maybe_checkpoint(self) -> None:
-        if time.monotonic() - self.checkpointed_at < self.rt.settings.checkpoint_interval_s:
+        if time.monotonic() - self.checkpointed_at < self.sql.wait_s:
             return
         self.sync()  # SQL never holds text the log does not
-        with self.rt.sessions() as db:
-            job = self.job
-            if not store.checkpoint(
-                db, job.stream_id, job.message_id, self.attempt, self.text, self.layout
-            ):
-                raise StaleAttempt(f"stream {self.job.stream_id} checkpoint refused")
+        try:
+            with self.rt.sessions() as db:
+                job = self.job
+                ok = store.checkpoint(
+                    db, job.stream_id, job.message_id, self.attempt, self.text, self.layout
+                )
+        except OUTAGE_ERRORS as exc:
+            # The log holds every piece: the answer goes on, the copy waits for SQL.
+            self.sql.failed(self.job.stream_id, "checkpoint", exc)
+            self.checkpointed_at = time.monotonic()
+            return
+        self.sql.answered(self.job.stream_id)
+        if not ok:
+            raise StaleAttempt(f"stream {self.job.stream_id} checkpoint refused")
         self.checkpointed_at = time.monotonic()
 
     def fail(self, code: str, message: str) -> str:
@@ -261,30 +388,75 @@ class LogWriter:
         client that sees the terminal event always finds the final text stored)."""
         self.sync()
         seq = self.next_seq
-        with self.rt.sessions() as db:
-            ok = store.finalize(
-                db,
-                self.job.stream_id,
-                status=status,
-                text=self.text,
-                layout=self.layout,
-                attempt=self.attempt,
-                error=error,
-                usage=self.usage(),
-            )
+        reason = self.cancel_reason() if status == "cancelled" else None
+        ok = self.store_end(status, error, reason)
+        if ok is None:  # SQL stayed down past the budget: the sweeper ends it later
+            return self.leave_end(status, error, reason)
         if not ok:
             raise StaleAttempt(f"stream {self.job.stream_id} finalize refused")
         self.rt.fault("before-terminal")
         if error is not None:
             event = error_event(seq, error.code, error.message)
         else:
-            event = Event(seq, TERMINAL_FOR_STATUS[status], message_id=self.job.message_id)
+            event = Event(seq, TERMINAL_FOR_STATUS[status], message_id=self.job.message_id,
+                          reason=reason or "")  # fmt: skip
         self.submit(event)
         self.sync()
+        if self.started_news is not None:
+            self.started_news.join(5.0)
+        self.job.announce(self.rt, feed.ANSWER_FINISHED, status=status, reason=reason)
         self.rt.metrics.finished(status, time.monotonic() - self.started, self.ttfc())
+        if reason == ABANDONED:
+            self.rt.metrics.abandoned()
         log.info("stream=%s attempt=%d ended %s at seq=%d", self.job.stream_id, self.attempt,
                  status, seq)  # fmt: skip
         return status
+
+    def cancel_reason(self) -> str | None:
+        """Why the cancel was asked: ``abandoned`` when the detach policy asked it (the
+        heartbeat or the claim set it in the log's state), else None (a person did)."""
+        if self.job.detach_after_s is None:
+            return None
+        state = ride_out(self.rt, self.job.stream_id, "reading the cancel's reason",
+                         lambda: self.rt.log.state(self.job.stream_id))  # fmt: skip
+        return state.why
+
+    def store_end(
+        self, status: str, error: store.ErrorInfo | None, reason: str | None = None
+    ) -> bool | None:
+        """``store.finalize``, tried again with backoff while SQL is unreachable, for up to
+        RELAY_BACKEND_BUDGET_S; None when it stayed unreachable."""
+        while True:
+            try:
+                with self.rt.sessions() as db:
+                    ok = store.finalize(
+                        db, self.job.stream_id, status=status, text=self.text,
+                        layout=self.layout, attempt=self.attempt, error=error,
+                        usage=self.usage(), reason=reason,
+                    )  # fmt: skip
+            except OUTAGE_ERRORS as exc:
+                self.sql.failed(self.job.stream_id, "final write", exc)
+                if self.sql.down_for() >= self.rt.settings.backend_budget_s:
+                    return None
+                time.sleep(self.sql.backoff())
+                continue
+            self.sql.answered(self.job.stream_id)
+            return ok
+
+    def leave_end(
+        self, status: str, error: store.ErrorInfo | None, reason: str | None = None
+    ) -> str:
+        """Every piece is in the log but SQL cannot store the end: record the end in the
+        log's state for the sweeper (which stores it in SQL, then writes the terminal
+        event, once SQL answers) and step aside."""
+        payload = {"code": error.code, "message": error.message} if error else None
+        if not self.rt.log.pend_end(
+            self.job.stream_id, self.attempt, status, payload, self.usage(), reason
+        ):
+            raise StaleAttempt(f"stream {self.job.stream_id} was taken over")
+        log.warning("stream=%s attempt=%d ended %s, but SQL is unreachable: the sweeper "
+                    "stores the end", self.job.stream_id, self.attempt, status)  # fmt: skip
+        return "end-pending"
 
     def usage(self) -> dict[str, Any]:
         report = self.request.report
@@ -300,6 +472,29 @@ class LogWriter:
         return None if self.first_chunk_at is None else self.first_chunk_at - self.started
 
 
+class Countdown:
+    """One stream's place in the relay_detach_countdowns gauge: counted while its detach
+    policy counts down (no viewer attached), and never again once closed."""
+
+    def __init__(self, rt: WorkerRuntime) -> None:
+        self.rt = rt
+        self.counted = False
+        self.closed = False
+        self.lock = threading.Lock()
+
+    def set(self, unwatched: bool) -> None:
+        with self.lock:
+            counted = unwatched and not self.closed
+            if counted != self.counted:
+                self.counted = counted
+                self.rt.metrics.counting_down(1 if counted else -1)
+
+    def close(self) -> None:
+        with self.lock:
+            self.closed = True
+        self.set(False)
+
+
 @contextmanager
 def watch(rt: WorkerRuntime, writer: LogWriter) -> Iterator[None]:
     """While the body runs: keep the heartbeat fresh (even between slow chunks), turn a
@@ -308,18 +503,23 @@ def watch(rt: WorkerRuntime, writer: LogWriter) -> Iterator[None]:
     sid, attempt = writer.job.stream_id, writer.attempt
 
     interval = rt.settings.heartbeat_interval_s
+    # A stream with a detach policy beats every interval even while it appends: the beat is
+    # what looks for its viewers (and cancels it once nobody has watched for that long).
+    detach = writer.job.detach_after_s is not None
+    countdown = Countdown(rt)
 
     def beat() -> None:
         while not stop.wait(interval):
             try:
                 # Each append refreshes the heartbeat and reports a cancel or a lost fence:
                 # a stream that appended within the interval needs no separate beat.
-                if time.monotonic() - writer.appender.acked_at >= interval:
-                    owner, cancel = rt.log.heartbeat(sid, attempt)
-                    if not owner:
+                if detach or time.monotonic() - writer.appender.acked_at >= interval:
+                    answer = rt.log.heartbeat(sid, attempt, detach)
+                    countdown.set(answer.unwatched)
+                    if not answer.owner:
                         writer.request.abort.abort()  # fenced off: stop paying for tokens
                         return
-                    if cancel:
+                    if answer.cancel:
                         writer.request.abort.abort()  # closes the upstream at once
                 if rt.is_revoked(writer.task_id):
                     rt.log.cancel(sid, rt.settings.heartbeat_stale_s)
@@ -338,3 +538,4 @@ def watch(rt: WorkerRuntime, writer: LogWriter) -> Iterator[None]:
         yield
     finally:
         stop.set()
+        countdown.close()

@@ -6,17 +6,23 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from typing import Any
 
 from celery.signals import task_revoked, worker_ready, worker_shutting_down
+from redis.exceptions import LockError
 
 from models import keys, lifecycle
+from models.lifecycle import Sweeper, SweepReport
 from models.tables import Stream
 from ops.gctune import freeze_startup_objects
+from workers import waiting, webhooks
+from workers.generation import OUTAGES
 from workers.runtime import WorkerRuntime, get_runtime
 
 log = logging.getLogger("relay.worker")
 _stop = threading.Event()
+_announced: dict[str, int] = {}  # queue positions this worker published (workers/waiting.py)
 
 
 @worker_ready.connect  # type: ignore[untyped-decorator]
@@ -65,9 +71,49 @@ def sweep_forever(rt: WorkerRuntime) -> None:
     """Sweep every interval; a Redis lock lets one worker at a time do it."""
     sweeper = rt.sweeper()
     interval = rt.settings.sweep_interval_s
+    down_since: float | None = None
     while not _stop.wait(interval):
         try:
-            if rt.log.redis.set(keys.SWEEPER_LOCK, rt.worker_name, nx=True, px=int(interval * 900)):
-                sweeper.sweep()
-        except Exception:  # keep sweeping after a database or Redis blip
+            sweep_once(rt, sweeper, interval)
+        except OUTAGES as exc:
+            # An outage: one line when it starts, not a traceback every interval.
+            if down_since is None:
+                down_since = time.monotonic()
+                first = str(exc).splitlines()[0][:200] if str(exc) else ""
+                log.warning("sweep skipped: %s (%s); trying again every %.1fs",
+                            type(exc).__name__, first, interval)  # fmt: skip
+            continue
+        except Exception:  # keep sweeping after anything else, loudly
             log.warning("sweep failed", exc_info=True)
+            continue
+        if down_since is not None:
+            log.warning("sweeping again after %.1fs", time.monotonic() - down_since)
+            down_since = None
+
+
+def sweep_once(rt: WorkerRuntime, sweeper: Sweeper, interval: float) -> SweepReport | None:
+    """Sweep if no other worker swept within the interval. The lock (owned by this worker
+    only) expires just under one interval, so one worker sweeps per interval; a long pass
+    extends it between batches, so passes never overlap."""
+    lock = rt.log.redis.lock(keys.SWEEPER_LOCK, timeout=interval * 0.9, thread_local=False)
+    if not lock.acquire(blocking=False, token=rt.worker_name):
+        return None
+
+    def keep_going() -> bool:
+        try:
+            return bool(lock.reacquire())
+        except LockError:
+            return False
+
+    report = sweeper.sweep(keep_going)
+    if keep_going():
+        waiting.announce(rt, _announced)
+    if rt.settings.webhook_url and keep_going():
+        webhooks.send_due(rt, send_webhook)
+    return report
+
+
+def send_webhook(stream_id: str) -> None:
+    from workers.celery_app import WEBHOOK, app
+
+    app.send_task(WEBHOOK, args=[stream_id])

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from models import feed
 
 DURATION_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800)
 TTFC_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30)
@@ -26,6 +28,26 @@ class WorkerMetrics:
             "relay_time_to_first_chunk_seconds", "Time from claim to the first chunk appended",
             buckets=TTFC_BUCKETS, registry=self.registry,
         )  # fmt: skip
+
+        self.abandoned_streams = Counter(
+            "relay_streams_abandoned", "Answers cancelled by the detach policy (nobody watched)",
+            registry=self.registry,
+        )  # fmt: skip
+        self.countdowns = Gauge(
+            "relay_detach_countdowns",
+            "Running answers with a cancel-after detach policy and no viewer attached",
+            multiprocess_mode="livesum",
+            registry=self.registry,
+        )
+
+        # Feed events this process could not write (models/feed.py counts them).
+        self.registry.register(feed.WRITE_FAILURES)  # a new registry each time: no clash
+
+    def abandoned(self) -> None:
+        self.abandoned_streams.inc()
+
+    def counting_down(self, delta: int) -> None:
+        self.countdowns.inc(delta)
 
     def appended(self, n: int) -> None:
         """``n`` more chunks the log confirmed (reported in sums, see GroupAppender)."""

@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from models.chunklog import ChunkLog
 from models.db import make_engine, make_sessionmaker
 from models.lifecycle import Enqueue, Sweeper
-from models.redisconn import make_redis
+from models.redisconn import make_client
 from models.settings import Settings
 from workers.appender import GroupAppender
 from workers.generators import Generator, make_generator
@@ -36,6 +36,10 @@ class Shutdown:
     def begin(self) -> None:
         if self.started_at is None:
             self.started_at = time.monotonic()
+
+    @property
+    def begun(self) -> bool:
+        return self.started_at is not None
 
     def expired(self) -> bool:
         return self.started_at is not None and time.monotonic() - self.started_at >= self.grace_s
@@ -73,13 +77,17 @@ class WorkerRuntime:
             self.enqueue,
             self.settings.heartbeat_stale_s,
             self.settings.queued_grace_s,
+            self.settings.max_attempts,
         )
 
 
 def build_runtime(
     settings: Settings, enqueue: Enqueue, is_revoked: Callable[[str], bool]
 ) -> WorkerRuntime:
-    client = make_redis(settings.redis_url, settings.redis_max_connections)
+    # Relay's own data (RELAY_LOG_REDIS_URL, a cluster possibly); the broker is Celery's.
+    client = make_client(
+        settings.log_redis_url or settings.redis_url, settings.redis_max_connections
+    )
     chunks = ChunkLog(
         client, retention_s=settings.log_retention_s, running_ttl_s=settings.running_log_ttl_s
     )
@@ -98,6 +106,8 @@ def build_runtime(
             coalesce_s=coalesce_s,
             on_appended=metrics.appended,
             budget_s=settings.backend_budget_s,
+            wait_replicas=settings.redis_wait_replicas,
+            wait_ms=settings.redis_wait_ms,
         ),
         metrics=metrics,
     )
@@ -108,10 +118,12 @@ def get_runtime() -> WorkerRuntime:
     """The process's runtime, built on first use (after the worker started)."""
     from celery.worker import state as worker_state
 
-    from workers.celery_app import GENERATE, app
+    from workers.celery_app import CONTINUE_QUEUE, GENERATE, app
 
     def enqueue(stream_id: str, task_id: str) -> None:
-        app.send_task(GENERATE, args=[stream_id], task_id=task_id)
+        # Workers only send continuations (hand-offs, the sweeper's re-sends): they go
+        # ahead of new chats.
+        app.send_task(GENERATE, args=[stream_id], task_id=task_id, queue=CONTINUE_QUEUE)
 
     def is_revoked(task_id: str) -> bool:
         return task_id in worker_state.revoked

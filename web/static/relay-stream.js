@@ -16,6 +16,8 @@
 // terminal event) or with a 44xx code. A terminal event is not necessarily the end: an admin
 // retry can continue the stream after it with a "resumed" event, and the handle delivers that
 // too.
+// A live stream that brings no event for quietMs (5 s) reports the "stalled" state, and
+// "live" again with the next event: the connection is fine, the model is slow.
 // See docs/client.md for the full API.
 
 const TERMINAL = new Set(["done", "cancelled", "error"]);
@@ -23,6 +25,7 @@ const TERMINAL = new Set(["done", "cancelled", "error"]);
 export const STATES = Object.freeze({
   CONNECTING: "connecting", // first socket opening
   LIVE: "live", // socket open, events flowing
+  STALLED: "stalled", // socket open, but no event for quietMs (the model is slow or stuck)
   RECONNECTING: "reconnecting", // socket dropped, retry scheduled
   OFFLINE: "offline", // browser is offline; waiting for the "online" event
   ENDED: "ended", // terminal event received (or the server closed with 1000)
@@ -38,6 +41,7 @@ const DEFAULTS = {
   maxDelayMs: 10_000, // backoff ceiling
   maxRetries: Infinity, // consecutive failed connects before giving up (FAILED)
   stallMs: 15_000, // silence after which the stream's status is checked over HTTP
+  quietMs: 5_000, // silence after which a live stream reports STALLED (0: never)
   WebSocket: globalThis.WebSocket,
   fetch: (...args) => globalThis.fetch(...args),
   onEvent: () => {}, // each new event, in seq order
@@ -100,6 +104,7 @@ export function attach(streamId, options = {}) {
     attempt: 0,
     retryTimer: null,
     stallTimer: null,
+    quietTimer: null,
     finished: false,
     terminal: null,
   };
@@ -125,7 +130,8 @@ export function attach(streamId, options = {}) {
   function clearTimers() {
     clearTimeout(s.retryTimer);
     clearTimeout(s.stallTimer);
-    s.retryTimer = s.stallTimer = null;
+    clearTimeout(s.quietTimer);
+    s.retryTimer = s.stallTimer = s.quietTimer = null;
   }
 
   function dropSocket() {
@@ -150,6 +156,7 @@ export function attach(streamId, options = {}) {
     ws.onopen = () => {
       setState(STATES.LIVE);
       armStallCheck();
+      armQuiet();
     };
     ws.onmessage = (msg) => onMessage(ws, msg);
     ws.onclose = (ev) => onClose(ws, ev);
@@ -167,6 +174,8 @@ export function attach(streamId, options = {}) {
     const [first, count, eventAt] = span;
     s.attempt = 0; // data flows again: the next drop starts the backoff from scratch
     armStallCheck();
+    armQuiet();
+    if (s.state === STATES.STALLED) setState(STATES.LIVE); // before the event is delivered
     if (first + count - 1 <= s.lastSeq) return; // all delivered already: never twice
     if (first > s.lastSeq + 1) {
       reconnectSoon(); // a hole should never happen; re-read from what we have
@@ -227,6 +236,19 @@ export function attach(streamId, options = {}) {
   function armStallCheck() {
     clearTimeout(s.stallTimer);
     s.stallTimer = setTimeout(checkStall, opt.stallMs);
+  }
+
+  // A live stream that has been quiet for quietMs reports STALLED (the socket is fine, the
+  // model is slow to write), and LIVE again with the next event. Not after a terminal event.
+  function armQuiet() {
+    clearTimeout(s.quietTimer);
+    s.quietTimer = null;
+    if (!(opt.quietMs > 0) || !Number.isFinite(opt.quietMs)) return;
+    s.quietTimer = setTimeout(() => {
+      s.quietTimer = null;
+      if (s.finished || !s.ws || s.state !== STATES.LIVE || s.terminal) return;
+      setState(STATES.STALLED, { quietMs: opt.quietMs });
+    }, opt.quietMs);
   }
 
   async function checkStall() {
@@ -327,4 +349,166 @@ function safeCall(fn, ...args) {
   } catch (err) {
     console.error("relay-stream callback failed", err);
   }
+}
+
+// -- the live feed -----------------------------------------------------------------------------
+//
+//   import { openFeed } from "/static/relay-stream.js";
+//   const feed = openFeed({ onEvent: (e) => ..., onState });
+//   feed.close();
+//
+// Follows the user's feed (/api/v1/feed/ws): one event per message (chat.created,
+// chat.renamed, chat.deleted, answer.queued, answer.started, answer.finished), each with a
+// seq, delivered once and in seq order. A dropped socket is reopened with the same backoff as
+// attach() and resumes with ?after=<last seq seen>. A {"type":"reset","seq":n} event means
+// "reload the chat list, then apply the events after n": the first event of a feed opened
+// without `after`, or after a gap the server no longer keeps. The feed never ends by itself;
+// it stops for good only on a 44xx close (FAILED) or close().
+
+const FEED_DEFAULTS = {
+  after: null, // the last feed seq the page has applied; null: start now (with a reset)
+  baseUrl: null,
+  minDelayMs: 300,
+  maxDelayMs: 10_000,
+  maxRetries: Infinity,
+  WebSocket: globalThis.WebSocket,
+  onEvent: () => {}, // each new event (a reset included), in seq order
+  onState: () => {},
+};
+
+function feedUrl(baseUrl, after) {
+  const base = new URL(baseUrl || globalThis.location.origin);
+  base.protocol = base.protocol === "https:" ? "wss:" : "ws:";
+  base.pathname = "/api/v1/feed/ws";
+  base.search = after === null ? "" : `?after=${after}`;
+  return base.toString();
+}
+
+/**
+ * Follow the user's live feed. Returns a handle:
+ *   feed.lastSeq   the last seq delivered (null until the first event when opened without after)
+ *   feed.state     one of STATES (never ENDED)
+ *   feed.close()   stop for good
+ */
+export function openFeed(options = {}) {
+  const opt = { ...FEED_DEFAULTS, ...options };
+  const s = {
+    lastSeq: opt.after === null || opt.after === undefined ? null : Number(opt.after) || 0,
+    state: null,
+    ws: null,
+    attempt: 0,
+    retryTimer: null,
+    finished: false,
+  };
+
+  function setState(state, detail = {}) {
+    if (s.state === state && state !== STATES.RECONNECTING) return;
+    s.state = state;
+    safeCall(opt.onState, state, detail);
+  }
+
+  function dropSocket() {
+    const ws = s.ws;
+    s.ws = null;
+    if (!ws) return;
+    ws.onopen = ws.onmessage = ws.onclose = null;
+    if (ws.readyState <= 1) ws.close(1000);
+  }
+
+  function finish(state, detail) {
+    if (s.finished) return;
+    s.finished = true;
+    clearTimeout(s.retryTimer);
+    dropSocket();
+    globalThis.removeEventListener?.("online", onOnline);
+    globalThis.removeEventListener?.("offline", onOffline);
+    setState(state, detail);
+  }
+
+  function connect() {
+    clearTimeout(s.retryTimer);
+    if (s.finished) return;
+    if (globalThis.navigator?.onLine === false) {
+      setState(STATES.OFFLINE);
+      return;
+    }
+    dropSocket();
+    setState(s.state === null ? STATES.CONNECTING : STATES.RECONNECTING, { attempt: s.attempt });
+    const ws = new opt.WebSocket(feedUrl(opt.baseUrl, s.lastSeq));
+    s.ws = ws;
+    ws.onopen = () => setState(STATES.LIVE);
+    ws.onmessage = (msg) => onMessage(ws, msg);
+    ws.onclose = (ev) => onClose(ws, ev);
+  }
+
+  function onMessage(ws, msg) {
+    if (ws !== s.ws) return;
+    let event;
+    try {
+      event = JSON.parse(msg.data);
+    } catch {
+      return;
+    }
+    if (!Number.isSafeInteger(event?.seq)) return;
+    s.attempt = 0;
+    if (event.type === "reset") {
+      s.lastSeq = event.seq; // the page reloads its list; the events after seq follow
+    } else if (s.lastSeq !== null && event.seq <= s.lastSeq) {
+      return; // delivered already: never twice
+    } else if (s.lastSeq !== null && event.seq > s.lastSeq + 1) {
+      dropSocket(); // a hole should never happen; resume from what we have
+      scheduleRetry(0);
+      return;
+    } else {
+      s.lastSeq = event.seq;
+    }
+    safeCall(opt.onEvent, event);
+  }
+
+  function onClose(ws, ev) {
+    if (ws !== s.ws) return;
+    s.ws = null;
+    if (isFatalClose(ev.code)) finish(STATES.FAILED, { code: ev.code, reason: ev.reason });
+    else scheduleRetry(ev.code); // 1001 (a web process going away), 1013, a drop...
+  }
+
+  function scheduleRetry(code) {
+    clearTimeout(s.retryTimer);
+    if (s.finished) return;
+    if (s.attempt >= opt.maxRetries) {
+      finish(STATES.FAILED, { code, reason: "gave up reconnecting" });
+      return;
+    }
+    const delayMs = backoffDelay(s.attempt, opt.minDelayMs, opt.maxDelayMs);
+    s.attempt += 1;
+    setState(STATES.RECONNECTING, { attempt: s.attempt, delayMs, code });
+    s.retryTimer = setTimeout(connect, delayMs);
+  }
+
+  function onOffline() {
+    if (s.finished) return;
+    clearTimeout(s.retryTimer);
+    dropSocket();
+    setState(STATES.OFFLINE);
+  }
+
+  function onOnline() {
+    if (s.finished) return;
+    s.attempt = 0;
+    connect();
+  }
+
+  globalThis.addEventListener?.("online", onOnline);
+  globalThis.addEventListener?.("offline", onOffline);
+  connect();
+
+  return {
+    get lastSeq() {
+      return s.lastSeq;
+    },
+    get state() {
+      return s.state;
+    },
+    close: () => finish(STATES.CLOSED, {}),
+  };
 }
