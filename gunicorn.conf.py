@@ -29,8 +29,12 @@ keepalive = 30
 
 
 def post_worker_init(worker: Any) -> None:
-    """Tell open streams the process is going away before gunicorn stops accepting, and keep
-    the start-up objects out of garbage collections (ops/gctune.py)."""
+    """Tell open streams the process is going away before gunicorn stops accepting, answer
+    gunicorn's own refusals (414, 431, 400) as JSON (ops/httperrors.py), and keep the start-up
+    objects out of garbage collections (ops/gctune.py)."""
+    from ops.httperrors import install
+
+    install()
     original = worker.handle_exit
 
     def handle_exit(sig: int, frame: Any) -> None:

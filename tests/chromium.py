@@ -1,15 +1,18 @@
 """Debian's Chromium for the browser tests, driven by Playwright with ``executable_path``
 (never a downloaded browser; ``make test`` installs the package). The ``browser`` fixture in
-tests/conftest.py launches it once per test module."""
+tests/conftest.py launches it once per test module; a ``Session`` is one browser context (one
+guest user) in it, and the ``session``, ``phone`` and ``page`` fixtures there are made of them."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from playwright.sync_api import Browser, sync_playwright
+from playwright.sync_api import Browser, BrowserContext, Page, ViewportSize, sync_playwright
 
 CHROMIUM = "/usr/bin/chromium"
+DESKTOP: ViewportSize = {"width": 1280, "height": 800}
+PHONE: ViewportSize = {"width": 390, "height": 844}
 CHROMIUM_ARGS = [
     "--headless",
     "--no-sandbox",
@@ -30,3 +33,45 @@ def launched() -> Iterator[Browser]:
             yield browser
         finally:
             browser.close()
+
+
+# Records every value of data-raw an assistant message ever had, per message id.
+RAW_LOG_SCRIPT = """
+window.__rawLog = {};
+new MutationObserver((mutations) => {
+  for (const m of mutations) {
+    const nodes = m.type === "attributes" ? [m.target] : [...m.addedNodes];
+    for (const el of nodes) {
+      if (el.nodeType !== 1 || !el.matches(".msg.assistant[data-raw]")) continue;
+      (window.__rawLog[el.dataset.id] ||= []).push(el.dataset.raw);
+    }
+  }
+}).observe(document, {
+  subtree: true, childList: true, attributes: true, attributeFilter: ["data-raw"],
+});
+"""
+
+
+class Session:
+    """One browser context (one guest user) with its page errors collected."""
+
+    def __init__(self, browser: Browser, viewport: ViewportSize) -> None:
+        self.context: BrowserContext = browser.new_context(viewport=viewport)
+        self.context.add_init_script(RAW_LOG_SCRIPT)
+        self.errors: list[str] = []
+
+    def new_page(self) -> Page:
+        page = self.context.new_page()
+        page.on("pageerror", lambda exc: self.errors.append(str(exc)))
+        return page
+
+    def close(self) -> None:
+        self.context.close()
+
+
+def new_session(browser: Browser, viewport: ViewportSize) -> Iterator[Session]:
+    """A session for one test: closed after it, which fails on any uncaught page error."""
+    s = Session(browser, viewport)
+    yield s
+    s.close()
+    assert not s.errors, f"uncaught errors in the page: {s.errors}"

@@ -6,21 +6,21 @@ from __future__ import annotations
 import itertools
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import redis
-from playwright.sync_api import Browser
+from playwright.sync_api import Browser, Page
 from sqlalchemy import create_engine, text
 
 from models.db import normalize_url
 from models.migrate import upgrade
 from models.redisconn import is_cluster, make_cluster
 from ops.redis_server import EmbeddedRedis, free_port
-from tests.chromium import launched
+from tests.chromium import DESKTOP, PHONE, Session, launched, new_session
 from tests.client import Client
 from tests.cluster import Cluster
 from tests.procs import Proc, stack_env, start_web, start_worker
@@ -227,3 +227,41 @@ def browser() -> Iterator[Browser]:
     """Debian's Chromium (tests/chromium.py), one per test module."""
     with launched() as chromium:
         yield chromium
+
+
+@pytest.fixture
+def session(browser: Browser) -> Iterator[Session]:
+    """A desktop-sized browser context of a new guest; no uncaught page error allowed."""
+    yield from new_session(browser, DESKTOP)
+
+
+@pytest.fixture
+def phone(browser: Browser) -> Iterator[Session]:
+    """The same, phone-sized."""
+    yield from new_session(browser, PHONE)
+
+
+@pytest.fixture
+def page(session: Session) -> Page:
+    return session.new_page()
+
+
+LOG_TAIL_LINES = 40
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """A failed test on a stack shows what its processes logged last (the logs live in a
+    temporary directory that a CI run does not keep)."""
+    report: pytest.TestReport = yield
+    funcargs = getattr(item, "funcargs", {})
+    if report.failed and call.when == "call":
+        for fixture in ("stack", "isolated_stack"):
+            running = funcargs.get(fixture)
+            if isinstance(running, Stack):
+                for proc in [running.web, *running.workers, *running.extra]:
+                    tail = proc.output().splitlines()[-LOG_TAIL_LINES:]
+                    report.sections.append((f"{proc.name} log (last lines)", "\n".join(tail)))
+    return report

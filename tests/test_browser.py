@@ -10,45 +10,27 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-import pytest
 from playwright.sync_api import (
     Browser,
-    BrowserContext,
     Locator,
     Page,
-    ViewportSize,
     WebSocket,
     expect,
 )
 
+from tests.chromium import PHONE, Session
 from tests.client import wait_for
 from tests.conftest import Stack
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
-DESKTOP: ViewportSize = {"width": 1280, "height": 800}
-PHONE: ViewportSize = {"width": 390, "height": 844}
 T = 30_000  # ms: generous, these are upper bounds for waits, never expectations
-
-# Records every value of data-raw an assistant message ever had, per message id.
-RAW_LOG_SCRIPT = """
-window.__rawLog = {};
-new MutationObserver((mutations) => {
-  for (const m of mutations) {
-    const nodes = m.type === "attributes" ? [m.target] : [...m.addedNodes];
-    for (const el of nodes) {
-      if (el.nodeType !== 1 || !el.matches(".msg.assistant[data-raw]")) continue;
-      (window.__rawLog[el.dataset.id] ||= []).push(el.dataset.raw);
-    }
-  }
-}).observe(document, {
-  subtree: true, childList: true, attributes: true, attributeFilter: ["data-raw"],
-});
-"""
+# ms: for the end of an answer paced to last 20-30 s (a busy machine adds to that)
+T_ANSWER = 90_000
 
 # For each message the page's sockets receive: how many chunk texts it carried and how many
 # times handling it wrote data-raw (the page's exact text so far).
@@ -74,36 +56,6 @@ window.WebSocket = class extends window.WebSocket {
 
 
 # -- fixtures --------------------------------------------------------------------------------
-
-
-class Session:
-    """One browser context (one guest user) with its page errors collected."""
-
-    def __init__(self, browser: Browser, viewport: ViewportSize) -> None:
-        self.context: BrowserContext = browser.new_context(viewport=viewport)
-        self.context.add_init_script(RAW_LOG_SCRIPT)
-        self.errors: list[str] = []
-
-    def new_page(self) -> Page:
-        page = self.context.new_page()
-        page.on("pageerror", lambda exc: self.errors.append(str(exc)))
-        return page
-
-    def close(self) -> None:
-        self.context.close()
-
-
-@pytest.fixture
-def session(browser: Browser) -> Iterator[Session]:
-    s = Session(browser, DESKTOP)
-    yield s
-    s.close()
-    assert not s.errors, f"uncaught errors in the page: {s.errors}"
-
-
-@pytest.fixture
-def page(session: Session) -> Page:
-    return session.new_page()
 
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -140,8 +92,8 @@ def wait_text(page: Page, chars: int) -> None:
     )
 
 
-def wait_status(page: Page, status: str) -> None:
-    expect(answer(page)).to_have_attribute("data-status", status, timeout=T)
+def wait_status(page: Page, status: str, timeout: float = T) -> None:
+    expect(answer(page)).to_have_attribute("data-status", status, timeout=timeout)
 
 
 def stored_answer(page: Page, base_url: str, chat_id: str) -> dict[str, Any]:

@@ -103,3 +103,35 @@ def test_a_new_guests_parallel_first_posts_all_succeed(client: Client) -> None:
     assert codes == [202] * 40, codes
     listed = client.get_json("/api/v1/chats")
     assert len(listed["chats"]) == 40, json.dumps(listed)[:300]
+
+
+@pytest.mark.parametrize(
+    ("what", "url", "headers", "status", "code"),
+    [
+        (
+            "a request line past 4,094 bytes",
+            "/api/v1/chats?" + "limit=5&" * 600,
+            {},
+            414,
+            "request_uri_too_large",
+        ),
+        (
+            "a header past 8,190 bytes",
+            "/api/v1/chats",
+            {"X-Long": "x" * 9000},
+            431,
+            "request_header_fields_too_large",
+        ),
+    ],
+    ids=["414", "431"],
+)
+def test_requests_gunicorn_refuses_get_a_json_error(
+    client: Client, what: str, url: str, headers: dict[str, str], status: int, code: str
+) -> None:
+    """gunicorn answers these before relay reads the request: in relay's error shape too
+    (ops/httperrors.py), as the OpenAPI document says for every operation."""
+    resp = client.request("GET", url, headers=headers)
+    assert resp.headers["Content-Type"] == "application/json"
+    assert_error_shape(resp, status)
+    assert resp.json()["error"]["code"] == code
+    assert "chats" in client.get_json("/api/v1/chats")  # the process serves on

@@ -8,19 +8,16 @@ Screenshots go to test-artifacts/page-*.png, desktop and phone.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from playwright.sync_api import Browser, Dialog, Page, expect
+from playwright.sync_api import Dialog, Page, expect
 from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
 
+from tests.chromium import Session
 from tests.client import wait_for
 from tests.conftest import Stack
 from tests.test_browser import (
-    DESKTOP,
-    PHONE,
-    Session,
     T,
     answer,
     assert_exact,
@@ -36,31 +33,6 @@ from tests.test_browser import (
 )
 
 RAW_FETCH_ERROR = "Failed to fetch"
-
-
-# -- fixtures (as in test_browser.py) --------------------------------------------------------
-
-
-def new_session(browser: Browser, viewport: Any) -> Iterator[Session]:
-    s = Session(browser, viewport)
-    yield s
-    s.close()
-    assert not s.errors, f"uncaught errors in the page: {s.errors}"
-
-
-@pytest.fixture
-def session(browser: Browser) -> Iterator[Session]:
-    yield from new_session(browser, DESKTOP)
-
-
-@pytest.fixture
-def phone(browser: Browser) -> Iterator[Session]:
-    yield from new_session(browser, PHONE)
-
-
-@pytest.fixture
-def page(session: Session) -> Page:
-    return session.new_page()
 
 
 def body_text(page: Page) -> str:

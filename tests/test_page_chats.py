@@ -9,18 +9,16 @@ test-artifacts/chats-axe-<theme>.json.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from playwright.sync_api import Browser, Page, Request, expect
 
+from tests.chromium import DESKTOP, PHONE, Session, new_session
 from tests.conftest import Stack
 from tests.test_browser import (
     ARTIFACTS,
-    DESKTOP,
-    PHONE,
-    Session,
+    T_ANSWER,
     T,
     answer,
     assert_exact,
@@ -32,18 +30,7 @@ from tests.test_browser import (
     wait_status,
     wait_text,
 )
-from tests.test_page import new_session
 from tests.test_page_render import audit, set_theme
-
-
-@pytest.fixture
-def session(browser: Browser) -> Iterator[Session]:
-    yield from new_session(browser, DESKTOP)
-
-
-@pytest.fixture
-def page(session: Session) -> Page:
-    return session.new_page()
 
 
 @pytest.fixture(scope="module")
@@ -381,7 +368,7 @@ def test_the_code_copy_button_survives_streaming(
     copied = str(page.evaluate("navigator.clipboard.readText()"))
     assert len(copied) > 0 and CODE.startswith(copied)
     shot(page, "chats-desktop-code-copy-streaming")
-    wait_status(page, "done")
+    wait_status(page, "done", timeout=T_ANSWER)  # 355 chunks at 15 a second
     stored = stored_answer(page, stack.base_url, chat_id)
     assert stored["content"] == answer(page).get_attribute("data-raw") == f"```python\n{CODE}\n```"
     assert page.evaluate(SAME_BUTTON)

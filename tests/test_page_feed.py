@@ -17,12 +17,10 @@ from typing import Any
 import pytest
 from playwright.sync_api import Browser, Page, expect
 
+from tests.chromium import DESKTOP, PHONE, Session
 from tests.conftest import Stack
 from tests.test_browser import (
     ARTIFACTS,
-    DESKTOP,
-    PHONE,
-    Session,
     T,
     answer,
     assert_exact,
@@ -33,7 +31,6 @@ from tests.test_browser import (
     wait_status,
     wait_text,
 )
-from tests.test_page import new_session
 from tests.test_page_render import audit, set_theme
 
 # The page's test hooks (see app.js): no list poll at all, so whatever reaches a page came
@@ -75,16 +72,6 @@ new MutationObserver(() => {
 }).observe(document, { subtree: true, attributes: true,
                        attributeFilter: ['data-raw', 'data-waiting'] });
 """
-
-
-@pytest.fixture
-def session(browser: Browser) -> Iterator[Session]:
-    yield from new_session(browser, DESKTOP)
-
-
-@pytest.fixture
-def page(session: Session) -> Page:
-    return session.new_page()
 
 
 def close_all(*sessions: Session) -> None:

@@ -8,19 +8,16 @@ page's main states. Screenshots go to test-artifacts/render-*.png.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
 import pytest
 from playwright.sync_api import Browser, Page, expect
 
+from tests.chromium import DESKTOP, PHONE, Session, new_session
 from tests.conftest import Stack
 from tests.test_browser import (
     ARTIFACTS,
-    DESKTOP,
-    PHONE,
-    Session,
     T,
     answer,
     assert_exact,
@@ -30,18 +27,7 @@ from tests.test_browser import (
     wait_status,
     wait_text,
 )
-from tests.test_page import CONTRAST_SCRIPT, new_session
-
-
-@pytest.fixture
-def session(browser: Browser) -> Iterator[Session]:
-    yield from new_session(browser, DESKTOP)
-
-
-@pytest.fixture
-def page(session: Session) -> Page:
-    return session.new_page()
-
+from tests.test_page import CONTRAST_SCRIPT
 
 # -- 1. reference-style links, visible and hidden tabs ---------------------------------------
 

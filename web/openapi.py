@@ -101,6 +101,8 @@ def common(*names: str) -> JSON:
         "ForbiddenOrigin": "403",
         "RequestTooLarge": "413",
         "TooManyRequests": "429",
+        "UriTooLong": "414",
+        "HeadersTooLarge": "431",
         "InternalError": "500",
         "Unavailable": "503",
     }
@@ -703,6 +705,16 @@ def responses() -> JSON:
             "rate_limited",
             "too_many_running",
             headers={"Retry-After": ref("headers", "Retry-After")},
+        ),
+        "UriTooLong": error(
+            "The request line is longer than gunicorn's limit_request_line (4,094 bytes): "
+            "answered by gunicorn before relay reads the request",
+            "request_uri_too_large",
+        ),
+        "HeadersTooLarge": error(
+            "A header is longer than gunicorn's limit_request_field_size (8,190 bytes), or "
+            "there are more than 100 headers: answered by gunicorn",
+            "request_header_fields_too_large",
         ),
         "InternalError": error("An unexpected server error (logged)", "internal_error"),
         "Unavailable": error(
@@ -1324,6 +1336,15 @@ def service_paths() -> JSON:
     }
 
 
+def with_server_limits(paths: JSON) -> JSON:
+    """Every operation can meet gunicorn's limits on the request line and headers."""
+    for path_item in paths.values():
+        for key, op in path_item.items():
+            if key != "parameters":
+                op["responses"].update(common("UriTooLong", "HeadersTooLarge"))
+    return paths
+
+
 def document(settings: Settings) -> JSON:
     """The whole OpenAPI document for a server running with ``settings``."""
     return {
@@ -1346,13 +1367,15 @@ def document(settings: Settings) -> JSON:
             {"name": "service", "description": "The page, health, metrics, this document"},
         ],
         "security": [{}, {"guestSession": []}, {"bearerToken": []}],
-        "paths": {
-            **chat_paths(settings),
-            **stream_paths(),
-            **feed_paths(),
-            **aisdk_paths(),
-            **service_paths(),
-        },
+        "paths": with_server_limits(
+            {
+                **chat_paths(settings),
+                **stream_paths(),
+                **feed_paths(),
+                **aisdk_paths(),
+                **service_paths(),
+            }
+        ),
         "components": {
             "schemas": schemas(settings),
             "parameters": parameters(settings),
