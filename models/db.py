@@ -12,6 +12,14 @@ from sqlalchemy.orm import Session, sessionmaker
 # What a database that is down, restarting or unreachable raises (an infrastructure fault,
 # never a verdict on the data): callers wait and try again.
 OUTAGE_ERRORS: tuple[type[Exception], ...] = (OperationalError, InterfaceError)
+# SQLSTATEs of a transaction PostgreSQL aborted to break a lock conflict with another one
+# (deadlock_detected, serialization_failure): the same transaction again is expected to pass.
+CONFLICT_SQLSTATES = frozenset({"40P01", "40001"})
+
+
+def is_lock_conflict(exc: Exception) -> bool:
+    """Was ``exc`` PostgreSQL choosing this transaction as a deadlock's victim (or the like)?"""
+    return getattr(getattr(exc, "orig", None), "sqlstate", None) in CONFLICT_SQLSTATES
 
 
 def normalize_url(url: str) -> str:

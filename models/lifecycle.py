@@ -4,12 +4,14 @@ that recovers streams whose worker died. Used by the web tier, the workers and t
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
 from sqlalchemy import delete, or_, select
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from models import feed, store
@@ -20,6 +22,7 @@ from models.chunklog import (
     LogState,
     resend_wait,
 )
+from models.db import is_lock_conflict
 from models.events import (
     ERROR,
     STATUS_FOR_TERMINAL,
@@ -129,6 +132,9 @@ def seal_from_sql(chunks: ChunkLog, db: Session, stream: Stream, stale_after_s: 
     return result
 
 
+DELETE_ATTEMPTS = 5  # a deletion that met lock conflicts this many times fails
+
+
 def delete_chats(chunks: ChunkLog, db: Session, chat_ids: Sequence[str]) -> int:
     """Delete chats with their messages, streams and Redis logs; return how many. Removing a
     running answer's Redis state fences its writer off: its next append or heartbeat finds
@@ -139,8 +145,20 @@ def delete_chats(chunks: ChunkLog, db: Session, chat_ids: Sequence[str]) -> int:
         return 0
     stream_ids = db.scalars(select(Stream.id).where(Stream.chat_id.in_(chat_ids))).all()
     chunks.forget(stream_ids)
-    result = db.execute(delete(Chat).where(Chat.id.in_(chat_ids)))
-    db.commit()
+    # The cascade locks the chats' messages, then their streams; a writer ending one of
+    # those answers at that moment locks them the other way round. PostgreSQL then aborts
+    # one of the two transactions (a deadlock): when it is this one, it is done again.
+    for attempt in range(1, DELETE_ATTEMPTS + 1):
+        try:
+            result = db.execute(delete(Chat).where(Chat.id.in_(chat_ids)))
+            db.commit()
+            break
+        except OperationalError as exc:
+            db.rollback()
+            if attempt == DELETE_ATTEMPTS or not is_lock_conflict(exc):
+                raise
+            log.warning("deleting chats met a lock conflict (%s); again", exc.orig)
+            time.sleep(0.05 * attempt)
     deleted = int(result.rowcount)  # type: ignore[attr-defined]
     log.info("deleted %d chat(s) and %d stream(s)", deleted, len(stream_ids))
     return deleted

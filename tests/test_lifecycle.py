@@ -3,11 +3,14 @@ sweeper against a real Redis and SQLite (and PostgreSQL when configured), in pro
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 
 import pytest
 import redis
+from sqlalchemy import select, update
+from sqlalchemy import text as sql
 from sqlalchemy.orm import Session, sessionmaker
 
 from models import lifecycle, store
@@ -15,7 +18,8 @@ from models.chunklog import REQUEUE_NO, REQUEUE_OVER_BUDGET, REQUEUE_SEND, Chunk
 from models.db import make_engine, make_sessionmaker
 from models.events import CHUNK, DONE, Event
 from models.exceptions import StaleAttempt
-from models.tables import Message, Stream
+from models.tables import Chat, Message, Stream
+from tests.conftest import PG_URL
 from tests.test_store import make_stream
 
 
@@ -354,3 +358,47 @@ def test_a_hand_off_does_not_count_against_the_budget(chunks: ChunkLog) -> None:
     assert chunks.release("h1", first.attempt)
     second = chunks.claim("h1", "t", 5)
     assert (second.result, second.tries) == ("claimed", 2)  # two claims, no hand-off
+
+
+@pytest.mark.skipif(not PG_URL, reason="a PostgreSQL behaviour: set TEST_DATABASE_URL")
+@pytest.mark.parametrize("fresh_database_url", ["postgresql"], indirect=True)
+def test_deleting_a_chat_outlives_a_deadlock_with_its_writer(
+    chunks: ChunkLog, sessions: sessionmaker[Session], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A chat deleted while its answer's writer stores the end: the writer holds the stream
+    row and then wants the message row, which the deletion's cascade holds while it waits
+    for the stream row. PostgreSQL aborts the deletion as the deadlock's victim; it is done
+    again and succeeds, instead of a 503 that leaves the chat."""
+    stream = new_stream(sessions)
+    writer = sessions()
+    writer.execute(sql("SET deadlock_timeout = '60s'"))  # the deletion detects it, not us
+    writer.execute(update(Stream).where(Stream.id == stream.id).values(status=Stream.status))
+    outcome: list[object] = []
+
+    def delete() -> None:
+        with sessions() as db:
+            db.execute(sql("SET deadlock_timeout = '3s'"))
+            db.commit()
+            try:
+                outcome.append(lifecycle.delete_chats(chunks, db, [stream.chat_id]))
+            except Exception as exc:  # reported below
+                outcome.append(exc)
+
+    deleting = threading.Thread(target=delete)
+    deleting.start()
+    with sessions() as probe:  # until the deletion waits for the writer's stream row
+        waits = sql("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'")
+        deadline = time.monotonic() + 20
+        while not probe.scalar(waits) and time.monotonic() < deadline:
+            probe.rollback()
+            time.sleep(0.02)
+    # Now the writer wants the message row: a cycle, which the deletion breaks by failing.
+    writer.execute(update(Message).where(Message.id == stream.message_id).values(content="the end"))
+    writer.commit()
+    writer.close()
+    deleting.join(30)
+    assert outcome == [1], outcome
+    assert "lock conflict" in caplog.text  # the deadlock did happen, and was survived
+    with sessions() as db:
+        assert db.scalar(select(Chat).where(Chat.id == stream.chat_id)) is None
+        assert db.scalar(select(Stream).where(Stream.id == stream.id)) is None

@@ -481,7 +481,8 @@ def test_drafts_are_kept_per_chat_across_reloads(page: Page, stack: Stack) -> No
 
 def test_scrolling_up_keeps_the_place_and_offers_jump_to_latest(page: Page, stack: Stack) -> None:
     open_app(page, stack.base_url)
-    chat_id = send(page, "A long one to scroll [demo:words=2500] [demo:rate=120]")
+    # About 70 s at its pace: still streaming through every step below on a busy machine.
+    chat_id = send(page, "A long one to scroll [demo:words=6500] [demo:rate=120]")
     thread = page.locator("#thread")
     try:  # a hang guard only: the full suite's load made 30 s too short twice in one run
         page.wait_for_function(

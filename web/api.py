@@ -231,8 +231,10 @@ def delete_chat(chat_id: str) -> tuple[str, int]:
     rt = get_runtime()
     db = get_db()
     chat = get_chat(db, current_user_id(db), chat_id)
+    # What the feed says, read first: a deletion done again expires the loaded row.
+    user_id, gone = chat.user_id, {"chatId": chat.id, "title": chat.title}
     lifecycle.delete_chats(rt.log, db, [chat.id])
-    feed.publish_chat(rt, chat.user_id, feed.CHAT_DELETED, chat)
+    feed.publish(rt, user_id, feed.CHAT_DELETED, **gone)
     return "", 204
 
 

@@ -165,11 +165,8 @@ class DemoGenerator:
         rate = max(0.5, min(float(found.get("rate", self.chunks_per_second)), 1000.0))
         fail_after = found.get("fail-after")
         pieces = chunk(text, request.stream_id)
-        # Paced on a schedule, not by a fixed sleep per piece: a process busy with other
-        # work still produces ``rate`` pieces a second on average (late pieces catch up).
-        start = time.monotonic()
         for n, piece in enumerate(remaining(pieces, request.partial), start=1):
-            time.sleep(max(0.0, start + n / rate - time.monotonic()))
+            time.sleep(1.0 / rate)
             if fail_after is not None and n > fail_after:
                 raise GenerationError(f"demo generator failed after {fail_after} chunks on request")
             yield piece
