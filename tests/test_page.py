@@ -213,6 +213,63 @@ def test_retry_of_a_failed_answer_and_after_a_reload(page: Page, stack: Stack) -
     assert_exact(page, stack.base_url, chat_id)
 
 
+# Every chat read (GET /api/v1/chats/<id>) the page makes is answered as the server had it
+# when asked, but handed to the page only once the last answer has ended: the page's read
+# right after its post then arrives late, saying the answer is still running.
+LATE_CHAT_READS = """
+window.__lateReads = 0;
+const realFetch = window.fetch;
+window.fetch = async (input, init) => {
+  const resp = await realFetch(input, init);
+  const url = typeof input === 'string' ? input : input.url;
+  const read = /\\/api\\/v1\\/chats\\/[^/?]+$/.test(url) && (init?.method ?? 'GET') === 'GET';
+  if (!read) return resp;
+  const body = await resp.text();
+  const ended = () => ['failed', 'done'].includes(
+    [...document.querySelectorAll('.msg.assistant')].pop()?.dataset.status);
+  while (!ended()) await new Promise((r) => setTimeout(r, 20));
+  window.__lateReads += 1;
+  return new Response(body, { status: resp.status, headers: resp.headers });
+};
+"""
+
+
+def test_a_late_read_of_the_chat_does_not_rewind_an_ended_answer(page: Page, stack: Stack) -> None:
+    """A read of the chat asked while the answer ran, arriving after the page saw it fail,
+    is not taken for a retry in another tab (which would blank the text and stream it
+    again): the text only ever grows."""
+    page.add_init_script(LATE_CHAT_READS)
+    open_app(page, stack.base_url)
+    chat_id = send(page, "Short and broken [demo:words=40] [demo:fail-after=15]")
+    wait_status(page, "failed")
+    page.wait_for_function("window.__lateReads > 0", timeout=T)
+    page.wait_for_timeout(500)  # room for a rewind to show (it did, before the fix)
+    assert answer(page).get_attribute("data-status") == "failed"
+    assert_exact(page, stack.base_url, chat_id, status="failed")
+
+
+def test_a_retry_from_another_device_is_followed(page: Page, stack: Stack) -> None:
+    """The answer failed and the page shows it ended; another device of the user retries
+    it (POST .../retry): the page hears of it and follows the continuation."""
+    open_app(page, stack.base_url)
+    chat_id = send(page, "Retried elsewhere [demo:words=30] [demo:fail-after=12]")
+    wait_status(page, "failed")
+    before = len(raw(page))
+    sid = stream_id(page)
+    elsewhere = page.request.post(f"{stack.base_url}/api/v1/streams/{sid}/retry")  # same user
+    assert elsewhere.status == 202, elsewhere.text()
+    page.wait_for_function(
+        """(n) => { const a = document.querySelector('.msg.assistant');
+                    return a.dataset.raw.length > n && !a.hasAttribute('aria-busy')
+                      && ['done', 'failed'].includes(a.dataset.status); }""",
+        arg=before,
+        timeout=T,
+    )
+    assert_exact(
+        page, stack.base_url, chat_id, status=stored_answer(page, stack.base_url, chat_id)["status"]
+    )
+
+
 def test_retry_refused_shows_a_human_message(page: Page, stack: Stack) -> None:
     """A retry the server refuses (here: the chat is busy with a newer answer, started from
     another client) says so in words, with a Retry that works once the chat is free. The

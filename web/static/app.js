@@ -630,6 +630,7 @@ async function openChat(chatId) {
 
 async function loadChat(token, { scroll = false } = {}) {
   const chatId = state.chatId;
+  const asked = performance.now(); // what the answer tells is as of about now
   let chat;
   try {
     [chat] = await Promise.all([api(`/api/v1/chats/${encodeURIComponent(chatId)}`), mdReady]);
@@ -648,7 +649,7 @@ async function loadChat(token, { scroll = false } = {}) {
   state.chatVersion = chat.updatedAt;
   state.openTitle = chat.title;
   renderTitle();
-  syncMessages(chat.messages);
+  syncMessages(chat.messages, asked);
   renderEmpty();
   if (scroll) scrollToBottom();
 }
@@ -660,7 +661,7 @@ function detachAll() {
 }
 
 /** Bring the shown messages in line with the server's list, touching only what changed. */
-function syncMessages(messages) {
+function syncMessages(messages, asked) {
   const stick = state.follow;
   dropReplaced(messages);
   let prev = null;
@@ -668,7 +669,7 @@ function syncMessages(messages) {
     const view = state.views.get(m.id) ?? adoptPending(m) ?? createView(m);
     placeAfter(view.el, prev);
     prev = view.el;
-    applyServerMessage(view, m);
+    applyServerMessage(view, m, asked);
   }
   renderComposer();
   if (stick) scrollToBottom();
@@ -709,12 +710,14 @@ function adoptPending(m) {
   return null;
 }
 
-function applyServerMessage(view, m) {
+function applyServerMessage(view, m, asked) {
   view.streamId = m.streamId;
   if (m.streamId && state.pendingCancels.has(m.streamId)) view.stopping = true; // pre-reload
   const serverActive = ACTIVE.has(STATUS_OF_MESSAGE[m.status]);
-  if (view.final && !view.handle && RETRYABLE.has(view.status) && serverActive) {
-    // Retried elsewhere (another tab or device): follow the continuation.
+  // Asked after this page saw the answer end, and active: retried elsewhere (another tab or
+  // device), so follow the continuation. Asked before: the answer as it was while it ran.
+  const askedAfterEnd = asked > (view.endedAt ?? 0);
+  if (view.final && !view.handle && RETRYABLE.has(view.status) && serverActive && askedAfterEnd) {
     view.final = false;
     view.error = null;
   }
@@ -966,6 +969,7 @@ function onStreamEvents(view, events) {
       flush = true;
     } else if (Object.hasOwn(STATUS_OF_TERMINAL, event.type)) {
       view.final = true;
+      view.endedAt = performance.now();
       view.status = STATUS_OF_TERMINAL[event.type];
       if (event.type === "error") view.error = event.error ?? { code: "error", message: "failed" };
       flush = true; // terminal: render now, not on the next frame
