@@ -145,6 +145,8 @@ class OpenAIChatGenerator:
             streamed = False
             try:
                 for text in self.transport.stream(request, params):
+                    if request.abort.requested:
+                        return  # text read before the hang-up: nothing more after a cancel
                     streamed = True
                     yield text
                 return
