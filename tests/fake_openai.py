@@ -15,6 +15,8 @@ Behaviour is chosen by the requested model:
                  split over two data lines, written a few bytes at a time
   fake-cr        the same with bare CR line ends
   fake-keepalive like fake-ok, in a chunked body on a connection kept open for the next request
+  fake-badtext   BAD_PIECES: a NUL, a lone surrogate and an emoji whose surrogate pair is split
+                 over two chunks (JSON escapes, as a model may send them)
 A trailing assistant message is a prefix to continue: the answer resumes after it.
 """
 
@@ -32,6 +34,11 @@ ANSWER = (
     "Resumable streams keep every chunk in a durable log. A client that drops can come back "
     "and ask for what it missed. Nothing is generated twice, and nothing is lost. "
 ) * 3
+
+
+# What relay stores of them: U+FFFD for what UTF-8 and PostgreSQL cannot hold, the pair joined.
+BAD_PIECES = ["Nul here:\x00!", " Lone:\ud800!", " Emoji split:\ud83d", "\ude00 end."]
+BAD_STORED = "Nul here:\ufffd! Lone:\ufffd! Emoji split:\U0001f600 end."
 
 
 def answer_for(model: str) -> str:
@@ -128,6 +135,8 @@ class _Handler(BaseHTTPRequestHandler):
         if model == "fake-length":
             text, finish = text[:60], "length"
         pieces = [text[i : i + 7] for i in range(0, len(text), 7)]
+        if model == "fake-badtext":
+            pieces = BAD_PIECES
         self._start_body()
         try:
             for n, piece in enumerate(pieces, start=1):

@@ -7,6 +7,7 @@ import time
 
 from tests.client import Client, wait_for
 from tests.conftest import Stack
+from workers.generation import StorableText
 
 LONG = "[demo:words=400]"
 
@@ -116,3 +117,13 @@ def test_checkpoints_copy_the_partial_answer_to_sql(client: Client) -> None:
     assert rest.last["type"] == "done"
     final = client.answer(posted["chatId"])["content"]
     assert answer["content"] + rest.text == final
+
+
+def test_model_text_is_made_storable_piece_by_piece() -> None:
+    """A NUL and lone surrogates become U+FFFD; a surrogate pair split over two pieces is
+    joined; a high surrogate left at the end is replaced."""
+    storable = StorableText()
+    pieces = ["a\x00b", " c\ud800d", " e\ud83d", "\ude00f", "\ude00", "g\ud83d"]
+    out = [storable.clean(p) for p in pieces] + [storable.rest()]
+    assert out == ["a\ufffdb", " c\ufffdd", " e", "\U0001f600f", "\ufffd", "g", "\ufffd"]
+    assert all(s.encode("utf-8") for s in out)  # UTF-8 takes every one

@@ -18,7 +18,7 @@ from models.exceptions import GenerationError
 from models.settings import Settings
 from tests.client import chunk_text, read_rest, wait_for
 from tests.conftest import Stack
-from tests.fake_openai import ANSWER, FakeOpenAI, answer_for
+from tests.fake_openai import ANSWER, BAD_STORED, FakeOpenAI, answer_for
 from tests.procs import BIN, ROOT
 from workers.generators import GenerationRequest, Turn
 from workers.generators.openai_chat import TRANSPORTS, OpenAIChatGenerator, trim
@@ -268,7 +268,9 @@ def test_the_sdks_environment_headers_are_kept() -> None:
 OPENAI_ENV = {
     "RELAY_GENERATOR": "openai",
     "RELAY_MODEL": "fake-ok",
-    "RELAY_ALLOWED_MODELS": "fake-slow,fake-drop,fake-429,fake-length,fake-error,fake-keepalive",
+    "RELAY_ALLOWED_MODELS": (
+        "fake-slow,fake-drop,fake-429,fake-length,fake-error,fake-keepalive,fake-badtext"
+    ),
     "OPENAI_API_KEY": KEY,
     "RELAY_OPENAI_CONTINUATION": "prefix",
     "RELAY_OPENAI_RETRY_BACKOFF_S": "0.05",
@@ -305,6 +307,23 @@ def test_e2e_answer_usage_and_history(openai_stack: Stack, fake: FakeOpenAI) -> 
     sent = [m["content"] for m in fake.exchanges[-1].body["messages"]]
     assert sent == ["first question", ANSWER, "and another"]  # the whole conversation
     assert KEY not in worker.output()
+
+
+@pytestmark_e2e
+def test_e2e_a_model_sending_nul_and_lone_surrogates_is_stored(
+    openai_stack: Stack, fake: FakeOpenAI
+) -> None:
+    """What UTF-8 (Redis) and PostgreSQL cannot hold does not break the worker's writes: a
+    NUL and a lone surrogate become U+FFFD, a surrogate pair split over two chunks is joined;
+    the viewer and the stored answer agree."""
+    openai_stack.start_worker("w1")
+    client = openai_stack.client()
+    posted = client.post_chat("say something odd", model="fake-badtext")
+    got = client.attach(posted["streamId"])
+    assert got.last["type"] == "done", got.last
+    answer = client.answer(posted["chatId"])
+    assert got.text == answer["content"] == BAD_STORED
+    assert answer["status"] == "complete"
 
 
 @pytestmark_e2e

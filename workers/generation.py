@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 import threading
 import time
 from collections.abc import Callable, Generator, Iterator
@@ -30,6 +31,35 @@ from workers.generators import GenerationRequest, Turn
 from workers.runtime import WorkerRuntime
 
 log = logging.getLogger("relay.worker")
+
+SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+class StorableText:
+    """A model's pieces made storable: Redis (UTF-8) and PostgreSQL refuse a lone surrogate,
+    PostgreSQL a NUL, and a model can send either (a JSON ``\\u0000`` or ``\\ud800``). Each
+    becomes U+FFFD; a surrogate pair split across two pieces is joined, not replaced."""
+
+    def __init__(self) -> None:
+        self.held = ""  # a high surrogate that ended the last piece: its pair may come next
+
+    def clean(self, piece: str) -> str:
+        text, self.held = self.held + piece, ""
+        if text and "\ud800" <= text[-1] <= "\udbff":
+            text, self.held = text[:-1], text[-1]
+        if "\x00" in text:
+            text = text.replace("\x00", "\ufffd")
+        if SURROGATE.search(text):  # pairs joined through UTF-16, what is left replaced
+            text = text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+            text = SURROGATE.sub("\ufffd", text)
+        return text
+
+    def rest(self) -> str:
+        """What is still held at the end of the answer: a high surrogate with no pair."""
+        held, self.held = self.held, ""
+        return "\ufffd" if held else ""
+
+
 T = TypeVar("T")
 # A backend that is down or restarting (Redis's "loading the dataset" is a ConnectionError).
 OUTAGES: tuple[type[Exception], ...] = (*OUTAGE_ERRORS, RedisConnectionError, RedisTimeoutError)
@@ -299,7 +329,9 @@ class LogWriter:
     def write_all(self, pieces: Generator[str, None, None]) -> bool:
         """Hand every piece to the log; return True when a cancel was requested."""
         limit = self.rt.settings.max_generation_s
-        for piece in pieces:
+        storable = StorableText()
+        for raw in pieces:
+            piece = storable.clean(raw)
             if not piece:
                 continue
             self.append_chunk(piece)
@@ -310,6 +342,8 @@ class LogWriter:
             if time.monotonic() - self.started > limit:
                 raise GenerationError(f"the answer took longer than {limit:.0f}s", "timeout")
             self.maybe_checkpoint()
+        if rest := storable.rest():
+            self.append_chunk(rest)
         self.sync()
         return self.appender.cancel_requested
 
