@@ -3,6 +3,7 @@ address make run's web process listens on, Fetch Metadata beside Origin, /metric
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import time
 from multiprocessing.queues import Queue
@@ -38,6 +39,19 @@ def test_processes_starting_together_agree_on_one_key(tmp_path: Path) -> None:
         assert p.exitcode == 0
     assert len(set(keys)) == 1 and len(keys[0]) == 64
     assert [f.name for f in tmp_path.iterdir()] == ["secret_key"]  # no half-written leftovers
+
+
+def test_a_generated_key_is_announced_in_the_log(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Once, by the process that made it: a deployment on several machines without
+    SECRET_KEY sees that each machine made a key of its own."""
+    with caplog.at_level(logging.WARNING, logger="relay"):
+        key = local_secret_key(tmp_path)
+        assert local_secret_key(tmp_path) == key  # read, not made again
+    made = [r.getMessage() for r in caplog.records if "generated a secret key" in r.getMessage()]
+    assert made == [f"relay: generated a secret key in {tmp_path / 'secret_key'} (set SECRET_KEY "
+                    "to share one key between machines)"]  # fmt: skip
 
 
 def test_an_empty_key_file_is_refused_not_used(tmp_path: Path) -> None:

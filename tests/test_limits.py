@@ -54,6 +54,9 @@ def test_a_flood_from_one_user_is_refused_past_its_running_answers(stack: Stack)
     other = Client(flooder.base_url)
     posted = other.post_chat("My turn [demo:words=10]")
     assert other.attach(posted["streamId"]).last["type"] == "done"
+    # It did not wait for the flood: the three flood answers (about 100 s each) still run.
+    for resp in accepted:
+        assert flooder.stream(resp.json()["streamId"])["status"] in ("queued", "running")
     # Cancelling one of the three frees a place.
     flooder.request("POST", f"/api/v1/streams/{accepted[0].json()['streamId']}/cancel")
     flooder.wait_status(accepted[0].json()["streamId"], {"cancelled"})
