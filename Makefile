@@ -50,7 +50,7 @@ $(EXAMPLE_STAMP): examples/ai-sdk-chat/package-lock.json
 	touch $(EXAMPLE_STAMP)
 
 # Four test processes (pytest-xdist): most tests wait on real servers, so four fit two cores
-# (about 6 minutes here, 15 one by one). PYTEST_ARGS="-n 0" runs them in one process.
+# (about 12 minutes here on SQLite, 20 with PostgreSQL). PYTEST_ARGS="-n 0": one process.
 test: install chromium postgresql $(AISDK_STAMP) $(EXAMPLE_STAMP)
 	$(PY) -m pytest -n 4 $(PYTEST_ARGS)
 

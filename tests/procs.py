@@ -62,8 +62,18 @@ def _kill_children(pid: int) -> None:
         os.kill(int(child), signal.SIGKILL)
 
 
+# How long a process may take to start (a hang guard, not an expectation): seconds when the
+# machine is quiet, but a Celery worker took over 30 s at the end of a CI run, with the chaos
+# test starting three workers at once beside four test processes and their browsers.
+START_TIMEOUT_S = 90.0
+
+
 def start_web(
-    env: Mapping[str, str], port: int, logdir: Path, timeout: float = 30.0, connections: int = 2000
+    env: Mapping[str, str],
+    port: int,
+    logdir: Path,
+    timeout: float = START_TIMEOUT_S,
+    connections: int = 2000,
 ) -> Proc:
     args = [
         str(BIN / "gunicorn"),
@@ -92,7 +102,7 @@ def start_worker(
     env: Mapping[str, str],
     logdir: Path,
     name: str = "w1",
-    timeout: float = 30.0,
+    timeout: float = START_TIMEOUT_S,
     concurrency: int = 8,
 ) -> Proc:
     args = [
