@@ -15,8 +15,9 @@ import pytest
 import redis
 from playwright.sync_api import Browser, Page
 from sqlalchemy import create_engine, text
+from sqlalchemy.orm import Session as DbSession
 
-from models.db import normalize_url
+from models.db import make_engine, make_sessionmaker, normalize_url
 from models.migrate import upgrade
 from models.redisconn import is_cluster, make_cluster
 from ops.redis_server import EmbeddedRedis, free_port
@@ -83,6 +84,15 @@ def database_url(
     """The session's database, shared by the running stack."""
     with migrated_database(request.param, tmp_path_factory.mktemp("db")) as url:
         yield url
+
+
+@pytest.fixture
+def db(database_url: str) -> Iterator[DbSession]:
+    """A session on the session's database (the one the running stack uses)."""
+    engine = make_engine(database_url)
+    with make_sessionmaker(engine)() as session:
+        yield session
+    engine.dispose()
 
 
 @pytest.fixture(params=BACKENDS)

@@ -5,13 +5,11 @@ stack (gunicorn, Celery worker, Redis), on SQLite and (when configured) PostgreS
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from sqlalchemy.orm import Session
 
-from models.db import make_engine, make_sessionmaker
 from models.exceptions import IllegalTransition
 from models.tables import Chat, User
 from tests.client import Client
@@ -259,14 +257,6 @@ def test_regenerate_with_an_idempotency_key_is_answered_once(client: Client) -> 
     assert client.answer(cid)["id"] == first.json()["messageId"]  # nothing new started
     _error(_regenerate(client, cid, headers=key, json={"model": "demo"}), 422,
            "idempotency_key_reused")  # fmt: skip
-
-
-@pytest.fixture
-def db(database_url: str) -> Iterator[Session]:
-    engine = make_engine(database_url)
-    with make_sessionmaker(engine)() as session:
-        yield session
-    engine.dispose()
 
 
 def test_a_chat_without_an_answer_has_nothing_to_regenerate(db: Session) -> None:

@@ -2,23 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
-import pytest
 from sqlalchemy.orm import Session
 
 from models import store
-from models.db import make_engine, make_sessionmaker
 from models.events import Event
 from models.tables import Chat, Message, Stream, User
-
-
-@pytest.fixture
-def db(database_url: str) -> Iterator[Session]:
-    engine = make_engine(database_url)
-    with make_sessionmaker(engine)() as session:
-        yield session
-    engine.dispose()
 
 
 def make_stream(db: Session) -> Stream:
