@@ -113,6 +113,12 @@ def param(name: str) -> JSON:
     return ref("parameters", name)
 
 
+def accepted(description: str) -> JSON:
+    """The 202 of an operation that queues an answer (a post, a regenerate)."""
+    replayed = {"Idempotent-Replayed": ref("headers", "Idempotent-Replayed")}
+    return {**ok(description, schema("PostAccepted"), replayed), "links": POSTED_LINKS}
+
+
 def send_errors() -> JSON:
     """The errors both ways of sending a message share (POST /api/v1/chat, the AI SDK's)."""
     return {
@@ -790,14 +796,7 @@ def chat_paths(settings: Settings) -> JSON:
                 parameters=[param("IdempotencyKey")],
                 requestBody={"required": True, "content": json_body(schema("PostChat"))},
                 responses={
-                    "202": {
-                        **ok(
-                            "Accepted: the turn is stored and its answer queued.",
-                            schema("PostAccepted"),
-                            {"Idempotent-Replayed": ref("headers", "Idempotent-Replayed")},
-                        ),
-                        "links": POSTED_LINKS,
-                    },
+                    "202": accepted("Accepted: the turn is stored and its answer queued."),
                     "400": error(
                         "The body or a header is not acceptable",
                         "invalid_json",
@@ -913,14 +912,7 @@ def chat_paths(settings: Settings) -> JSON:
                 parameters=[param("IdempotencyKey")],
                 requestBody={"required": False, "content": json_body(schema("Regenerate"))},
                 responses={
-                    "202": {
-                        **ok(
-                            "Accepted: the old answer is gone and the new one is queued.",
-                            schema("PostAccepted"),
-                            {"Idempotent-Replayed": ref("headers", "Idempotent-Replayed")},
-                        ),
-                        "links": POSTED_LINKS,
-                    },
+                    "202": accepted("Accepted: the old answer is gone and the new one is queued."),
                     "400": error(
                         "The body or a header is not acceptable",
                         "invalid_json",
