@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
+from typing import TypeVar
 
 import pytest
 import redis
@@ -12,6 +14,8 @@ from models.chunklog import ChunkLog
 from models.events import CHUNK, Event
 from web.catchup import BlockCache
 from web.frames import Batch
+
+T = TypeVar("T")
 
 
 @pytest.fixture
@@ -62,15 +66,18 @@ def test_a_mid_block_read_gets_the_rest_of_its_block(log: ChunkLog) -> None:
 
 
 def read_at_once(
-    cache: BlockCache, redis_client: redis.Redis, sid: str, viewers: int
+    cache: BlockCache, redis_client: redis.Redis, sid: str, viewers: int, after: int = 0
 ) -> list[Batch | None]:
-    """``viewers`` threads read the stream's first block while Redis holds every command
+    """``viewers`` threads read the stream after ``after`` while Redis holds every command
     (time for them all to pile up); their results."""
-    results: list[Batch | None] = []
+    return at_once(redis_client, viewers, lambda: cache.read(sid, after))
+
+
+def at_once(redis_client: redis.Redis, viewers: int, ask: Callable[[], T]) -> list[T]:
+    """``viewers`` threads call ``ask`` while Redis holds every command; their answers."""
+    results: list[T] = []
     redis_client.client_pause(300, all=True)
-    threads = [
-        threading.Thread(target=lambda: results.append(cache.read(sid, 0))) for _ in range(viewers)
-    ]
+    threads = [threading.Thread(target=lambda: results.append(ask())) for _ in range(viewers)]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -115,3 +122,37 @@ def test_viewers_flagged_at_once_share_reads_of_a_live_block(
     assert [texts(r) for r in results] == [[f"<{s}>" for s in range(1, 8)]] * 50
     assert xranges(redis_client) - before <= 3  # the one in flight and the next, not fifty
     assert cache.stats()["blocks"] == 0
+
+
+def commands(client: redis.Redis, name: str) -> int:
+    stats = client.info("commandstats").get(f"cmdstat_{name}", {})
+    return int(stats.get("calls", 0)) if isinstance(stats, dict) else 0
+
+
+def test_viewers_at_the_end_of_an_answer_share_their_last_reads(
+    log: ChunkLog, redis_client: redis.Redis
+) -> None:
+    """A hundred viewers of an ended answer arriving together: whether its log still exists
+    and what follows their cursor mid-block (the check after a terminal event) are asked of
+    Redis about twice each, not a hundred times."""
+    written(log, "f", 23)
+    cache = BlockCache(log, block=10)
+    before = commands(redis_client, "exists")
+    assert at_once(redis_client, 100, lambda: cache.exists("f")) == [True] * 100
+    assert commands(redis_client, "exists") - before <= 3
+    assert at_once(redis_client, 100, lambda: cache.exists("nope")) == [False] * 100
+    before = xranges(redis_client)
+    rests = read_at_once(cache, redis_client, "f", 100, after=21)
+    assert [texts(r) for r in rests] == [["<22>", "<23>"]] * 100
+    assert xranges(redis_client) - before <= 3
+    assert read_at_once(cache, redis_client, "f", 100, after=23) == [None] * 100
+    assert cache.stats()["blocks"] == 0  # neither kind is ever kept
+
+
+def test_a_shared_mid_block_read_is_never_older_than_the_question(log: ChunkLog) -> None:
+    """Never kept: an event appended after one read is in the next."""
+    written(log, "g", 13)
+    cache = BlockCache(log, block=10)
+    assert texts(cache.read("g", 11)) == ["<12>", "<13>"]
+    log.append_many("g", 1, [Event(14, CHUNK, text="<14>")])
+    assert texts(cache.read("g", 11)) == ["<12>", "<13>", "<14>"]

@@ -78,7 +78,7 @@ class Follower:
 
     def follow(self, after: int, finished: bool) -> Generator[Batch | None, None, None]:
         """``finished``: whether SQL had the stream ended when the viewer asked."""
-        if finished and not self.log.exists(self.stream_id):
+        if finished and not self.blocks.exists(self.stream_id):
             # The log expired: SQL has it all (rebuilt once, shared by every viewer).
             replay = self.blocks.replay(self.stream_id, self._replay)
             part = None if replay is None else replay.since(after)
@@ -134,8 +134,9 @@ class Follower:
         """A terminal event ends the attach unless an admin retry has already continued the
         stream after it (a ``resumed`` event follows). Only a batch's last event can be
         final: anything after it in the batch follows it."""
-        return batch.types[-1] in TERMINAL_TYPES and not self.log.read(
-            self.stream_id, batch.last, 1
+        return (
+            batch.types[-1] in TERMINAL_TYPES
+            and self.blocks.read(self.stream_id, batch.last) is None
         )
 
     def _drain(self, cursor: int) -> Drain:

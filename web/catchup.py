@@ -10,7 +10,10 @@ block is in flight, and everyone who asks meanwhile waits for the next one, whic
 after they asked, so its answer is as fresh as their own read would have been (this matters
 for a block that is not full yet, the live end of a stream: it may still grow, so it is
 never kept, but a thousand viewers flagged at once still cost two reads, not a thousand).
-The cache is bounded in bytes, oldest first out.
+The cache is bounded in bytes, oldest first out. A read from the middle of a block, and the
+question whether a stream's log still exists, are shared the same way (never kept): a
+thousand viewers of an ended answer arriving together ask Redis each thing about twice, not
+a thousand times, and do not each take a connection from the pool to ask it.
 
 The TTL bounds the one case where a kept block could go wrong: Redis lost a log and a new
 attempt wrote different text at the same seqs.
@@ -28,14 +31,18 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar, cast
 
 from models.chunklog import ChunkLog
 from web.frames import Batch
 
-Key = tuple[str, int]
+T = TypeVar("T")
+# (stream, what): a block's index (0, 1, ...), or one of the kinds below.
+Key = tuple[str, int | str]
 # What a shared read returns: the batch, and whether it may be kept for later readers.
 Loader = Callable[[], tuple[Batch | None, bool]]
-REPLAY = -1  # the key index of a stream's SQL replay (blocks are 0, 1, ...)
+REPLAY = "replay"  # a stream's SQL replay
+EXISTS = "exists"  # whether its log exists
 
 
 @dataclass
@@ -50,7 +57,7 @@ class _Flight:
     """One read of a block, shared by whoever asked before it took off."""
 
     done: threading.Event
-    batch: Batch | None = None
+    value: Any = None  # what the read returned
     error: BaseException | None = None
 
 
@@ -72,9 +79,12 @@ class BlockCache:
 
     def read(self, stream_id: str, after: int) -> Batch | None:
         """The events after ``after`` up to the end of its block that the log has now."""
-        index = after // self.block
-        if after % self.block:  # mid-block: read just the rest, nothing to share
-            return self._read(stream_id, after, (index + 1) * self.block)
+        index, offset = divmod(after, self.block)
+        if offset:  # mid-block: the rest of it, shared by who asks at once but never kept
+            last = (index + 1) * self.block
+            return self._shared(
+                (stream_id, f"after {after}"), lambda: (self._read(stream_id, after, last), False)
+            )
 
         def load() -> tuple[Batch | None, bool]:
             batch = self._read(stream_id, after, after + self.block)
@@ -82,30 +92,35 @@ class BlockCache:
 
         return self._shared((stream_id, index), load)
 
+    def exists(self, stream_id: str) -> bool:
+        """Whether the stream's log exists now (shared by who asks at once, never kept)."""
+        return self._shared((stream_id, EXISTS), lambda: (self.log.exists(stream_id), False))
+
     def replay(self, stream_id: str, load: Loader) -> Batch | None:
         """A stream as ``load`` rebuilds it from SQL (its log expired), shared like a full
         block; ``load`` says whether it may be kept (only once SQL has the stream ended)."""
         return self._shared((stream_id, REPLAY), load)
 
-    def _shared(self, key: Key, load: Loader) -> Batch | None:
-        """``load``'s answer, from the cache, from a read in flight, or read now."""
+    def _shared(self, key: Key, load: Callable[[], tuple[T, bool]]) -> T:
+        """``load``'s answer, from the cache, from a read in flight, or read now. Only
+        batches are ever kept (``load`` says when)."""
         with self._lock:
             kept = self._get(key)
             if kept is not None:
-                return kept
+                return cast(T, kept)
             flight, ahead = self._board(key)
         if ahead is not None:
             ahead.done.wait()
             with self._lock:
                 kept = self._get(key)
                 if kept is not None:  # it was kept (a full block): nothing newer to read
-                    return kept
+                    return cast(T, kept)
                 leads = self._boarding.get(key) is flight and key not in self._flying
                 if leads:  # the first passenger to notice flies the next read
                     del self._boarding[key]
                     self._flying[key] = flight
             if not leads:
-                return self._arrive(flight)
+                return cast(T, self._arrive(flight))
         return self._fly(key, flight, load)
 
     def _board(self, key: Key) -> tuple[_Flight, _Flight | None]:
@@ -121,11 +136,12 @@ class BlockCache:
         )
         return flight, ahead
 
-    def _fly(self, key: Key, flight: _Flight, load: Loader) -> Batch | None:
+    def _fly(self, key: Key, flight: _Flight, load: Callable[[], tuple[T, bool]]) -> T:
         try:
-            flight.batch, keep = load()
-            if flight.batch is not None and keep:
-                self._keep(key, flight.batch)
+            value, keep = load()
+            flight.value = value
+            if isinstance(value, Batch) and keep:
+                self._keep(key, value)
         except BaseException as exc:
             flight.error = exc
             raise
@@ -133,14 +149,14 @@ class BlockCache:
             with self._lock:
                 del self._flying[key]
             flight.done.set()
-        return flight.batch
+        return value
 
     @staticmethod
-    def _arrive(flight: _Flight) -> Batch | None:
+    def _arrive(flight: _Flight) -> Any:
         flight.done.wait()
         if flight.error is not None:
             raise flight.error
-        return flight.batch
+        return flight.value
 
     def _read(self, stream_id: str, after: int, last: int) -> Batch | None:
         types, datas = self.log.read_columns(stream_id, after, last)
