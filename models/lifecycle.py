@@ -22,7 +22,7 @@ from models.chunklog import (
     LogState,
     resend_wait,
 )
-from models.db import is_lock_conflict
+from models.db import OUTAGE_ERRORS, is_lock_conflict
 from models.events import (
     ERROR,
     STATUS_FOR_TERMINAL,
@@ -314,10 +314,21 @@ class Sweeper:
         if result != "taken":
             return False
         error = store.ErrorInfo(**end["error"]) if end.get("error") else None
-        end_taken(
-            self.chunks, db, stream_id, attempt, last_seq, end["status"], error, end.get("usage"),
-            end.get("reason"),
-        )  # fmt: skip
+        try:
+            end_taken(
+                self.chunks, db, stream_id, attempt, last_seq, end["status"], error,
+                end.get("usage"), end.get("reason"),
+            )  # fmt: skip
+        except OUTAGE_ERRORS:
+            # SQL reads but refuses the write (locked, restarting): the take-over removed the
+            # end from the log's state, so put it back (as the attempt just taken, with a
+            # stale heartbeat) for the next pass, instead of leaving a finished answer to be
+            # sent to a worker again.
+            self.chunks.pend_end(
+                stream_id, attempt, end["status"], end.get("error"), end.get("usage"),
+                end.get("reason"),
+            )  # fmt: skip
+            raise
         log.warning("stream=%s the end its writer left (%s) stored", stream_id, end["status"])
         return True
 

@@ -1,0 +1,443 @@
+"""The database fault path in-process: a worker's generation (``run_generation``, its
+``LogWriter`` and the sweeper) against a real Redis and a real SQLite or PostgreSQL that
+stops taking relay's writes mid-answer. No web server, no worker process: seconds each.
+
+The fault is real, never a stand-in for relay's code:
+
+- SQLite: another connection holds the file's write lock (``BEGIN EXCLUSIVE``), so relay's
+  writes fail with ``database is locked`` (OperationalError). Reads still work (WAL). relay
+  waits its busy timeout before it gives up, 30 s hard-coded in ``models.db``; the test adds
+  a connect hook to relay's engine that lowers it to 0.1 s, so the same error comes at once.
+- PostgreSQL (TEST_DATABASE_URL): another connection holds ACCESS EXCLUSIVE locks on the
+  test's own tables, and every backend that queues behind them is terminated, as a server
+  going down terminates its sessions (``terminating connection due to administrator
+  command``, an OperationalError). The shared server itself is never stopped.
+
+What docs/operations.md ("What each failure costs", the database row) promises: running
+generations go on (checkpoints are skipped, the Redis log has every piece); the final write is
+retried for up to RELAY_BACKEND_BUDGET_S; an answer that ends during a longer outage leaves its
+end in Redis, and the sweeper stores it and writes the terminal event once the database is
+back: nothing is lost, and the answer ends ``done``, never ``failed``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Generator, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import pytest
+import redis
+from sqlalchemy import Connection, Engine, create_engine, event, text
+from sqlalchemy.engine import ExceptionContext
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.pool import NullPool
+
+from models import store
+from models.chunklog import ChunkLog
+from models.db import OUTAGE_ERRORS, make_engine, make_sessionmaker, normalize_url
+from models.events import CHUNK, DONE, Event
+from models.settings import Settings
+from models.tables import Chat, Message, Stream, User
+from tests.client import wait_for
+from workers.appender import GroupAppender
+from workers.generation import run_generation
+from workers.generators import GenerationRequest
+from workers.runtime import Shutdown, WorkerRuntime
+
+HANG_GUARD_S = 30.0  # no step of these tests comes near it; it only turns a hang into a failure
+
+
+# -- the faults ---------------------------------------------------------------------------
+
+
+class SqliteLock:
+    """Another connection holds the database file's write lock."""
+
+    kind = "sqlite"
+    error = "database is locked"
+
+    def __init__(self, url: str) -> None:
+        path = normalize_url(url).split("///", 1)[1]
+        self.conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
+                                    timeout=HANG_GUARD_S)  # fmt: skip
+        self.held = False
+
+    def begin(self) -> None:
+        self.conn.execute("BEGIN EXCLUSIVE")  # waits for a write of relay's in progress
+        self.held = True
+
+    def end(self) -> None:
+        if self.held:
+            self.conn.execute("ROLLBACK")
+            self.held = False
+
+    def close(self) -> None:
+        self.end()
+        self.conn.close()
+
+
+class PgCutOff:
+    """relay's statements on ``tables`` are cut off: one connection holds ACCESS EXCLUSIVE
+    locks on them, and every backend waiting behind those locks (only relay's, on this test's
+    private schema) is terminated, as a server shutting down terminates its sessions."""
+
+    kind = "postgresql"
+    error = "terminating connection due to administrator command"
+
+    def __init__(self, url: str, tables: str = "streams, messages") -> None:
+        self.engine = create_engine(normalize_url(url), poolclass=NullPool)
+        self.tables = tables
+        self.holder: Connection | None = None
+        self.stop = threading.Event()
+        self.killer: threading.Thread | None = None
+
+    def begin(self) -> None:
+        self.holder = self.engine.connect()
+        self.holder.execute(text(f"LOCK TABLE {self.tables} IN ACCESS EXCLUSIVE MODE"))
+        pid: int = self.holder.execute(text("SELECT pg_backend_pid()")).scalar_one()
+        self.stop.clear()
+        self.killer = threading.Thread(target=self._kill, args=(pid,), daemon=True)
+        self.killer.start()
+
+    def _kill(self, holder_pid: int) -> None:
+        with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            while not self.stop.wait(0.02):
+                conn.execute(
+                    text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                         "WHERE CAST(:holder AS integer) = ANY(pg_blocking_pids(pid))"),
+                    {"holder": holder_pid},
+                )  # fmt: skip
+
+    def end(self) -> None:
+        self.stop.set()
+        if self.killer is not None:
+            self.killer.join(HANG_GUARD_S)
+            self.killer = None
+        if self.holder is not None:
+            self.holder.rollback()  # the locks go with the transaction
+            self.holder.close()
+            self.holder = None
+
+    def close(self) -> None:
+        self.end()
+        self.engine.dispose()
+
+
+Outage = SqliteLock | PgCutOff
+
+
+@contextmanager
+def outage_on(url: str, **pg: str) -> Iterator[Outage]:
+    fault: Outage = SqliteLock(url) if url.startswith("sqlite") else PgCutOff(url, **pg)
+    try:
+        yield fault
+    finally:
+        fault.close()
+
+
+# -- an in-process worker -------------------------------------------------------------------
+
+
+class Scripted:
+    """A generator of the test's own: the pieces (and the fault's moments) its script
+    yields, recorded as they go out."""
+
+    name = "scripted"
+    supports_continuation = False
+
+    def __init__(self) -> None:
+        self.script: Callable[[], Iterator[str]] = lambda: iter(())
+        self.sent: list[str] = []
+
+    def generate(self, request: GenerationRequest) -> Generator[str, None, None]:
+        for piece in self.script():
+            self.sent.append(piece)
+            yield piece
+
+    @property
+    def text(self) -> str:
+        return "".join(self.sent)
+
+
+def pieces(start: int, count: int, pause_s: float = 0.002) -> Iterator[str]:
+    """``count`` short pieces, paced so that checkpoints fall between them."""
+    for n in range(start, start + count):
+        time.sleep(pause_s)
+        yield f"w{n} "
+
+
+@dataclass
+class Worker:
+    """What a worker process has, built in the test: relay's engine, log and writer."""
+
+    rt: WorkerRuntime
+    engine: Engine
+    generator: Scripted
+    # The database errors relay's engine met: "outage: <type>: <message>" when relay
+    # treats it as an outage (models.db.OUTAGE_ERRORS), else "other: ...".
+    faults: list[str] = field(default_factory=list)
+    sent: list[tuple[str, str]] = field(default_factory=list)  # tasks it sent again
+
+    def new_stream(self, prompt: str = "Through a database outage") -> Stream:
+        """A committed turn as the web tier leaves it: a question, a pending answer, a
+        queued stream, and the log's state marked queued."""
+        with self.rt.sessions() as db:
+            user = User(kind="guest")
+            db.add(user)
+            db.flush()
+            chat = Chat(user_id=user.id, title="t")
+            db.add(chat)
+            db.flush()
+            question = Message(chat_id=chat.id, position=0, role="user", content=prompt)
+            answer = Message(chat_id=chat.id, position=1, role="assistant", status="pending")
+            db.add_all([question, answer])
+            db.flush()
+            stream = Stream(chat_id=chat.id, message_id=answer.id, status="queued")
+            db.add(stream)
+            db.commit()
+        self.rt.log.init(stream.id)
+        return stream
+
+    def stored(self, stream_id: str) -> tuple[Stream, Message]:
+        with self.rt.sessions() as db:
+            stream = db.get(Stream, stream_id)
+            assert stream is not None
+            message = db.get(Message, stream.message_id)
+            assert message is not None
+            return stream, message
+
+
+def _short_busy_timeout(dbapi_conn: Any, _record: Any) -> None:
+    dbapi_conn.execute("PRAGMA busy_timeout=100")
+
+
+@pytest.fixture
+def worker(fresh_database_url: str, redis_client: redis.Redis) -> Iterator[Worker]:
+    settings = Settings(
+        database_url=fresh_database_url,
+        redis_url="",
+        backend_budget_s=1.0,  # tests that need longer say so
+        checkpoint_interval_s=0.05,
+        heartbeat_interval_s=0.5,
+        heartbeat_stale_s=3.0,
+        sweep_interval_s=0.5,
+    )
+    engine = make_engine(fresh_database_url)
+    if fresh_database_url.startswith("sqlite"):
+        event.listen(engine, "connect", _short_busy_timeout)  # after relay's own pragmas
+    faults: list[str] = []
+
+    def met(context: ExceptionContext) -> None:
+        kind = "outage" if isinstance(context.sqlalchemy_exception, OUTAGE_ERRORS) else "other"
+        original = context.original_exception
+        faults.append(f"{kind}: {type(original).__name__}: {original}")
+
+    event.listen(engine, "handle_error", met)
+    chunks = ChunkLog(redis_client)
+    generator = Scripted()
+    sent: list[tuple[str, str]] = []
+    rt = WorkerRuntime(
+        settings=settings,
+        sessions=make_sessionmaker(engine),
+        log=chunks,
+        generator=generator,
+        enqueue=lambda sid, task: sent.append((sid, task)),
+        is_revoked=lambda _task: False,
+        shutdown=Shutdown(settings.shutdown_grace_s),
+        appender=GroupAppender(chunks, budget_s=settings.backend_budget_s),
+        worker_name="test-worker",
+    )
+    yield Worker(rt, engine, generator, faults, sent)
+    engine.dispose()
+
+
+def with_settings(w: Worker, **changes: Any) -> None:
+    w.rt.settings = replace(w.rt.settings, **changes)
+
+
+def assert_ended_done_everywhere(w: Worker, stream_id: str) -> list[Event]:
+    """The log holds every piece the generator sent, seqs 1..n without a gap, then ``done``;
+    SQL holds the same text, ended ``done`` at the same seq, and replays the same events."""
+    events = w.rt.log.read(stream_id, 0, 100_000)
+    assert [e.seq for e in events] == list(range(1, len(events) + 1))
+    assert [e.type for e in events] == [CHUNK] * (len(events) - 1) + [DONE]
+    streamed = "".join(e.text for e in events if e.type == CHUNK)
+    assert streamed == w.generator.text
+    assert w.rt.log.state(stream_id).status == "done"
+    stream, message = w.stored(stream_id)
+    assert (stream.status, stream.error_code, stream.last_seq) == ("done", None, len(events))
+    assert (message.status, message.content) == ("complete", streamed)
+    assert stream.content_hash == store.content_hash(streamed)
+    assert store.events_from_sql(stream, message.content, 0) == events
+    return events
+
+
+def outage_errors(w: Worker, fault: Outage) -> list[str]:
+    """The errors relay met that are this fault's, and that relay treats as an outage."""
+    return [f for f in w.faults if fault.error in f and f.startswith("outage: ")]
+
+
+# -- the tests --------------------------------------------------------------------------------
+
+
+def test_checkpoints_that_fail_while_the_database_is_down_do_not_stop_the_answer(
+    worker: Worker, fresh_database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The database goes away mid-answer for longer than RELAY_BACKEND_BUDGET_S: each
+    checkpoint fails, the answer goes on in the log without a gap, and once the database
+    answers again the end is stored with exactly the log's text."""
+    w = worker
+    stream = w.new_stream()
+    sid = stream.id
+    seen: dict[str, int] = {}
+
+    with outage_on(fresh_database_url) as fault:
+
+        def script() -> Iterator[str]:
+            n, began = 0, time.monotonic()
+            while not w.stored(sid)[1].content:  # checkpoints land while SQL is up
+                assert time.monotonic() - began < HANG_GUARD_S
+                yield from pieces(n, 5)
+                n += 5
+            seen["stored_before"] = n
+            fault.begin()
+            seen["log_at_start"] = w.rt.log.state(sid).last_seq
+            began, first = time.monotonic(), n
+            # On, past the budget, until several checkpoints have failed.
+            while (len(outage_errors(w, fault)) < 3
+                   or time.monotonic() - began < w.rt.settings.backend_budget_s + 0.5):  # fmt: skip
+                assert time.monotonic() - began < HANG_GUARD_S
+                yield from pieces(n, 5)
+                n += 5
+            seen["failed_in_outage"] = len(outage_errors(w, fault))
+            seen["log_in_outage"] = w.rt.log.state(sid).last_seq
+            seen["sent_in_outage"] = n - first
+            fault.end()
+            yield from pieces(n, 30)
+
+        w.generator.script = script
+        with caplog.at_level(logging.WARNING, logger="relay.worker"):
+            assert run_generation(w.rt, sid, sid) == "done"
+
+    assert seen["stored_before"] > 0
+    assert seen["failed_in_outage"] >= 3  # checkpoints did meet the outage ...
+    assert seen["log_in_outage"] > seen["log_at_start"]  # ... and the log grew meanwhile
+    assert seen["sent_in_outage"] >= 20
+    assert all(f.startswith("outage: ") for f in w.faults), w.faults
+    events = assert_ended_done_everywhere(w, sid)
+    assert len(events) == len(w.generator.sent) + 1
+    assert "checkpoint: the database is unreachable" in caplog.text
+    assert "the database answers again" in caplog.text
+    assert "generator crashed" not in caplog.text
+    assert w.sent == []  # nothing was handed to another worker
+
+
+def test_an_answer_that_ends_while_the_database_is_down_is_stored_once_it_is_back(
+    worker: Worker, fresh_database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The answer's last piece goes out, then the database goes away: the final write is
+    tried again until the database is back (within the budget), and the answer ends ``done``
+    in SQL and in the log: never ``failed``, never left to the sweeper."""
+    w = worker
+    with_settings(w, backend_budget_s=HANG_GUARD_S)  # the outage ends well within it
+    sid = w.new_stream().id
+
+    with outage_on(fresh_database_url) as fault:
+
+        def script() -> Iterator[str]:
+            yield from pieces(0, 40)
+            fault.begin()  # after the last piece: only the end meets the outage
+
+        w.generator.script = script
+        with (
+            caplog.at_level(logging.WARNING, logger="relay.worker"),
+            ThreadPoolExecutor(1) as pool,
+        ):
+            running: Future[str] = pool.submit(run_generation, w.rt, sid, sid)
+            # The final write has failed twice (tried again, not given up) ...
+            wait_for(lambda: len(outage_errors(w, fault)) >= 2 or running.done(),
+                     timeout=HANG_GUARD_S)  # fmt: skip
+            assert not running.done()
+            # ... and nothing has ended the answer meanwhile, in either store.
+            assert w.rt.log.state(sid).status == "running"
+            assert w.rt.log.read(sid, 0, 1000)[-1].type == CHUNK
+            fault.end()
+            assert running.result(timeout=HANG_GUARD_S) == "done"
+
+    assert "final write: the database is unreachable" in caplog.text
+    assert "the sweeper stores the end" not in caplog.text
+    assert w.rt.log.state(sid).pending_end is None
+    assert_ended_done_everywhere(w, sid)
+
+
+def test_an_end_that_outlasts_the_budget_is_left_in_the_log_and_stored_by_the_sweeper(
+    worker: Worker, fresh_database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The database stays down past RELAY_BACKEND_BUDGET_S (1 s here) after the answer's last
+    piece: the writer leaves the end in the log's state and steps aside (no terminal event,
+    nothing ``failed``); once the database is back, the sweeper stores it in SQL and writes
+    the terminal event: ``done`` in both, with the log's text."""
+    w = worker
+    sid = w.new_stream().id
+
+    with outage_on(fresh_database_url) as fault:
+
+        def script() -> Iterator[str]:
+            yield from pieces(0, 40)
+            fault.begin()
+
+        w.generator.script = script
+        with caplog.at_level(logging.WARNING, logger="relay.worker"):
+            assert run_generation(w.rt, sid, sid) == "end-pending"
+        assert len(outage_errors(w, fault)) >= 2  # tried again within the budget first
+        state = w.rt.log.state(sid)
+        assert state.status == "running"
+        assert state.pending_end is not None and state.pending_end["status"] == "done"
+        assert state.pending_end["error"] is None
+        events = w.rt.log.read(sid, 0, 1000)
+        assert [e.type for e in events] == [CHUNK] * len(w.generator.sent)  # no end yet
+        fault.end()
+
+    assert "the sweeper stores the end" in caplog.text
+    # Nothing ended it while the database was away: SQL still has it running.
+    stream, message = w.stored(sid)
+    assert (stream.status, message.status) == ("running", "streaming")
+    report = w.rt.sweeper().sweep()
+    assert report.ended == [sid]
+    assert report.requeued == [] and report.exhausted == []
+    assert_ended_done_everywhere(w, sid)
+    assert w.sent == []
+
+
+def test_a_sweep_while_the_database_refuses_writes_keeps_the_end_for_later(
+    worker: Worker, fresh_database_url: str
+) -> None:
+    """An outage in which SQL still answers reads but refuses writes (SQLite: another process
+    holds the write lock; PostgreSQL here: the messages table is cut off, as a disk full or a
+    lock would): a sweep that meets it cannot store the end, and must leave it for a later
+    sweep. Expected: once the database takes writes again, the next sweep stores ``done``."""
+    w = worker
+    sid = w.new_stream().id
+
+    with outage_on(fresh_database_url, tables="messages") as fault:
+
+        def script() -> Iterator[str]:
+            yield from pieces(0, 40)
+            fault.begin()
+
+        w.generator.script = script
+        assert run_generation(w.rt, sid, sid) == "end-pending"
+        with pytest.raises(OperationalError):
+            w.rt.sweeper().sweep()  # the sweeper reads its candidates, the write fails
+        fault.end()
+
+    report = w.rt.sweeper().sweep()
+    assert report.ended == [sid], (w.rt.log.state(sid), report)
+    assert_ended_done_everywhere(w, sid)
