@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # Runtime files (SQLite database, embedded Redis data, local secret key); git-ignored.
@@ -36,6 +37,46 @@ def redis_origin(environ: Mapping[str, str] | None = None) -> str:
     if environ is None and recorded_redis_url():
         return "make run"
     return "default"
+
+
+# How the notice names each origin redis_origin() returns.
+REDIS_ORIGINS = {
+    "REDIS_URL": "REDIS_URL",
+    "make run": f"make run's Redis, {REDIS_URL_FILE}",
+    "default": "the default: REDIS_URL is unset and no make run recorded its Redis",
+}
+
+
+def shown_url(url: str) -> str:
+    """The URL without its password (each URL of a kombu failover list "url1;url2")."""
+    return ";".join(_without_password(part) for part in url.split(";"))
+
+
+def _without_password(url: str) -> str:
+    parts = urlsplit(url)
+    if not parts.password:
+        return url
+    return url.replace(f":{parts.password}@", ":***@", 1)
+
+
+def redis_notice(settings: Settings) -> str:
+    """The line every relay command prints on stderr first: which Redis it uses, where that
+    came from, and the broker when CELERY_BROKER_URL points elsewhere. ``settings`` must be
+    ``Settings.from_env()`` (the process environment), as redis_origin() reads it."""
+    line = f"relay: using Redis {shown_url(settings.redis_url)} "
+    line += f"({REDIS_ORIGINS[redis_origin()]})"
+    if settings.broker_url != settings.redis_url:
+        line += f"; broker {shown_url(settings.broker_url)} (CELERY_BROKER_URL)"
+    return line
+
+
+def data_notice(settings: Settings) -> str:
+    """For commands that read or write relay's data: where it is when RELAY_LOG_REDIS_URL
+    moves it off REDIS_URL ("" when it does not)."""
+    data_url = settings.log_redis_url or settings.redis_url
+    if data_url == settings.redis_url:
+        return ""
+    return f"relay: its data on {shown_url(data_url)} (RELAY_LOG_REDIS_URL)"
 
 
 DETACH_POLICIES = ("continue", "cancel-after")

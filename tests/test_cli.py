@@ -77,26 +77,42 @@ def setup(tmp_path: Path) -> Iterator[Setup]:
         home.stop()
 
 
-def streams(setup: Setup, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    """``celery -A workers streams ...`` from the project folder, without REDIS_URL unless
-    given; SQL is the var directory's default database, as under ``make run``."""
+def run(setup: Setup, *argv: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """A command (``celery`` or ``flask`` from the virtualenv) run from the project folder,
+    without REDIS_URL unless given; SQL is the var directory's default database, as under
+    ``make run``."""
     unset = {"REDIS_URL", "DATABASE_URL"}
     environ = {
         k: v
         for k, v in os.environ.items()
-        if k not in unset and not k.startswith(("RELAY_", "CELERY_"))
+        if k not in unset and not k.startswith(("RELAY_", "CELERY_", "FLASK_"))
     }
     environ.update(RELAY_VAR_DIR=str(setup.var), RELAY_HEARTBEAT_STALE_S="600", **env)
     return subprocess.run(
-        [str(BIN / "celery"), "-A", "workers", "streams", *args],
+        [str(BIN / argv[0]), *argv[1:]],
         env=environ, cwd=ROOT, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
+
+
+def streams(setup: Setup, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """``celery -A workers streams ...``, as ``run`` runs it."""
+    return run(setup, "celery", "-A", "workers", "streams", *args, **env)
+
+
+def connections(server: EmbeddedRedis) -> int:
+    """How many connections the server has taken (this one included)."""
+    client = redis.Redis.from_url(server.url)
+    try:
+        return int(client.info("stats")["total_connections_received"])
+    finally:
+        client.close()
 
 
 def test_commands_use_the_redis_make_run_recorded(setup: Setup) -> None:
     shown = streams(setup, "show", setup.running)
     assert shown.returncode == 0, shown.stderr
     assert f"relay: using Redis {setup.home.url} (make run's Redis" in shown.stderr
+    assert shown.stderr.count("relay: using Redis") == 1  # said once, not by Celery and us
     described = json.loads(shown.stdout)
     assert described["status"] == "running" and described["worker"] == "vm:4242"
     cancelled = streams(setup, "cancel", setup.running)
@@ -130,3 +146,58 @@ def test_a_redis_without_the_stream_is_refused_and_left_untouched(
     home = redis.Redis.from_url(setup.home.url, decode_responses=True)
     assert home.hget(f"relay:{{{setup.running}}}:state", "cancel") is None  # not cancelled
     home.close()
+
+
+# Celery's own commands (inspect, control, status, purge, events, ...) say it too, and talk to
+# that Redis as their broker: `inspect ping` with no worker waits --timeout, then exits 69.
+PING = ("celery", "-A", "workers", "inspect", "ping", "--timeout", "1")
+
+
+def test_celery_commands_name_and_use_the_redis_of_redis_url(setup: Setup, tmp_path: Path) -> None:
+    foreign = EmbeddedRedis(tmp_path / "foreign-redis").start()
+    try:
+        before = connections(foreign), connections(setup.home)
+        pinged = run(setup, *PING, REDIS_URL=foreign.url)
+        assert pinged.returncode == 69, pinged.stdout + pinged.stderr  # no worker answered
+        assert pinged.stderr.splitlines()[0] == f"relay: using Redis {foreign.url} (REDIS_URL)"
+        assert pinged.stderr.count("relay: using Redis") == 1
+        # It asked that Redis (the broker), not the one make run recorded.
+        assert connections(foreign) > before[0] + 1
+        assert connections(setup.home) == before[1] + 1  # only connections()'s own
+    finally:
+        foreign.stop()
+    # Never a password; a broker of its own is named with it (the report connects nowhere).
+    report = run(
+        setup, "celery", "-A", "workers", "report",
+        REDIS_URL="redis://:s3cret@127.0.0.1:1/0",
+        CELERY_BROKER_URL="redis://:other@127.0.0.1:2/0",
+    )  # fmt: skip
+    assert report.returncode == 0, report.stderr
+    assert report.stderr.splitlines()[0] == (
+        "relay: using Redis redis://:***@127.0.0.1:1/0 (REDIS_URL); "
+        "broker redis://:***@127.0.0.1:2/0 (CELERY_BROKER_URL)"
+    )
+    assert "s3cret" not in report.stderr + report.stdout
+    assert "other@" not in report.stderr + report.stdout
+
+
+def test_celery_commands_without_redis_url_name_and_use_the_recorded_redis(
+    setup: Setup,
+) -> None:
+    before = connections(setup.home)
+    pinged = run(setup, *PING)
+    assert pinged.returncode == 69, pinged.stdout + pinged.stderr
+    assert pinged.stderr.splitlines()[0] == (
+        f"relay: using Redis {setup.home.url} (make run's Redis, {setup.var / 'redis.url'})"
+    )
+    assert connections(setup.home) > before + 1
+    quiet = run(setup, *PING, "--no-redis-notice")
+    assert "relay: using Redis" not in quiet.stderr
+
+
+def test_flask_commands_name_the_redis_they_use(setup: Setup) -> None:
+    created = run(setup, "flask", "--app", "web", "create-token", "cli-notice")
+    assert created.returncode == 0, created.stderr
+    assert f"relay: using Redis {setup.home.url} (make run's Redis" in created.stderr
+    assert created.stderr.count("relay: using Redis") == 1
+    assert created.stdout.startswith("user ")

@@ -15,7 +15,7 @@ from flask import Flask, request, send_from_directory
 from flask.typing import ResponseReturnValue
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from models.settings import VAR_DIR, Settings
+from models.settings import VAR_DIR, Settings, data_notice, redis_notice
 from web import aisdk, api, errors, feed, inputs, metrics, openapi, runtime, streaming
 from web.auth import check_origin
 from web.websocket import COMPRESSION_MODES
@@ -67,7 +67,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     openapi.init_app(app, settings)
     _register_pages(app)
     _guard_writes(app, settings)
-    _register_cli(app)
+    _register_cli(app, settings)
     return app
 
 
@@ -120,7 +120,15 @@ def _guard_writes(app: Flask, settings: Settings) -> None:
             check_origin(settings.allowed_origins)
 
 
-def _register_cli(app: Flask) -> None:
+def _register_cli(app: Flask, settings: Settings) -> None:
+    # `flask --app web <command>` (Flask sets FLASK_RUN_FROM_CLI for its CLI) says on stderr
+    # which Redis the app uses, as every celery command does; the reloader's child of
+    # `flask run --reload` does not say it again.
+    if os.environ.get("FLASK_RUN_FROM_CLI") == "true" and not os.environ.get("WERKZEUG_RUN_MAIN"):
+        click.echo(redis_notice(settings), err=True)
+        if notice := data_notice(settings):
+            click.echo(notice, err=True)
+
     @app.cli.command("create-token")
     @click.argument("name")
     def create_token(name: str) -> None:

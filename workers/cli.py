@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import sys
 from typing import Any, NoReturn
-from urllib.parse import urlsplit
 
 import click
 from celery.bin.base import CeleryCommand, CLIContext
@@ -19,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from models import keys, lifecycle
 from models.exceptions import RelayError, StreamNotFound
-from models.settings import REDIS_URL_FILE, Settings, redis_origin
+from models.settings import Settings, data_notice, shown_url
 from models.tables import Chat, Stream, User
 from workers.celery_app import CONTINUE_QUEUE, GENERATE
 from workers.runtime import WorkerRuntime, build_runtime
@@ -28,11 +27,6 @@ STATUSES = ("queued", "running", "done", "cancelled", "failed")
 LIVE_STATUSES = ("queued", "running")
 # Exit code when the Redis reached is not the one that holds the stream.
 WRONG_REDIS = 3
-_ORIGINS = {
-    "REDIS_URL": "REDIS_URL",
-    "make run": f"make run's Redis, {REDIS_URL_FILE}",
-    "default": "the default: REDIS_URL is unset and no make run recorded its Redis",
-}
 
 
 def _runtime(ctx: click.Context) -> WorkerRuntime:
@@ -43,28 +37,17 @@ def _runtime(ctx: click.Context) -> WorkerRuntime:
         app.send_task(GENERATE, args=[stream_id], task_id=task_id, queue=CONTINUE_QUEUE)
 
     settings = Settings.from_env()
-    # On stderr, so stdout stays the command's answer (show prints JSON).
-    click.echo(
-        f"relay: using Redis {_shown(settings.redis_url)} ({_ORIGINS[redis_origin()]})", err=True
-    )
-    if _data_url(settings) != settings.redis_url:
-        click.echo(
-            f"relay: its data on {_shown(_data_url(settings))} (RELAY_LOG_REDIS_URL)", err=True
-        )
+    # Which Redis: said on stderr (so stdout stays the command's answer; show prints JSON)
+    # for every celery command by workers.celery_app.say_which_redis; where relay's data is,
+    # here, when it is elsewhere.
+    if notice := data_notice(settings):
+        click.echo(notice, err=True)
     return build_runtime(settings, enqueue, lambda _task_id: False)
 
 
 def _data_url(settings: Settings) -> str:
     """Where relay's own data is (RELAY_LOG_REDIS_URL; REDIS_URL when unset)."""
     return settings.log_redis_url or settings.redis_url
-
-
-def _shown(url: str) -> str:
-    """The URL without its password."""
-    parts = urlsplit(url)
-    if not parts.password:
-        return url
-    return url.replace(f":{parts.password}@", ":***@", 1)
 
 
 def _fail(message: str, code: int = 1) -> NoReturn:
@@ -89,7 +72,7 @@ def _require_live_state(rt: WorkerRuntime, stream: Stream) -> None:
     if stream.status in LIVE_STATUSES and not rt.log.redis.exists(keys.state_key(stream.id)):
         _wrong_redis(
             f"stream {stream.id} is {stream.status} in SQL, but Redis "
-            f"{_shown(_data_url(rt.settings))} holds no state for it",
+            f"{shown_url(_data_url(rt.settings))} holds no state for it",
         )
 
 
@@ -201,7 +184,7 @@ def retry(ctx: click.Context, stream_id: str) -> None:
         _require_live_state(rt, stream)
         if not rt.log.exists(stream_id) and not _looks_like_relays(rt):
             # The retry would rebuild the log from SQL (as after its expiry) in this Redis.
-            _wrong_redis(f"Redis {_shown(_data_url(rt.settings))} holds no relay data")
+            _wrong_redis(f"Redis {shown_url(_data_url(rt.settings))} holds no relay data")
         try:
             seq, task_id = lifecycle.retry(rt.log, db, stream_id, rt.enqueue)
         except StreamNotFound as exc:
@@ -223,7 +206,7 @@ def sweep(ctx: click.Context) -> None:
     if live and not rt.log.redis.exists(*(keys.state_key(stream_id) for stream_id in live)):
         # The sweeper would take every one of them for lost and write them into this Redis.
         _wrong_redis(
-            f"SQL has {len(live)} live stream(s), but Redis {_shown(_data_url(rt.settings))} "
+            f"SQL has {len(live)} live stream(s), but Redis {shown_url(_data_url(rt.settings))} "
             "holds the state of none",
         )
     report = rt.sweeper().sweep()
