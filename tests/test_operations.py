@@ -5,23 +5,27 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 import requests
 from celery import Celery
 
 from ops.redis_server import EmbeddedRedis, free_port
-from tests.client import Attach, assert_coherent, read_rest, wait_for
+from tests.client import Attach, Client, assert_coherent, read_rest, wait_for
 from tests.conftest import Stack, migrated_database, stack_env
 from tests.procs import BIN, ROOT, Proc, start_web
+from workers.celery_app import CONTINUE_QUEUE
 
 LONG = "[demo:words=300]"
 
@@ -272,27 +276,74 @@ def test_sigterm_hands_running_generations_to_another_worker(isolated_stack: Sta
     assert_coherent(client, posted["chatId"], events)
 
 
+# Hundreds of new chats queued behind a hand-off (issue: "continued within 10 s even when
+# hundreds of new chats are queued"). The stack's per-user limits are off (stack_env:
+# RELAY_MAX_RUNNING_PER_USER=0, RELAY_POSTS_PER_MINUTE=0), so one user may queue them all.
+QUEUED_CHATS = 300
+
+
+def post_many(client: Client, messages: list[str], threads: int = 8) -> list[str]:
+    """Post ``messages`` as ``client``'s user from a few connections at once; stream IDs."""
+    local = threading.local()
+
+    def post(message: str) -> str:
+        if not hasattr(local, "client"):
+            local.client = Client(client.base_url)
+            local.client.http.cookies.update(client.http.cookies)
+        return str(local.client.post_chat(message)["streamId"])
+
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(post, messages))
+
+
 def test_a_handed_off_answer_goes_ahead_of_queued_chats(isolated_stack: Stack) -> None:
     """Continuations have a queue of their own that workers drain first: an answer handed
-    back by a stopping worker is continued before the chats that were queued before it."""
+    back by a stopping worker is continued before the hundreds of chats that were queued
+    before it; and while its copy waits in that queue, no sweep sends a second one."""
     stack = isolated_stack
     leaving = stack.start_worker("w1", concurrency=1)
     client = stack.client()
-    posted = client.post_chat("Hand me on [demo:words=600]")
+    # Long enough (~35 s) to be still running after the posts below on a busy machine.
+    posted = client.post_chat("Hand me on [demo:words=1500]")
     sid = posted["streamId"]
     seen = client.attach(sid, until=lambda a: len(a.events) >= 5)
-    queued = [client.post_chat(f"Waiting {i} [demo:words=20]")["streamId"] for i in range(6)]
+    queued = post_many(client, [f"Waiting {i} [demo:words=20]" for i in range(QUEUED_CHATS)])
+    assert len(set(queued)) == QUEUED_CHATS
+    assert client.stream(sid)["status"] == "running"  # the hand-off below has work to hand
     leaving.popen.send_signal(signal.SIGTERM)
     leaving.popen.wait(30)
-    assert "handed back for another worker" in leaving.output()
-    assert not any(f"stream={q} attempt=1" in leaving.output() for q in queued)
+    said = leaving.output()
+    assert "handed back for another worker" in said
+    assert not any(f"stream={q} " in said for q in queued)  # none started, none passed on
+    # No worker runs now: the hand-off's copy waits in the continuation queue, the only one.
+    broker = redis.Redis.from_url(stack.env["REDIS_URL"])
+    try:
+        assert broker.llen(CONTINUE_QUEUE) == 1
+        # A sweep while it waits (the writer's heartbeat was made stale at the hand-off)
+        # must not send a second copy: the hand-off marked its copy as on its way.
+        swept = celery(stack, "streams", "sweep", check=True).stdout
+        assert "requeued 0," in swept, swept
+        assert broker.llen(CONTINUE_QUEUE) == 1
+    finally:
+        broker.close()
     arriving = stack.start_worker("w2", concurrency=1)
+
+    def first_started() -> str | None:
+        started = re.search(r"stream=(\S+) attempt=\d+ task=", arriving.output())
+        return started[1] if started else None
+
+    first = wait_for(first_started, timeout=60)
+    assert first == sid, f"the new worker started {first} before the handed-off answer"
     events = read_rest(client, sid, seen)
     assert events[-1]["type"] == "done"
     assert_coherent(client, posted["chatId"], events)
     out = arriving.output()
     continued_at = out.index(f"stream={sid} attempt=2")
     assert not any(f"stream={q} attempt=1" in out[:continued_at] for q in queued), out
+    # One copy, one new attempt: no re-send by the new worker's sweeper either.
+    assert f"stream={sid} writer gone" not in out
+    assert f"stream={sid} task={sid} not started" not in out
+    assert client.stream(sid)["attempt"] == 2
 
 
 def test_sigterm_to_web_closes_sockets_with_going_away(isolated_stack: Stack) -> None:
@@ -435,17 +486,63 @@ def test_a_redis_restart_mid_answer_loses_nothing(tmp_path: Path) -> None:
         assert "reading what it has" in worker.output()  # it did meet the outage
 
 
+def _past_the_budget(client: Client, server: EmbeddedRedis) -> tuple[dict[str, Any], Attach]:
+    """Post a long answer and stop Redis for longer than RELAY_BACKEND_BUDGET_S (1 s) while
+    it streams; Redis is back when this returns. The chat and what a viewer saw up to the
+    answer's end (read again after the outage)."""
+    posted = client.post_chat(f"Past the budget {LONG}")
+    sid = posted["streamId"]
+    seen = client.attach(sid, until=lambda a: len(a.events) >= 10)
+    server.stop()
+    time.sleep(4)  # longer than the budget
+    server.start()
+    return posted, Attach(read_rest(client, sid, seen))
+
+
 def test_an_outage_past_the_budget_ends_the_answer_backend_unavailable(tmp_path: Path) -> None:
     with own_redis_stack(tmp_path, RELAY_BACKEND_BUDGET_S="1") as (stack, server):
         client = stack.client()
-        posted = client.post_chat(f"Past the budget {LONG}")
-        sid = posted["streamId"]
-        seen = client.attach(sid, until=lambda a: len(a.events) >= 10)
-        server.stop()
-        time.sleep(4)  # longer than the budget
-        server.start()
-        events = read_rest(client, sid, seen)
+        posted, seen = _past_the_budget(client, server)
+        events = seen.events
         assert events[-1]["type"] == "error"
-        assert events[-1]["error"]["code"] == "backend_unavailable"  # type: ignore[index]
+        assert events[-1]["error"]["code"] == "backend_unavailable"
         assert_coherent(client, posted["chatId"], events)  # the text so far, stored
-        assert client.stream(sid)["status"] == "failed"
+        assert client.stream(posted["streamId"])["status"] == "failed"
+
+
+def test_streams_retry_continues_an_answer_ended_backend_unavailable(tmp_path: Path) -> None:
+    """The rest of the promise: once the backend is back, `streams retry` continues the same
+    stream after a `resumed` event; a viewer that re-attaches after the last seq it saw gets
+    the rest without a gap or a duplicate, and the answer ends done, stored whole."""
+    with own_redis_stack(tmp_path, RELAY_BACKEND_BUDGET_S="1") as (stack, server):
+        client = stack.client()
+        posted, seen = _past_the_budget(client, server)
+        sid = posted["streamId"]
+        failed_at = seen.last["seq"]
+        assert seen.last["type"] == "error", seen.last
+        assert seen.last["error"]["code"] == "backend_unavailable"
+        partial = client.answer(posted["chatId"])
+        assert partial["status"] == "failed" and partial["content"] == seen.text
+        attempt = client.stream(sid)["attempt"]
+        retried = celery(stack, "streams", "retry", sid)
+        assert retried.returncode == 0, retried.stdout + retried.stderr
+        said = re.search(rf"retrying as task ({sid}-retry\d+); the answer continues after seq "
+                         rf"{failed_at + 1}$", retried.stdout.strip())  # fmt: skip
+        assert said, retried.stdout
+        rest = client.attach(sid, after=failed_at, timeout=60)
+        assert rest.events, (rest.close_code, rest.close_reason)
+        assert rest.events[0] == {"type": "resumed", "seq": failed_at + 1, "attempt": attempt + 1}
+        events = read_rest(client, sid, Attach(seen.events + rest.events))
+        assert [e["type"] for e in events].count("resumed") == 1
+        assert events[-1]["type"] == "done"
+        assert_coherent(client, posted["chatId"], events)  # no gap, no duplicate, all stored
+        final = client.answer(posted["chatId"])
+        assert final["status"] == "complete" and final["content"].startswith(seen.text)
+        assert len(final["content"]) > len(seen.text)  # it did continue, not just end
+        assert client.stream(sid)["status"] == "done"
+        worker = stack.extra[0]
+        assert f"stream={sid} attempt={attempt + 1} task={said[1]} from seq={failed_at + 1}" in (
+            worker.output()
+        )
+        # A fresh viewer replays the whole history: chunks, error, resumed, chunks, done.
+        assert client.attach(sid).events == events
