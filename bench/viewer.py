@@ -41,6 +41,8 @@ class Tally:
         self.msgs += 1
         ev = json.loads(raw)
         kind = ev.get("type")
+        if kind == "queued":  # a queue notice: no seq, no event of the log
+            return
         seq = int(ev.get("seq", 0))
         if kind == "chunk":
             texts = [ev["text"]]

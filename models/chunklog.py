@@ -134,6 +134,7 @@ class ChunkLog:
         self._seal = client.register_script(scripts.SEAL)
         self._reopen = client.register_script(scripts.REOPEN)
         self._detach_status = client.register_script(scripts.DETACH_STATUS)
+        self._queue_notice = client.register_script(scripts.QUEUE_NOTICE)
 
     @staticmethod
     def _keys(stream_id: str) -> list[str]:
@@ -300,6 +301,23 @@ class ChunkLog:
         store (SQL was unreachable); False when ``attempt`` no longer owns the stream."""
         end = json.dumps({"status": status, "error": error, "usage": usage, "reason": reason})
         return bool(self._pend_end(keys=[keys.state_key(stream_id)], args=[attempt, end]))
+
+    def queue_notice(self, stream_id: str, notice: str) -> bool:
+        """While the stream is queued: keep ``notice`` (where it stands in line, as JSON)
+        for viewers that attach and publish it to those attached; False when it is no
+        longer queued."""
+        channel = keys.live_channel(stream_id)
+        return bool(self._queue_notice(keys=[keys.state_key(stream_id)], args=[channel, notice]))
+
+    def queue_place(self, stream_id: str) -> tuple[int, str] | None:
+        """The last queue notice of a stream that is still queued, with the log's last seq
+        when it was given (None: not queued, or no place known yet)."""
+        status, seq, notice, at = self.redis.hmget(
+            keys.state_key(stream_id), "status", "seq", "qn", "qs"
+        )
+        if status != "queued" or notice is None or at != (seq or "0"):
+            return None
+        return int(at), str(notice)
 
     def release(self, stream_id: str, attempt: int) -> bool:
         """Give the stream up (worker shutting down): the next claim may start at once, and

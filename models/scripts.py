@@ -55,7 +55,7 @@ INIT = (
     _PRELUDE
     + """
 redis.call('HSET', KEYS[1], 'status', 'queued', 'qt', now)
-redis.call('HDEL', KEYS[1], 'cancel', 'why', 'hb', 'task', 'rq', 'rqn', 'sent')
+redis.call('HDEL', KEYS[1], 'cancel', 'why', 'hb', 'task', 'rq', 'rqn', 'sent', 'qn', 'qs')
 if tonumber(ARGV[2] or '0') > 0 then
   redis.call('HSET', KEYS[1], 'dp', ARGV[2])
 else
@@ -296,7 +296,7 @@ local seq = last_seq(KEYS[2]) + 1
 local next_attempt = tonumber(st[2] or '0') + 1
 redis.call('XADD', KEYS[2], '0-' .. seq, 't', 'resumed', 'd', next_attempt)
 redis.call('HSET', KEYS[1], 'status', 'queued', 'task', ARGV[3], 'qt', now, 'seq', seq)
-redis.call('HDEL', KEYS[1], 'cancel', 'why', 'ew', 'hb', 'rq', 'rqn', 'tries', 'sent')
+redis.call('HDEL', KEYS[1], 'cancel', 'why', 'ew', 'hb', 'rq', 'rqn', 'tries', 'sent', 'qn', 'qs')
 if tonumber(ARGV[4] or '0') > 0 then
   redis.call('HSET', KEYS[1], 'dp', ARGV[4])
 else
@@ -308,6 +308,20 @@ publish(ARGV[1], seq, {'resumed'}, {tostring(next_attempt)})
 return {'reopened', seq, next_attempt}
 """
 )
+
+# KEYS: state. ARGV: channel, the notice as JSON ({"type": "queued", "position": ...}).
+# While the stream is queued, keep where it stands in line ('qn', with 'qs': the log's last seq
+# then) for viewers that attach later, and publish it to those attached, in one step: a
+# stream a worker has claimed meanwhile gets no stale notice. On the live channel a notice is
+# an object ({"seq": ..., "notice": ...}); the events' batches are arrays.
+QUEUE_NOTICE = """
+local st = redis.call('HMGET', KEYS[1], 'status', 'seq')
+if st[1] ~= 'queued' then return 0 end
+local seq = st[2] or '0'
+redis.call('HSET', KEYS[1], 'qn', ARGV[2], 'qs', seq)
+redis.call('PUBLISH', ARGV[1], '{"seq":' .. seq .. ',"notice":' .. ARGV[2] .. '}')
+return 1
+"""
 
 # KEYS: state, viewers. What GET /streams/<id> shows of the detach policy:
 # {now ms, policy ms or -1, since ms (no viewer since then) or -1 (watched or unknown)}.

@@ -145,7 +145,10 @@ class Viewer:
 
 
 def expand(message: dict[str, Any]) -> list[dict[str, Any]]:
-    """A ``chunks`` message (batch form) as the events it stands for."""
+    """A ``chunks`` message (batch form) as the events it stands for (a queue notice
+    stands for none: it is no event of the log)."""
+    if message["type"] == "queued":
+        return []
     if message["type"] != "chunks":
         return [message]
     return [

@@ -20,6 +20,8 @@ class Attach:
     events: list[dict[str, Any]] = field(default_factory=list)
     close_code: int | None = None
     close_reason: str = ""
+    # Queue notices ({"type": "queued", ...}: no seq, not events of the log), in order.
+    notices: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def text(self) -> str:
@@ -114,7 +116,12 @@ class Client:
             try:
                 while time.monotonic() < deadline:
                     raw = ws.recv(timeout=max(0.1, deadline - time.monotonic()))
-                    got.events.append(json.loads(raw))
+                    message = json.loads(raw)
+                    if message["type"] == "queued":
+                        assert "seq" not in message, message
+                        got.notices.append(message)
+                    else:
+                        got.events.append(message)
                     if until is not None and until(got):
                         return got
                 raise AssertionError(f"attach timed out with {len(got.events)} events")
@@ -137,6 +144,9 @@ class Client:
             events: list[dict[str, Any]] = []
             for fields in _sse_fields(resp.iter_lines(decode_unicode=True)):
                 event = json.loads(fields["data"])
+                if fields.get("event") == "queued":  # a notice: no id, not an event of the log
+                    assert "id" not in fields and event["type"] == "queued", fields
+                    continue
                 assert int(fields["id"]) == last_seq(event) and fields["event"] == event["type"]
                 events.append(event)
                 if limit is not None and len(events) >= limit:

@@ -12,8 +12,9 @@ import redis
 from models.chunklog import ChunkLog
 from models.events import CHUNK, DONE, Event
 from ops.redis_server import EmbeddedRedis
-from web.attach import Follower, Snapshot
+from web.attach import Followed, Follower, Snapshot
 from web.catchup import BlockCache
+from web.frames import Batch, Notice
 from web.hub import Hub
 
 
@@ -79,3 +80,59 @@ def test_the_tail_follows_the_catch_up_and_ends_at_the_terminal_event(
     assert f.wake.wait(30)
     rest = [b for b in events if b is not None]
     assert [e.seq for b in rest for e in b.events] == [5]
+
+
+def next_item(f: Follower, events: Followed) -> Batch | Notice:
+    """The follower's next batch or notice, waiting for the hub as a viewer would."""
+    item = next(events)
+    while item is None:  # nothing yet (or a re-read after the subscription's confirmation)
+        assert f.wake.wait(30)
+        item = next(events)
+    return item
+
+
+def test_a_queued_answer_tells_its_place_and_then_streams_without_a_gap(
+    log: ChunkLog, hub: Hub
+) -> None:
+    """A queue notice (no seq) at attach when the place is known, another for each new place
+    the sweeper publishes, none once the answer has started; the events stay 1..n."""
+    log.init("q")
+    assert log.queue_notice("q", '{"type":"queued","position":2,"etaSeconds":9}')
+    f = follower(log, hub, "q")
+    events = f.follow(0, finished=False)
+    first = next(events)
+    assert isinstance(first, Notice) and first.fields == {
+        "type": "queued", "position": 2, "etaSeconds": 9,
+    }  # fmt: skip
+    assert next(events) is None
+    assert log.queue_notice("q", '{"type":"queued","position":1}')
+    moved = next_item(f, events)
+    assert isinstance(moved, Notice) and moved.fields == {"type": "queued", "position": 1}
+    attempt = log.claim("q", "t", 5).attempt
+    # Claimed: a notice computed before the claim is refused, so none can follow the events.
+    assert not log.queue_notice("q", '{"type":"queued","position":1}')
+    assert log.queue_place("q") is None
+    log.append_many("q", attempt, [Event(1, CHUNK, text="a"), Event(2, DONE, message_id="m")])
+    rest = [b for b in events if b is not None]
+    assert all(isinstance(b, Batch) for b in rest)
+    assert [e.seq for b in rest if isinstance(b, Batch) for e in b.events] == [1, 2]
+
+
+def test_a_stream_queued_again_tells_its_place_at_the_log_s_end(log: ChunkLog, hub: Hub) -> None:
+    """An admin retry queues an ended answer again: a viewer at the log's end gets the place
+    at once; one that catches up first gets it once it is at the end."""
+    attempt = written(log, "r", 3)
+    log.append("r", attempt, Event(4, DONE, message_id="m"))
+    assert log.queue_notice("r", '{"type":"queued","position":5}') is False  # not queued
+    assert log.reopen("r", "t2")[0] == "reopened"  # seq 5: resumed; queued again
+    assert log.queue_notice("r", '{"type":"queued","position":3}')
+    at_end = follower(log, hub, "r").follow(5, finished=False)
+    told = next(at_end)
+    assert isinstance(told, Notice) and told.fields["position"] == 3 and told.at == 5
+    at_end.close()
+    behind = follower(log, hub, "r").follow(2, finished=False)
+    caught_up = next(behind)
+    assert isinstance(caught_up, Batch) and (caught_up.first, caught_up.last) == (3, 5)
+    told = next(behind)
+    assert isinstance(told, Notice) and told.fields["position"] == 3
+    behind.close()

@@ -17,7 +17,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Generator, Iterator
+from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -37,6 +37,7 @@ from models.tables import (
 )
 from web import idempotency, ratelimit
 from web.api import requested_detach, requested_model
+from web.attach import Followed
 from web.auth import current_user_id, ensure_user
 from web.chats import (
     StreamRef,
@@ -51,7 +52,7 @@ from web.chats import (
     latest_stream,
 )
 from web.errors import UNAVAILABLE_ERRORS
-from web.frames import Batch
+from web.frames import Batch, Notice
 from web.inputs import is_id, json_object, storable
 from web.instruments import ATTACHES, VIEWERS
 from web.runtime import Runtime, get_db, get_runtime
@@ -164,6 +165,11 @@ def optional_object() -> dict[str, Any]:
 # -- the UI message stream --------------------------------------------------------------------
 
 
+# A queued answer's place in line ({"position": 2, "etaSeconds": 30}): a transient data part,
+# which the SDK hands to onData and keeps out of the message.
+QUEUED_PART = "data-queued"
+
+
 def part(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, separators=(',', ':'), ensure_ascii=False)}\n\n"
 
@@ -191,7 +197,10 @@ class UIEncoder:
     def start(self) -> str:
         return part({"type": "start", "messageId": self.message_id})
 
-    def encode(self, batch: Batch) -> str:
+    def encode(self, batch: Batch | Notice) -> str:
+        if isinstance(batch, Notice):  # where a queued answer stands: shown, never stored
+            place = {k: v for k, v in batch.fields.items() if k != "type"}
+            return part({"type": QUEUED_PART, "data": place, "transient": True})
         out: list[str] = []
         run: list[str] = []
         for kind, data in zip(batch.types, batch.datas, strict=True):
@@ -251,7 +260,7 @@ def ui_response(rt: Runtime, stream: StreamRef, message_id: str) -> Response:
 def _ui_body(
     rt: Runtime,
     encoder: UIEncoder,
-    events: Generator[Batch | None, None, None],
+    events: Followed,
     wake: threading.Event,
     idle_s: float,
 ) -> Iterator[str]:

@@ -23,10 +23,12 @@ from models.chunklog import ChunkLog, LogState
 from models.events import TERMINAL_TYPES, Event
 from models.tables import TERMINAL_STREAM_STATUSES, Message, Stream
 from web.catchup import BlockCache
-from web.frames import Batch
+from web.frames import Batch, Notice
 from web.hub import DirectWrite, Hub, Subscription
 from web.instruments import CATCHUP
 
+# What a viewer is given: batches of events, queue notices, and None (nothing now: wait).
+Followed = Generator[Batch | Notice | None, None, None]
 # Drain result: (new cursor, whether the terminal event was yielded).
 Drain = Generator[Batch, None, tuple[int, bool]]
 
@@ -76,7 +78,7 @@ class Follower:
     # True while the batch just yielded is a catch-up block that another read follows.
     more: bool = False
 
-    def follow(self, after: int, finished: bool) -> Generator[Batch | None, None, None]:
+    def follow(self, after: int, finished: bool) -> Followed:
         """``finished``: whether SQL had the stream ended when the viewer asked."""
         if finished and not self.blocks.exists(self.stream_id):
             # The log expired: SQL has it all (rebuilt once, shared by every viewer).
@@ -102,9 +104,13 @@ class Follower:
         events = snap.events(0)
         return (Batch.of(events) if events else None), snap.finished
 
-    def _tail(self, sub: Subscription, cursor: int) -> Iterator[Batch | None]:
+    def _tail(self, sub: Subscription, cursor: int) -> Iterator[Batch | Notice | None]:
         # Entries written between the catch-up and the subscription: read them now.
         cursor, ended = yield from self._drain(cursor)
+        told: str | None = None  # the last queue notice sent (the hub may bring it again)
+        if not ended and (notice := self._place(cursor, told)) is not None:
+            told = notice.text  # at the log's end of a queued answer: its place in line
+            yield notice
         while not ended:
             sub.park(cursor)
             if not self.wake.is_set():
@@ -112,14 +118,32 @@ class Follower:
             cursor = sub.unpark() or cursor  # the hub may have written batches meanwhile
             self.wake.clear()
             batches, reread, check = sub.take()
-            if check:
-                cursor, ended = yield from self._recheck(cursor)
-            elif reread:
-                cursor, ended = yield from self._drain(cursor)
+            notice = sub.take_notice()  # older than the batches taken with it
+            if notice is not None and notice.at == cursor and notice.text != told:
+                told = notice.text
+                yield notice
+            if check or reread:
+                before = cursor
+                if check:
+                    cursor, ended = yield from self._recheck(cursor)
+                else:
+                    cursor, ended = yield from self._drain(cursor)
+                # A notice published before the hub listened (or dropped) is in the state.
+                if cursor == before and not ended and (notice := self._place(cursor, told)):
+                    told = notice.text
+                    yield notice
             for batch in batches:
                 if ended:
                     break
                 cursor, ended = yield from self._deliver(batch, cursor)
+
+    def _place(self, cursor: int, told: str | None) -> Notice | None:
+        """The queued answer's place in line, when one is known for the viewer's cursor and
+        differs from the one last ``told``."""
+        place = self.blocks.place(self.stream_id)
+        if place is None or place[0] != cursor or place[1] == told:
+            return None
+        return Notice(*place)
 
     def _deliver(self, batch: Batch, cursor: int) -> Drain:
         part = batch.since(cursor)

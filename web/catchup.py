@@ -10,8 +10,9 @@ block is in flight, and everyone who asks meanwhile waits for the next one, whic
 after they asked, so its answer is as fresh as their own read would have been (this matters
 for a block that is not full yet, the live end of a stream: it may still grow, so it is
 never kept, but a thousand viewers flagged at once still cost two reads, not a thousand).
-The cache is bounded in bytes, oldest first out. A read from the middle of a block, and the
-question whether a stream's log still exists, are shared the same way (never kept): a
+The cache is bounded in bytes, oldest first out. A read from the middle of a block, the
+question whether a stream's log still exists and a queued stream's place in line are shared
+the same way (never kept): a
 thousand viewers of an ended answer arriving together ask Redis each thing about twice, not
 a thousand times, and do not each take a connection from the pool to ask it.
 
@@ -43,6 +44,7 @@ Key = tuple[str, int | str]
 Loader = Callable[[], tuple[Batch | None, bool]]
 REPLAY = "replay"  # a stream's SQL replay
 EXISTS = "exists"  # whether its log exists
+PLACE = "place"  # a queued stream's place in line
 
 
 @dataclass
@@ -91,6 +93,10 @@ class BlockCache:
             return batch, batch is not None and len(batch) == self.block
 
         return self._shared((stream_id, index), load)
+
+    def place(self, stream_id: str) -> tuple[int, str] | None:
+        """``ChunkLog.queue_place`` (shared by who asks at once, never kept)."""
+        return self._shared((stream_id, PLACE), lambda: (self.log.queue_place(stream_id), False))
 
     def exists(self, stream_id: str) -> bool:
         """Whether the stream's log exists now (shared by who asks at once, never kept)."""

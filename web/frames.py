@@ -13,6 +13,7 @@ import struct
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from models.events import (
     CHUNK,
@@ -163,3 +164,26 @@ class Batch:
     def nbytes(self) -> int:
         """Roughly what the batch holds, encodings included (for cache budgets)."""
         return 3 * sum(len(d) + 16 for d in self.datas)
+
+
+class Notice:
+    """A message about a stream that is no event of its log (no seq, never replayed): where
+    a queued answer stands in line, ``{"type": "queued", "position": 2, "etaSeconds": 30}``.
+    ``at``: the log's last seq when it was true; a viewer already past it drops it."""
+
+    __slots__ = ("at", "text")
+
+    def __init__(self, at: int, text: str) -> None:
+        self.at = at
+        self.text = text
+
+    def ws_bytes(self, batched: bool, deflate: Deflate | None) -> bytes:
+        return ws_frame(self.text.encode())  # a few dozen bytes: never worth compressing
+
+    def sse_text(self, batched: bool) -> str:
+        return f"event: queued\ndata: {self.text}\n\n"  # no id: Last-Event-ID stays put
+
+    @property
+    def fields(self) -> dict[str, Any]:
+        fields: dict[str, Any] = json.loads(self.text)
+        return fields

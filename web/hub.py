@@ -36,7 +36,7 @@ from redis.exceptions import RedisClusterException
 from models import keys
 from models.events import TERMINAL_TYPES
 from models.redisconn import RedisClient, server_time_ms, subscriber_pool
-from web.frames import Batch
+from web.frames import Batch, Notice
 from web.instruments import HUB_DISPATCH, HUB_LAGGED
 
 log = logging.getLogger("relay.hub")
@@ -60,6 +60,7 @@ class Subscription:
         # Set by a viewer that lets the hub write to its socket directly while it waits.
         self.direct: DirectWrite | None = None
         self._parked_at: int | None = None  # the viewer's cursor while it waits
+        self._notice: Notice | None = None  # the latest, not yet taken
 
     def park(self, cursor: int) -> None:
         """The viewer waits, with everything up to ``cursor`` sent: until it wakes, the hub
@@ -99,6 +100,18 @@ class Subscription:
                 self._batches.append(batch)
                 self._pending += len(batch)
         self.wake.set()
+
+    def notice(self, notice: Notice) -> None:
+        """A queue notice for the viewer: only the latest counts (a newer place replaces
+        one not yet sent)."""
+        with self._lock:
+            self._notice = notice  # the viewer sends it itself (never a direct write)
+        self.wake.set()
+
+    def take_notice(self) -> Notice | None:
+        with self._lock:
+            notice, self._notice = self._notice, None
+        return notice
 
     def flag(self, check: bool = False) -> None:
         """Something may have been missed: the viewer re-reads the log (``check``: and
@@ -330,7 +343,12 @@ class Hub:
             return
         stream_id = keys.stream_id_from_key(channel)
         if kind == "message":
-            self._dispatch(stream_id, decode(reply[2]))
+            message = decode(reply[2])
+            if isinstance(message, Notice):
+                for sub in self._subs_of(stream_id):
+                    sub.notice(message)
+            else:
+                self._dispatch(stream_id, message)
         elif kind == "subscribe":
             with self._lock:
                 subscribed = self._channels.get(stream_id)
@@ -434,6 +452,11 @@ class Hub:
         for sub in subs:
             sub.flag(check)
 
+    def _subs_of(self, stream_id: str) -> list[Subscription]:
+        with self._lock:
+            channel = self._channels.get(stream_id)
+            return [] if channel is None else list(channel.subs)
+
     def _all_subs(self) -> list[Subscription]:
         with self._lock:
             return [sub for c in self._channels.values() for sub in c.subs]
@@ -482,7 +505,11 @@ def send_command(conn: Connection, *args: str) -> None:
     conn.send_command(*args)  # type: ignore[no-untyped-call]
 
 
-def decode(data: str) -> Batch:
-    """A live-channel message (``[first seq, [types], [data]]``) as a batch of events."""
-    first, types, datas = json.loads(data)
+def decode(data: str) -> Batch | Notice:
+    """A live-channel message: ``[first seq, [types], [data]]``, a batch of events; or
+    ``{"seq": ..., "notice": {...}}``, a queue notice (QUEUE_NOTICE)."""
+    message = json.loads(data)
+    if isinstance(message, dict):
+        return Notice(int(message["seq"]), json.dumps(message["notice"], separators=(",", ":")))
+    first, types, datas = message
     return Batch(int(first), types, datas)

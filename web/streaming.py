@@ -15,11 +15,11 @@ from sqlalchemy.orm import Session
 from models.exceptions import InvalidAfter, InvalidParameter, RelayError, StreamNotFound
 from models.tables import TERMINAL_STREAM_STATUSES
 from web import shutdown
-from web.attach import Follower, Snapshot, load_snapshot
+from web.attach import Followed, Follower, Snapshot, load_snapshot
 from web.auth import check_origin, current_user_id
 from web.chats import StreamRef, latest_stream_ref, stream_ref
 from web.errors import UNAVAILABLE_ERRORS, as_unavailable
-from web.frames import Batch
+from web.frames import Batch, Notice
 from web.hub import DirectWrite
 from web.instruments import ATTACHES, VIEWERS
 from web.runtime import Runtime, get_runtime
@@ -117,7 +117,7 @@ def snapshot_response(text: str, message_id: str) -> Response:
 
 
 def _sse_body(
-    events: Generator[Batch | None, None, None],
+    events: Followed,
     batched: bool,
     wake: threading.Event,
     idle_s: float,
@@ -135,7 +135,7 @@ def _sse_body(
 
 
 def _sse_events(
-    events: Generator[Batch | None, None, None],
+    events: Followed,
     batched: bool,
     wake: threading.Event,
     idle_s: float,
@@ -145,8 +145,8 @@ def _sse_events(
 
 
 def sse_frames(
-    events: Generator[Batch | None, None, None],
-    encode: Callable[[Batch], str],
+    events: Followed,
+    encode: Callable[[Batch | Notice], str],
     wake: threading.Event,
     idle_s: float,
 ) -> Generator[str, None, bool]:

@@ -16,17 +16,16 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Generator
 from typing import Any
 
 from simple_websocket import ConnectionClosed
 
 from models.exceptions import BadRequest, RelayError
 from web import shutdown
-from web.attach import Follower
+from web.attach import Followed, Follower
 from web.chats import cancel_stream, get_stream
 from web.errors import UNAVAILABLE_ERRORS, as_unavailable
-from web.frames import Batch
+from web.frames import Batch, Notice
 from web.instruments import VIEWERS
 from web.runtime import Runtime
 from web.websocket import CLOSE_INTERNAL_ERROR, RelayServer
@@ -35,7 +34,6 @@ log = logging.getLogger("relay.web")
 CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001
 HOLD_BYTES = 256 * 1024
-Events = Generator[Batch | None, None, None]
 
 
 class SocketViewer:
@@ -48,7 +46,7 @@ class SocketViewer:
         uid: str,
         follower: Follower,
         batched: bool,
-        events: Events,
+        events: Followed,
     ) -> None:
         self.rt = rt
         self.ws = ws
@@ -97,7 +95,7 @@ class SocketViewer:
         self._close(CLOSE_NORMAL, "stream ended")
         return False
 
-    def _send(self, batch: Batch) -> None:
+    def _send(self, batch: Batch | Notice) -> None:
         """Write a batch; a catch-up block that another read follows is held, so a long
         catch-up goes out in a few large writes rather than one per block."""
         frames = self.ws.frames(batch, self.batched)

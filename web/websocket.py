@@ -28,7 +28,7 @@ from simple_websocket import ConnectionClosed, Server
 from wsproto.utilities import RemoteProtocolError
 
 from models.exceptions import BadRequest
-from web.frames import Batch, Deflate
+from web.frames import Batch, Deflate, Notice
 
 log = logging.getLogger("relay.web")
 CLOSE_INTERNAL_ERROR = 1011
@@ -217,7 +217,7 @@ class RelayServer(Server):  # type: ignore[misc]
         """Send a batch's messages, encoded once for every connection alike."""
         self.send_bytes(self.frames(batch, batched))
 
-    def frames(self, batch: Batch, batched: bool) -> bytes:
+    def frames(self, batch: Batch | Notice, batched: bool) -> bytes:
         """A batch's messages as this connection's WebSocket frames."""
         return batch.ws_bytes(batched, self.deflate)
 

@@ -37,6 +37,7 @@ export class Tally {
     this.msgs += 1;
     const ev = JSON.parse(raw);
     const kind = ev.type;
+    if (kind === "queued") return; // a queue notice: no seq, no event of the log
     const seq = ev.seq === undefined ? 0 : Math.trunc(Number(ev.seq));
     let texts;
     if (kind === "chunk") {
