@@ -75,3 +75,22 @@ def new_session(browser: Browser, viewport: ViewportSize) -> Iterator[Session]:
     yield s
     s.close()
     assert not s.errors, f"uncaught errors in the page: {s.errors}"
+
+
+# For page scripts that drive relay-stream.js by hand: a WebSocket stand-in the script opens,
+# feeds and drops itself (``sockets``: every one made), and two waiting helpers.
+FAKE_SOCKET_JS = """
+  const sockets = [];
+  class FakeSocket {
+    constructor(url) { this.url = url; this.readyState = 0; sockets.push(this); }
+    send() {}
+    close() { this.readyState = 3; }
+    open() { this.readyState = 1; this.onopen?.({}); }
+    emit(event) { this.onmessage?.({ data: JSON.stringify(event) }); }
+    drop(code) { this.readyState = 3; this.onclose?.({ code, reason: '' }); }
+  }
+  const until = async (probe) => {
+    for (let i = 0; i < 500 && !probe(); i += 1) await new Promise((r) => setTimeout(r, 10));
+  };
+  const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+"""

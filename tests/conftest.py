@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session as DbSession
 from models.db import make_engine, make_sessionmaker, normalize_url
 from models.migrate import upgrade
 from models.redisconn import is_cluster, make_cluster
+from models.tables import Chat, User
 from ops.redis_server import EmbeddedRedis, free_port
 from tests.chromium import DESKTOP, PHONE, Session, launched, new_session
 from tests.client import Client
@@ -93,6 +94,17 @@ def db(database_url: str) -> Iterator[DbSession]:
     with make_sessionmaker(engine)() as session:
         yield session
     engine.dispose()
+
+
+def guest_chat(db: DbSession, title: str = "t") -> Chat:
+    """A guest user and an empty chat of theirs, flushed (ids assigned), not committed."""
+    user = User(kind="guest")
+    db.add(user)
+    db.flush()
+    chat = Chat(user_id=user.id, title=title)
+    db.add(chat)
+    db.flush()
+    return chat
 
 
 @pytest.fixture(params=BACKENDS)

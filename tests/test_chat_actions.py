@@ -11,9 +11,8 @@ import pytest
 from sqlalchemy.orm import Session
 
 from models.exceptions import IllegalTransition
-from models.tables import Chat, User
 from tests.client import Client
-from tests.conftest import Stack
+from tests.conftest import Stack, guest_chat
 from web.chats import check_regenerable
 
 SHORT = "[demo:words=5]"
@@ -260,11 +259,7 @@ def test_regenerate_with_an_idempotency_key_is_answered_once(client: Client) -> 
 
 
 def test_a_chat_without_an_answer_has_nothing_to_regenerate(db: Session) -> None:
-    user = User(kind="guest")
-    db.add(user)
-    db.flush()
-    chat = Chat(user_id=user.id, title="empty")
-    db.add(chat)
+    chat = guest_chat(db, "empty")
     db.commit()
     with pytest.raises(IllegalTransition, match="no answer"):
         check_regenerable(db, chat)

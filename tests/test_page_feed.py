@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from playwright.sync_api import Browser, Page, expect
 
-from tests.chromium import DESKTOP, PHONE, Session
+from tests.chromium import DESKTOP, FAKE_SOCKET_JS, PHONE, Session
 from tests.conftest import Stack
 from tests.test_browser import (
     ARTIFACTS,
@@ -359,22 +359,12 @@ def test_a_quiet_answer_shows_waiting_for_the_model(browser: Browser, stack: Sta
         close_all(s)
 
 
-QUIET_SCRIPT = """async () => {
+QUIET_SCRIPT = (
+    """async () => {
   const { attach, STATES } = await import('/static/relay-stream.js');
-  const sockets = [];
-  class FakeSocket {
-    constructor(url) { this.url = url; this.readyState = 0; sockets.push(this); }
-    send() {}
-    close() { this.readyState = 3; }
-    open() { this.readyState = 1; this.onopen?.({}); }
-    emit(event) { this.onmessage?.({ data: JSON.stringify(event) }); }
-    drop(code) { this.readyState = 3; this.onclose?.({ code, reason: '' }); }
-  }
-  const until = async (probe) => {
-    for (let i = 0; i < 500 && !probe(); i += 1) await new Promise((r) => setTimeout(r, 10));
-  };
-  const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
-  const out = { states: [], seen: [] };
+"""
+    + FAKE_SOCKET_JS
+    + """  const out = { states: [], seen: [] };
   const h = attach('q1', {
     WebSocket: FakeSocket, stallMs: 1e9, quietMs: 50,
     onState: (st) => out.states.push(st),
@@ -400,6 +390,7 @@ QUIET_SCRIPT = """async () => {
   out.stalled = STATES.STALLED;
   return out;
 }"""
+)
 
 
 def test_relay_stream_reports_a_quiet_stream_as_stalled(page: Page, stack: Stack) -> None:

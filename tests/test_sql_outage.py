@@ -44,8 +44,9 @@ from models.chunklog import ChunkLog
 from models.db import OUTAGE_ERRORS, make_engine, make_sessionmaker, normalize_url
 from models.events import CHUNK, DONE, Event
 from models.settings import Settings
-from models.tables import Chat, Message, Stream, User
+from models.tables import Message, Stream
 from tests.client import wait_for
+from tests.conftest import guest_chat
 from workers.appender import GroupAppender
 from workers.generation import run_generation
 from workers.generators import GenerationRequest
@@ -189,12 +190,7 @@ class Worker:
         """A committed turn as the web tier leaves it: a question, a pending answer, a
         queued stream, and the log's state marked queued."""
         with self.rt.sessions() as db:
-            user = User(kind="guest")
-            db.add(user)
-            db.flush()
-            chat = Chat(user_id=user.id, title="t")
-            db.add(chat)
-            db.flush()
+            chat = guest_chat(db)
             question = Message(chat_id=chat.id, position=0, role="user", content=prompt)
             answer = Message(chat_id=chat.id, position=1, role="assistant", status="pending")
             db.add_all([question, answer])

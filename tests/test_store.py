@@ -6,16 +6,12 @@ from sqlalchemy.orm import Session
 
 from models import store
 from models.events import Event
-from models.tables import Chat, Message, Stream, User
+from models.tables import Message, Stream
+from tests.conftest import guest_chat
 
 
 def make_stream(db: Session) -> Stream:
-    user = User(kind="guest")
-    db.add(user)
-    db.flush()
-    chat = Chat(user_id=user.id, title="t")
-    db.add(chat)
-    db.flush()
+    chat = guest_chat(db)
     answer = Message(chat_id=chat.id, position=1, role="assistant", status="pending")
     db.add(answer)
     db.flush()

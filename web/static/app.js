@@ -862,7 +862,7 @@ function renderStatus(view) {
   } else if (view.status === "failed" && view.error) {
     text += `: ${view.error.message}`;
   } else if (view.status === "queued" && view.place) {
-    text = placeText(view.place); // from the live feed (answer.waiting)
+    text = placeText(view.place); // from the feed (answer.waiting) or the stream (queued)
   }
   // Connected, but the model has written nothing for a while (relay-stream's STALLED).
   const waiting = active && !stopping && view.status === "streaming" && view.waiting;
@@ -942,6 +942,7 @@ function startStream(view, after) {
     batch: true, // a catch-up of thousands of chunks comes as a few messages
     quietMs: testHooks.quietMs ?? QUIET_MS,
     onEvents: (events) => onStreamEvents(view, events),
+    onQueued: (place) => onStreamQueued(view, place),
     onState: (st, detail) => onStreamState(view, st, detail),
   });
   renderConnection();
@@ -991,6 +992,15 @@ function onStreamEvents(view, events) {
   } else if (texts.length) {
     scheduleRender(view);
   }
+}
+
+/** The stream's own "queued" notice: the answer waits for a worker (also again after an
+ * admin retry's resumed event, which made it "streaming"). The socket keeps notices and
+ * events in order, so, unlike a feed event, a notice is never older than the text shown. */
+function onStreamQueued(view, place) {
+  if (view.final) return;
+  view.status = "queued";
+  showPlace(view, place);
 }
 
 function onStreamState(view, st, detail) {
@@ -1423,7 +1433,7 @@ function onFeedEvent(e) {
       if (e.chatId === state.chatId) followAnswer(e.streamId);
       break;
     case "answer.waiting": // still queued: its place in line
-      showPlace(e);
+      showPlace(viewOfStream(e.streamId), e);
       break;
     case "answer.finished":
       refreshListSoon();
@@ -1434,11 +1444,12 @@ function onFeedEvent(e) {
   }
 }
 
-/** A queued answer of this page learns its place in line (and, when known, a wait). */
-function showPlace(e) {
-  const view = viewOfStream(e.streamId);
+/** A queued answer of this page learns its place in line (and, when known, a wait): from
+ * the feed's answer.waiting or from its stream's "queued" notice (relay-stream's onQueued),
+ * whichever comes; both say the same, from the same sweep. */
+function showPlace(view, { position, etaSeconds }) {
   if (!view) return;
-  view.place = { position: e.position, etaSeconds: e.etaSeconds ?? null };
+  view.place = { position, etaSeconds: etaSeconds ?? null };
   renderStatus(view);
 }
 

@@ -18,6 +18,9 @@
 // too.
 // A live stream that brings no event for quietMs (5 s) reports the "stalled" state, and
 // "live" again with the next event: the connection is fine, the model is slow.
+// While the answer waits in the queue, the server may send {"type":"queued","position":2,
+// "etaSeconds":30} notices (no seq: not events of the log). They go to onQueued and
+// handle.queued, never to onEvent, and a queued stream is never "stalled".
 // See docs/client.md for the full API.
 
 const TERMINAL = new Set(["done", "cancelled", "error"]);
@@ -46,6 +49,7 @@ const DEFAULTS = {
   fetch: (...args) => globalThis.fetch(...args),
   onEvent: () => {}, // each new event, in seq order
   onEvents: () => {}, // then once per message: the new events it carried, in seq order
+  onQueued: () => {}, // a "queued" notice: {position, etaSeconds} (etaSeconds may be absent)
   onState: () => {},
 };
 
@@ -83,6 +87,20 @@ function messageSpan(msg) {
   return [msg.seq, texts.length, (seq) => ({ type: "chunk", seq, text: texts[seq - msg.seq] })];
 }
 
+/**
+ * The place a "queued" notice gives: {position, etaSeconds} (etaSeconds only when the
+ * server has an estimate), or null when it is malformed (then it is ignored). A notice is
+ * not an event of the log: whatever it carries, it never moves the cursor.
+ */
+function queuedPlace(msg) {
+  if (!Number.isSafeInteger(msg.position) || msg.position < 1) return null;
+  const place = { position: msg.position };
+  if (typeof msg.etaSeconds === "number" && Number.isFinite(msg.etaSeconds)) {
+    place.etaSeconds = msg.etaSeconds;
+  }
+  return place;
+}
+
 function httpUrl(baseUrl, path) {
   return new URL(path, baseUrl || globalThis.location.origin).toString();
 }
@@ -91,6 +109,8 @@ function httpUrl(baseUrl, path) {
  * Attach to a stream. Returns a handle:
  *   handle.lastSeq   last seq delivered to the callbacks
  *   handle.state     one of STATES
+ *   handle.queued    the latest "queued" notice ({position, etaSeconds}) while the answer
+ *                    waits in the queue; null once an event has been delivered after it
  *   handle.done      Promise resolved with the terminal event (or null) when the handle ends
  *   handle.cancel()  Promise: POST /api/v1/streams/<id>/cancel (socket message as fallback)
  *   handle.close()   stop for good; does not cancel the generation
@@ -107,6 +127,7 @@ export function attach(streamId, options = {}) {
     quietTimer: null,
     finished: false,
     terminal: null,
+    queued: null, // the latest "queued" notice, until the next event is delivered
   };
   let resolveDone;
   const done = new Promise((resolve) => (resolveDone = resolve));
@@ -164,12 +185,18 @@ export function attach(streamId, options = {}) {
 
   function onMessage(ws, msg) {
     if (ws !== s.ws) return;
-    let span;
+    let parsed;
     try {
-      span = messageSpan(JSON.parse(msg.data));
+      parsed = JSON.parse(msg.data);
     } catch {
       return;
     }
+    if (parsed?.type === "queued") {
+      const place = queuedPlace(parsed);
+      if (place) onQueuedNotice(place);
+      return; // a notice, never an event: no seq logic, no onEvent
+    }
+    const span = messageSpan(parsed);
     if (!span) return;
     const [first, count, eventAt] = span;
     s.attempt = 0; // data flows again: the next drop starts the backoff from scratch
@@ -186,6 +213,7 @@ export function attach(streamId, options = {}) {
     for (let seq = s.lastSeq + 1; seq < first + count; seq += 1) {
       const event = eventAt(seq);
       s.lastSeq = seq;
+      s.queued = null; // the answer left the queue (a later queueing sends notices again)
       if (TERMINAL.has(event.type)) s.terminal = event;
       else if (event.type === "resumed") s.terminal = null;
       fresh.push(event);
@@ -193,6 +221,18 @@ export function attach(streamId, options = {}) {
       if (s.finished) return; // close() from a callback: no callback after it
     }
     safeCall(opt.onEvents, fresh);
+  }
+
+  // A "queued" notice: where the answer waits in line. It is no event of the log (no seq):
+  // the cursor, the gap check and onEvent never see it. It shows the stream is alive, so it
+  // resets the stall check, the retry count and the quiet timer like an event does.
+  function onQueuedNotice(place) {
+    s.attempt = 0;
+    s.queued = place;
+    armStallCheck();
+    armQuiet();
+    if (s.state === STATES.STALLED) setState(STATES.LIVE);
+    safeCall(opt.onQueued, { ...place });
   }
 
   function onClose(ws, ev) {
@@ -239,14 +279,16 @@ export function attach(streamId, options = {}) {
   }
 
   // A live stream that has been quiet for quietMs reports STALLED (the socket is fine, the
-  // model is slow to write), and LIVE again with the next event. Not after a terminal event.
+  // model is slow to write), and LIVE again with the next event. Not after a terminal event,
+  // and not while the answer waits in the queue (a "queued" notice came after the last event:
+  // notices come only when the place changes, so the place may be quiet for long).
   function armQuiet() {
     clearTimeout(s.quietTimer);
     s.quietTimer = null;
     if (!(opt.quietMs > 0) || !Number.isFinite(opt.quietMs)) return;
     s.quietTimer = setTimeout(() => {
       s.quietTimer = null;
-      if (s.finished || !s.ws || s.state !== STATES.LIVE || s.terminal) return;
+      if (s.finished || !s.ws || s.state !== STATES.LIVE || s.terminal || s.queued) return;
       setState(STATES.STALLED, { quietMs: opt.quietMs });
     }, opt.quietMs);
   }
@@ -333,6 +375,9 @@ export function attach(streamId, options = {}) {
     },
     get state() {
       return s.state;
+    },
+    get queued() {
+      return s.queued && { ...s.queued };
     },
     get streamId() {
       return streamId;
