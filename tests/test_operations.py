@@ -419,6 +419,31 @@ def test_readyz_fails_when_redis_is_gone_and_worker_metrics(
         web.stop()
 
 
+def test_readyz_checks_a_broker_of_its_own(isolated_stack: Stack, tmp_path: Path) -> None:
+    """With the task queue on a Redis of its own (CELERY_BROKER_URL), a web process whose
+    broker is gone is not ready, and says which check failed; its logs' Redis is fine."""
+    stack = isolated_stack
+    ready = requests.get(f"{stack.base_url}/readyz", timeout=30)
+    assert ready.status_code == 200 and "broker" not in ready.json()["checks"]  # one Redis
+    broker = EmbeddedRedis(tmp_path / "broker").start()
+    web = None
+    try:
+        env = {**stack.env, "CELERY_BROKER_URL": broker.url}
+        web = start_web(env, (port := free_port()), tmp_path)
+        resp = requests.get(f"http://127.0.0.1:{port}/readyz", timeout=30)
+        assert resp.status_code == 200, resp.text
+        assert resp.json()["checks"] == {"redis": "ok", "database": "ok", "broker": "ok"}
+        broker.stop()
+        resp = requests.get(f"http://127.0.0.1:{port}/readyz", timeout=30)
+        assert resp.status_code == 503, resp.text
+        checks = resp.json()["checks"]
+        assert checks["broker"].startswith("error") and checks["redis"] == "ok", checks
+    finally:
+        if web is not None:
+            web.stop()
+        broker.stop()
+
+
 def test_two_web_processes_and_two_workers(isolated_stack: Stack) -> None:
     """Streams spread over two workers; every client attaches to one web process, drops,
     and the other web process serves its re-attach."""

@@ -81,6 +81,10 @@ def init_app(app: Flask) -> None:
     def readyz() -> tuple[Response, int]:
         rt = get_runtime()
         checks = {"redis": _check(lambda: rt.log.redis.ping()), "database": _check_db(rt)}
+        if rt.settings.broker_url != rt.settings.log_redis_url:
+            # The task queue is a Redis of its own (CELERY_BROKER_URL, or the logs moved to
+            # RELAY_LOG_REDIS_URL): posts need it too.
+            checks["broker"] = _check(lambda: _ping_broker(rt))
         ready = all(v == "ok" for v in checks.values())
         return jsonify(status="ok" if ready else "unavailable", checks=checks), (
             200 if ready else 503
@@ -99,6 +103,14 @@ def _check(probe: object) -> str:
     except Exception as exc:
         return f"error: {type(exc).__name__}"
     return "ok"
+
+
+def _ping_broker(rt: Runtime) -> None:
+    """One PING on a connection of the web's Celery producer pool (kombu's Redis or
+    Sentinel transport)."""
+    with rt.celery.connection_for_write() as conn:
+        conn.ensure_connection(max_retries=1, interval_start=0, timeout=2)
+        conn.default_channel.client.ping()
 
 
 def _check_db(rt: Runtime) -> str:
