@@ -52,7 +52,7 @@ $(EXAMPLE_STAMP): examples/ai-sdk-chat/package-lock.json
 # Four test processes (pytest-xdist): most tests wait on real servers, so four fit two cores
 # (about 12 minutes here on SQLite, 20 with PostgreSQL). PYTEST_ARGS="-n 0": one process.
 test: install chromium postgresql $(AISDK_STAMP) $(EXAMPLE_STAMP)
-	$(PY) -m pytest -n 4 $(PYTEST_ARGS)
+	$(PY) -m pytest -n 4 --maxschedchunk 2 $(PYTEST_ARGS)
 
 # The chaos test at a bigger size (tests/chaos.py); prints its figures as one JSON object.
 # Other sizes: make chaos CHAOS_ARGS="--streams 100 --answer-s 60"; on Redis Sentinel, with a

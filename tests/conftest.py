@@ -271,6 +271,33 @@ def page(session: Session) -> Page:
 LOG_TAIL_LINES = 40
 
 
+# The longest tests (tens of seconds each, measured with --durations), in the order they
+# start: with pytest-xdist handing out tests two at a time (the Makefile's --maxschedchunk),
+# they spread over the processes from the start instead of ending the run on one of them.
+LONG_FIRST = (
+    "test_chaos.py::",
+    "test_run.py::",
+    "test_cluster.py::",
+    "test_operations.py::test_a_handed_off_answer_goes_ahead_of_queued_chats",
+    "test_page_chats.py::test_regenerate_replaces_the_last_answer_in_place",
+    "test_operations.py::test_streams_commands",
+    "test_waiting.py::",
+    "test_page.py::test_scrolling_up_keeps_the_place",
+    "test_sentinel.py::",
+    "test_page_chats.py::test_the_code_copy_button_survives_streaming",
+    "test_broker_restart.py::",
+    "test_identity.py::test_processes_starting_together_agree_on_one_key",
+    "test_operations.py::test_streams_retry_continues_an_answer_ended_backend_unavailable",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        return next((i for i, p in enumerate(LONG_FIRST) if p in item.nodeid), len(LONG_FIRST))
+
+    items.sort(key=rank)  # stable: the rest keep their order
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]
