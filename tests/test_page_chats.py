@@ -422,3 +422,37 @@ def test_chat_actions_in_both_themes_and_sizes(
         for state, found in findings.items()
     }
     assert not any(serious.values()), json.dumps(serious, indent=2)
+
+
+def test_a_click_on_a_chat_lands_while_the_list_is_refreshed(page: Page, stack: Stack) -> None:
+    """The list poll (every 50 ms here) brings the same chats again and again: a press and a
+    release on a chat's link with polls in between still open that chat (the links are not
+    replaced under the pointer; before, the release landed on a new node and the click was
+    lost)."""
+    page.add_init_script("window.relayTest = { pollMs: 50 }")
+    open_app(page, stack.base_url)
+    first = send(page, "The chat to come back to [demo:words=5]")
+    wait_status(page, "done")
+    page.click("#new-chat")
+    send(page, "Another chat [demo:words=5]")
+    wait_status(page, "done")
+    link = page.locator(f"#chat-list .chat-link[data-chat-id='{first}']")
+    box = link.bounding_box()
+    assert box is not None
+    polls = page.evaluate(
+        """() => new Promise((done) => {
+          let n = 0;
+          const seen = new PerformanceObserver((list) => {
+            n += list.getEntries().filter((e) => e.name.endsWith('/api/v1/chats')).length;
+          });
+          seen.observe({ type: 'resource', buffered: false });
+          setTimeout(() => { seen.disconnect(); done(n); }, 400);
+        })"""
+    )
+    assert polls >= 2  # the list really is being refreshed meanwhile
+    page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    page.mouse.down()
+    page.wait_for_timeout(300)  # several polls between the press and the release
+    page.mouse.up()
+    expect(page.locator(".msg.user")).to_contain_text("The chat to come back to", timeout=T)
+    expect(link).to_have_attribute("aria-current", "page")

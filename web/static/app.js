@@ -55,6 +55,7 @@ const state = {
   query: "", // the chat list's search text ("" lists every chat)
   listSeq: 0, // bumped on every list request: an answer to an older search is dropped
   renaming: null, // the chat id whose title is being edited in the list
+  listShown: null, // what the chat list's nodes show (renderChatList redraws on a change)
   openTitle: null, // the open chat's title as last loaded (it may be outside a search)
   models: [], // the models the server allows, the default first (GET /api/v1/models)
   deletedHere: new Set(), // chats this page deleted (their chat.deleted is not news)
@@ -412,22 +413,36 @@ async function refreshChats() {
 
 function renderChatList() {
   if (state.renaming) return; // the list is redrawn when the title being edited is done
-  // Re-rendered on every poll: keep the keyboard focus where it was.
-  const focused = ui.chatList.contains(document.activeElement) ? document.activeElement : null;
-  const focusKey = focused && [focused.closest("li")?.dataset.chatId, focused.className];
-  const items = state.chats.map(chatListItem);
-  ui.chatList.replaceChildren(...items);
+  // Redrawn only when what it shows changed: a poll or a feed event that brings the same
+  // list must not replace the links under a click in progress (a press and a release on
+  // two different nodes is no click: the user's choice of chat was lost).
+  const shown = JSON.stringify([
+    state.chatId,
+    state.listedQuery ?? "",
+    state.chats.map((c) => [c.id, c.title, relativeTime(c.updatedAt)]),
+  ]);
+  if (shown !== state.listShown) {
+    state.listShown = shown;
+    redrawChatList();
+  }
   ui.listEmpty.hidden = state.chats.length > 0;
   const searched = state.listedQuery ?? "";
   ui.listEmpty.textContent = searched
     ? `No chat titles contain \u201c${searched}\u201d.`
     : "No chats yet.";
   ui.listLabel.textContent = searched ? "Matching chats" : "Recent";
+  renderTitle();
+}
+
+function redrawChatList() {
+  // Keep the keyboard focus where it was.
+  const focused = ui.chatList.contains(document.activeElement) ? document.activeElement : null;
+  const focusKey = focused && [focused.closest("li")?.dataset.chatId, focused.className];
+  ui.chatList.replaceChildren(...state.chats.map(chatListItem));
   if (focusKey) {
     const li = [...ui.chatList.children].find((el) => el.dataset.chatId === focusKey[0]);
     li?.querySelector(`[class="${focusKey[1]}"]`)?.focus();
   }
-  renderTitle();
 }
 
 function chatListItem(chat) {
@@ -473,6 +488,7 @@ function startRename(chatId) {
   const chat = state.chats.find((c) => c.id === chatId);
   if (!li || !chat || state.renaming) return;
   state.renaming = chatId;
+  state.listShown = null; // the item is edited in place: redraw it when done
   const form = document.createElement("form");
   form.className = "chat-rename-form";
   const input = document.createElement("input");
