@@ -50,8 +50,8 @@ $(EXAMPLE_STAMP): examples/ai-sdk-chat/package-lock.json
 	touch $(EXAMPLE_STAMP)
 
 # Four test processes (pytest-xdist): most tests wait on real servers, so four fit two cores
-# (about 9.5 minutes here on SQLite, 13 with PostgreSQL); tests are handed out two at a time,
-# the longest first (tests/conftest.py LONG_FIRST). PYTEST_ARGS="-n 0": one process.
+# (9.5 to 10.5 minutes here on SQLite, 13.5 with PostgreSQL); tests are handed out two at a
+# time, the longest first (tests/conftest.py LONG_FIRST). PYTEST_ARGS="-n 0": one process.
 test: install chromium postgresql $(AISDK_STAMP) $(EXAMPLE_STAMP)
 	$(PY) -m pytest -n 4 --maxschedchunk 2 $(PYTEST_ARGS)
 

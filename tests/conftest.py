@@ -273,7 +273,7 @@ LOG_TAIL_LINES = 40
 
 # The longest tests (tens of seconds each, measured with --durations), in the order they
 # start: with pytest-xdist handing out tests two at a time (the Makefile's --maxschedchunk),
-# they spread over the processes from the start instead of ending the run on one of them.
+# they spread over the processes from the start, and the run never ends on one of them.
 LONG_FIRST = (
     "test_chaos.py::",
     "test_run.py::",
