@@ -77,6 +77,7 @@ class Follower:
     stale_ms: float = 8000.0  # a running writer whose heartbeat is older is presumed dead
     # True while the batch just yielded is a catch-up block that another read follows.
     more: bool = False
+    _told: str | None = field(default=None, init=False)  # the last queue notice sent
 
     def follow(self, after: int, finished: bool) -> Followed:
         """``finished``: whether SQL had the stream ended when the viewer asked."""
@@ -107,10 +108,8 @@ class Follower:
     def _tail(self, sub: Subscription, cursor: int) -> Iterator[Batch | Notice | None]:
         # Entries written between the catch-up and the subscription: read them now.
         cursor, ended = yield from self._drain(cursor)
-        told: str | None = None  # the last queue notice sent (the hub may bring it again)
-        if not ended and (notice := self._place(cursor, told)) is not None:
-            told = notice.text  # at the log's end of a queued answer: its place in line
-            yield notice
+        if not ended and (notice := self._news(self._placed(), cursor)):
+            yield notice  # at the log's end of a queued answer: its place in line
         while not ended:
             sub.park(cursor)
             if not self.wake.is_set():
@@ -118,10 +117,8 @@ class Follower:
             cursor = sub.unpark() or cursor  # the hub may have written batches meanwhile
             self.wake.clear()
             batches, reread, check = sub.take()
-            notice = sub.take_notice()  # older than the batches taken with it
-            if notice is not None and notice.at == cursor and notice.text != told:
-                told = notice.text
-                yield notice
+            if notice := self._news(sub.take_notice(), cursor):
+                yield notice  # older than the batches taken with it
             if check or reread:
                 before = cursor
                 if check:
@@ -129,21 +126,29 @@ class Follower:
                 else:
                     cursor, ended = yield from self._drain(cursor)
                 # A notice published before the hub listened (or dropped) is in the state.
-                if cursor == before and not ended and (notice := self._place(cursor, told)):
-                    told = notice.text
+                if (
+                    cursor == before
+                    and not ended
+                    and (notice := self._news(self._placed(), cursor))
+                ):
                     yield notice
             for batch in batches:
                 if ended:
                     break
                 cursor, ended = yield from self._deliver(batch, cursor)
 
-    def _place(self, cursor: int, told: str | None) -> Notice | None:
-        """The queued answer's place in line, when one is known for the viewer's cursor and
-        differs from the one last ``told``."""
+    def _placed(self) -> Notice | None:
+        """The queued answer's place in line as the stream's state keeps it, if known."""
         place = self.blocks.place(self.stream_id)
-        if place is None or place[0] != cursor or place[1] == told:
+        return None if place is None else Notice(*place)
+
+    def _news(self, notice: Notice | None, cursor: int) -> Notice | None:
+        """``notice`` if the viewer should get it: given at its cursor (not older than what
+        it has), and not the place it was last told (the hub may bring that again)."""
+        if notice is None or notice.at != cursor or notice.text == self._told:
             return None
-        return Notice(*place)
+        self._told = notice.text
+        return notice
 
     def _deliver(self, batch: Batch, cursor: int) -> Drain:
         part = batch.since(cursor)

@@ -12,9 +12,9 @@ for a block that is not full yet, the live end of a stream: it may still grow, s
 never kept, but a thousand viewers flagged at once still cost two reads, not a thousand).
 The cache is bounded in bytes, oldest first out. A read from the middle of a block, the
 question whether a stream's log still exists and a queued stream's place in line are shared
-the same way (never kept): a
-thousand viewers of an ended answer arriving together ask Redis each thing about twice, not
-a thousand times, and do not each take a connection from the pool to ask it.
+the same way (never kept): a thousand viewers of an ended answer arriving together ask Redis
+each thing about twice, not a thousand times, and do not each take a connection from the
+pool to ask it.
 
 The TTL bounds the one case where a kept block could go wrong: Redis lost a log and a new
 attempt wrote different text at the same seqs.
