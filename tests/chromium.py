@@ -5,7 +5,6 @@ guest user) in it, and the ``session``, ``phone`` and ``page`` fixtures there ar
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -95,16 +94,3 @@ FAKE_SOCKET_JS = """
   };
   const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 """
-
-
-def wait_network_cut(page: Page, timeout_s: float = 10.0) -> None:
-    """After ``context.set_offline(True)``: wait until the page's requests really fail.
-    ``navigator.onLine`` turns false (and the page shows "offline") a moment before the
-    emulation reaches the network: a request sent in that moment still went out (seen once:
-    a Stop pressed "offline" reached the server)."""
-    deadline = time.monotonic() + timeout_s
-    probe = "() => fetch('/healthz', {cache: 'no-store'}).then(() => false, () => true)"
-    while not page.evaluate(probe):
-        if time.monotonic() > deadline:
-            raise AssertionError("the page's requests still reach the server while offline")
-        time.sleep(0.05)

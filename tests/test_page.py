@@ -14,7 +14,7 @@ import pytest
 from playwright.sync_api import Dialog, Page, expect
 from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
 
-from tests.chromium import Session, wait_network_cut
+from tests.chromium import Session
 from tests.client import wait_for
 from tests.conftest import Stack
 from tests.test_browser import (
@@ -45,7 +45,6 @@ def stop_offline_and_resume(page: Page, session: Session, stack: Stack, name: st
     sid = stream_id(page)
     session.context.set_offline(True)
     expect(page.locator("#conn")).to_have_attribute("data-state", "offline", timeout=T)
-    wait_network_cut(page)
     page.click("#stop")
     # A visible "stopping" state, not an error.
     expect(answer(page)).to_have_attribute("data-stopping", "true", timeout=T)
@@ -93,7 +92,6 @@ def test_a_stop_pressed_offline_survives_closing_the_tab(
     sid = stream_id(page)
     session.context.set_offline(True)
     expect(page.locator("#conn")).to_have_attribute("data-state", "offline", timeout=T)
-    wait_network_cut(page)
     page.click("#stop")
     expect(answer(page)).to_have_attribute("data-stopping", "true", timeout=T)
     page.close()
@@ -112,7 +110,6 @@ def test_a_failed_send_says_what_happened_and_retries(
 ) -> None:
     open_app(page, stack.base_url)
     session.context.set_offline(True)
-    wait_network_cut(page)
     page.fill("#input", "Sent after a retry [demo:words=30]")
     page.press("#input", "Enter")
     notice = page.locator("#notice")
