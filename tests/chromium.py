@@ -6,9 +6,10 @@ guest user) in it, and the ``session``, ``phone`` and ``page`` fixtures there ar
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 from playwright.sync_api import Browser, BrowserContext, Page, ViewportSize, sync_playwright
+from playwright.sync_api import Error as PlaywrightError
 
 CHROMIUM = "/usr/bin/chromium"
 DESKTOP: ViewportSize = {"width": 1280, "height": 800}
@@ -75,6 +76,17 @@ def new_session(browser: Browser, viewport: ViewportSize) -> Iterator[Session]:
     yield s
     s.close()
     assert not s.errors, f"uncaught errors in the page: {s.errors}"
+
+
+def kill_tab(page: Page) -> None:
+    """End a tab the way a killed browser process does: its renderer dies and runs no more
+    script. A test that needs a tab gone while the context is offline uses this rather than
+    page.close() or leaving for another page: Playwright lifts the offline emulation from the
+    document it lets go of, and that document, briefly online, can still send requests from
+    its "online" handler (Chromium's net log shows them reach the server)."""
+    with page.expect_event("crash", timeout=10_000), suppress(PlaywrightError):
+        page.goto("chrome://crash", timeout=10_000)  # the navigation aborts; the tab crashes
+    page.close()
 
 
 # For page scripts that drive relay-stream.js by hand: a WebSocket stand-in the script opens,
