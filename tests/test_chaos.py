@@ -17,7 +17,10 @@ FAULTS = ["web_sigkill", "worker_sigkill", "worker_sigterm", "redis_restart", "d
 REDIS_FAULT = {"single": "redis_restart", "sentinel": "redis_failover"}
 
 
-# About 90 s each on 2 cores; the margin is for a machine busy with other tests. "sentinel":
+# About 70 s each on 2 cores; the margin is for a machine busy with other tests. Answers last
+# 40 s from about 3 s before the first fault; the last fault began 17 s after the first alone
+# and 24 s after it with two busy loops on the machine (answers then recover within 5 s), so
+# it still finds every answer streaming. "sentinel":
 # Redis is a master, a replica and three sentinels, and its fault is a failover (SIGKILL of
 # the master, a replica promoted) instead of a restart.
 @pytest.mark.timeout(420)
@@ -25,7 +28,7 @@ REDIS_FAULT = {"single": "redis_restart", "sentinel": "redis_failover"}
 def test_no_answer_is_lost_or_frozen_under_chaos(tmp_path: Path, redis: str) -> None:
     if pg_bindir() is None:  # make test installs it; a bare pytest run without it says so
         pytest.fail("the chaos test needs PostgreSQL's binaries (apt-get install postgresql)")
-    size = ChaosSize(streams=40, rate=10.0, answer_s=50.0, redis=redis)
+    size = ChaosSize(streams=40, rate=10.0, answer_s=40.0, redis=redis)
     figures = run_chaos(size, tmp_path)
     print(json.dumps(figures, indent=2))
     failures = json.dumps(figures["failures"], indent=2)

@@ -37,6 +37,12 @@ def celery(stack: Stack, *args: str, check: bool = False) -> subprocess.Complete
     )  # fmt: skip
 
 
+def celery_all(stack: Stack, *commands: list[str]) -> list[subprocess.CompletedProcess[str]]:
+    """Several CLI commands at once (each starts Celery: seconds), their results in order."""
+    with ThreadPoolExecutor(len(commands)) as pool:
+        return list(pool.map(lambda args: celery(stack, *args), commands))
+
+
 def writer_of(stack: Stack, sid: str, workers: list[Proc]) -> Proc:
     """The worker process currently writing the stream (from the log's state)."""
     name = wait_for(lambda: stack.redis().hget(f"relay:{{{sid}}}:state", "worker"), timeout=20)
@@ -106,17 +112,20 @@ def test_streams_commands(isolated_stack: Stack) -> None:
     stack = isolated_stack
     stack.start_worker("w1")
     client = stack.client()
-    # Long enough (~12 s) to outlast four CLI runs (each starts Celery: seconds on a busy
-    # machine) before the cancel.
+    # Long enough (~12 s) to outlast two rounds of CLI runs (each starts Celery: seconds on a
+    # busy machine) before the cancel.
     posted = client.post_chat("Admin me [demo:words=1000]")
     sid = posted["streamId"]
     seen = client.attach(sid, until=lambda a: len(a.events) >= 5)
-    listed = celery(stack, "streams", "list", "--status", "running", check=True).stdout
-    assert sid in listed and "running" in listed
-    shown = json.loads(celery(stack, "streams", "show", sid, check=True).stdout)
-    assert shown["status"] == "running" and shown["taskId"] == sid and shown["worker"]
+    listed, shown, refused = celery_all(
+        stack, ["streams", "list", "--status", "running"], ["streams", "show", sid],
+        ["streams", "retry", sid],
+    )  # fmt: skip
+    assert listed.returncode == 0 and sid in listed.stdout and "running" in listed.stdout
+    assert shown.returncode == 0, shown.stderr
+    record = json.loads(shown.stdout)
+    assert record["status"] == "running" and record["taskId"] == sid and record["worker"]
     # Retrying a running stream is an illegal transition, with a clear message.
-    refused = celery(stack, "streams", "retry", sid)
     assert refused.returncode == 2 and "only failed or cancelled" in refused.stderr
     out = celery(stack, "streams", "cancel", sid, check=True).stdout
     assert "cancel requested" in out
@@ -135,11 +144,14 @@ def test_streams_commands(isolated_stack: Stack) -> None:
     assert final["status"] == "complete" and final["content"].startswith(partial)
     # A fresh viewer replays the whole history: chunks, cancelled, resumed, chunks, done.
     assert client.attach(sid).events == events
-    assert celery(stack, "streams", "list", check=True).stdout.count(sid) == 1
-    for command in ("show", "cancel", "retry"):
-        missing = celery(stack, "streams", command, "no-such-stream")
-        assert missing.returncode == 1 and "no stream 'no-such-stream'" in missing.stderr
-    done = celery(stack, "streams", "cancel", sid)
+    listed, *missing, done = celery_all(
+        stack, ["streams", "list"],
+        *(["streams", command, "no-such-stream"] for command in ("show", "cancel", "retry")),
+        ["streams", "cancel", sid],
+    )  # fmt: skip
+    assert listed.returncode == 0 and listed.stdout.count(sid) == 1
+    for refusal in missing:
+        assert refusal.returncode == 1 and "no stream 'no-such-stream'" in refusal.stderr
     assert done.returncode == 2 and "already ended" in done.stdout
 
 
