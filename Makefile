@@ -4,7 +4,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed-stamp
 PYTHON  ?= python3
 
-.PHONY: install run test lint bench clean chromium postgresql chaos
+.PHONY: install run test lint bench clean chromium postgresql chaos rehearse
 
 # One line per step with its time (ops/step.py, standard library only, run by $(PYTHON)).
 STEP    := $(PYTHON) -m ops.step
@@ -50,7 +50,7 @@ $(EXAMPLE_STAMP): examples/ai-sdk-chat/package-lock.json
 	touch $(EXAMPLE_STAMP)
 
 # Four test processes (pytest-xdist): most tests wait on real servers, so four fit two cores
-# (9.5 to 10.5 minutes here on SQLite, 13.5 with PostgreSQL); tests are handed out two at a
+# (9.5 to 12 minutes here on SQLite, 13.5 to 19 with PostgreSQL); tests are handed out two at a
 # time, the longest first (tests/conftest.py LONG_FIRST). PYTEST_ARGS="-n 0": one process.
 test: install chromium postgresql $(AISDK_STAMP) $(EXAMPLE_STAMP)
 	$(PY) -m pytest -n 4 --maxschedchunk 2 $(PYTEST_ARGS)
@@ -60,6 +60,11 @@ test: install chromium postgresql $(AISDK_STAMP) $(EXAMPLE_STAMP)
 # failover as the Redis fault: make chaos CHAOS_ARGS="--redis sentinel"
 chaos: install postgresql
 	$(PY) -m tests.chaos --streams 300 $(CHAOS_ARGS)
+
+# Issue 12's multi-host rehearsal: two network namespaces (web + worker each) on one Redis, one
+# host's link cut mid-stream. Needs root (ip netns, veth), so it is not part of make test.
+rehearse: install
+	$(PY) -m tests.rehearsal $(REHEARSE_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check .
