@@ -34,9 +34,13 @@ def cluster_server_binary() -> str:
     raise RuntimeError("no redis-server for the cluster tests (Debian's redis-server 7)")
 
 
+LOOPBACK = "127.0.0.1"
+
+
 class ClusterNode:
-    def __init__(self, workdir: Path, full_coverage: bool = True) -> None:
+    def __init__(self, workdir: Path, full_coverage: bool = True, address: str = LOOPBACK) -> None:
         self.workdir = workdir
+        self.address = address  # where it listens, and what it tells clients and other nodes
         self.full_coverage = full_coverage
         self.port = free_port()
         # The cluster bus: its own free port (by default port + 10000, which may not exist).
@@ -48,7 +52,9 @@ class ClusterNode:
         args = [
             cluster_server_binary(),
             "--port", str(self.port),
-            "--bind", "127.0.0.1",
+            "--bind", self.address,
+            "--cluster-announce-ip", self.address,
+            "--protected-mode", "no",  # clients of another address than loopback, no password
             "--dir", str(self.workdir),
             "--logfile", str(self.workdir / "redis.log"),
             "--save", "",
@@ -65,7 +71,9 @@ class ClusterNode:
         self.process = subprocess.Popen(args, start_new_session=True)
 
     def client(self) -> redis.Redis:
-        return redis.Redis(port=self.port, socket_connect_timeout=1, socket_timeout=5)
+        return redis.Redis(
+            host=self.address, port=self.port, socket_connect_timeout=1, socket_timeout=5
+        )
 
     def node_id(self) -> str:
         return str(self.client().execute_command("CLUSTER", "MYID").decode())
@@ -95,22 +103,30 @@ class Cluster:
     ``redis+cluster://`` URL (every node as a seed)."""
 
     def __init__(
-        self, workdir: Path, masters: int = 3, full_coverage: bool = True, replicas: bool = False
+        self,
+        workdir: Path,
+        masters: int = 3,
+        full_coverage: bool = True,
+        replicas: bool = False,
+        address: str = LOOPBACK,
     ) -> None:
         """``full_coverage=False``: the nodes that are up keep serving their slots while
         another is down. ``replicas``: one replica per master (``CLUSTER REPLICATE``), which
-        the cluster promotes when its master fails."""
+        the cluster promotes when its master fails. ``address``: where every node listens."""
         self.workdir = workdir
-        self.nodes = [ClusterNode(workdir / f"node{i}", full_coverage) for i in range(masters)]
+        self.address = address
+        self.nodes = [
+            ClusterNode(workdir / f"node{i}", full_coverage, address) for i in range(masters)
+        ]
         self.replicas = (
-            [ClusterNode(workdir / f"replica{i}", full_coverage) for i in range(masters)]
+            [ClusterNode(workdir / f"replica{i}", full_coverage, address) for i in range(masters)]
             if replicas
             else []
         )
 
     @property
     def url(self) -> str:
-        return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
+        return "redis+cluster://" + ",".join(f"{self.address}:{n.port}" for n in self.nodes)
 
     def start(self) -> Cluster:
         for node in [*self.nodes, *self.replicas]:
@@ -124,7 +140,7 @@ class Cluster:
             node.client().execute_command("CLUSTER", "ADDSLOTSRANGE", first, last)
         first_node = self.nodes[0].client()
         for node in [*self.nodes[1:], *self.replicas]:
-            first_node.execute_command("CLUSTER", "MEET", "127.0.0.1", node.port, node.bus_port)
+            first_node.execute_command("CLUSTER", "MEET", node.address, node.port, node.bus_port)
         wait_until(self._ok, "cluster_state:ok on every node", timeout=60)
         for master, replica in zip(self.nodes, self.replicas, strict=False):
             master_id = master.node_id()
@@ -164,7 +180,7 @@ class Cluster:
         dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
         src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
         while batch := src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100):
-            src.execute_command("MIGRATE", "127.0.0.1", dest.port, "", 0, 5000, "KEYS", *batch)
+            src.execute_command("MIGRATE", dest.address, dest.port, "", 0, 5000, "KEYS", *batch)
         if finish:
             self.finish_move(slot, dest)
 

@@ -1,6 +1,8 @@
 """The multi-host rehearsal (issue 12), run by ``make rehearse``: two "hosts", each a network
 namespace of its own (``ip netns``, a veth pair to the root namespace) running a web process and
-a Celery worker, talking to one Redis in the root namespace over their own addresses. Answers
+a Celery worker, talking over their own addresses to the Redis servers of a third "host" (the
+root namespace, at SERVICES on its loopback interface): one Redis for everything, or with
+``--log-cluster`` a 3-master Redis Cluster for the logs beside the broker's Redis. Answers
 are written by host A's worker and followed through host B's web process; then host A's link
 goes down mid-stream (``ip link set ... down``: its packets go nowhere, nothing is closed), and
 host B's worker must take the answers over and finish them with no gap and no duplicate. When
@@ -28,18 +30,22 @@ from typing import Any
 import redis
 import requests
 
+from models.keys import log_key, state_key
+from models.redisconn import make_cluster
 from ops.redis_server import free_port, redis_server_binary
 from tests.client import Client, assert_coherent, read_rest, wait_for
+from tests.cluster import Cluster
 from tests.conftest import migrated_database
 from tests.procs import BIN, START_TIMEOUT_S, Proc, stack_env
 
 WEB_PORT = 8000
+SERVICES = "10.231.0.1"  # the Redis servers' address, reached by every host through its link
 
 
 @dataclass
 class Host:
-    """One network namespace with a veth pair: ``gateway`` is the root side's address (where
-    Redis listens for this host), ``address`` the namespace's own."""
+    """One network namespace with a veth pair: ``gateway`` is the root side's address (the
+    namespace's default route), ``address`` the namespace's own."""
 
     name: str
     netns: str
@@ -79,6 +85,7 @@ def host(index: int, name: str) -> Iterator[Host]:
             ("ip", "addr", "add", f"{h.address}/24", "dev", peer),
             ("ip", "link", "set", peer, "up"),
             ("ip", "link", "set", "lo", "up"),
+            ("ip", "route", "add", "default", "via", h.gateway),
         ):
             sh(*h.run(*args))
         yield h
@@ -88,12 +95,23 @@ def host(index: int, name: str) -> Iterator[Host]:
 
 
 @contextmanager
-def redis_on(addresses: list[str], workdir: Path) -> Iterator[int]:
-    """A private redis-server listening on the hosts' gateway addresses (and loopback)."""
+def services_address() -> Iterator[str]:
+    """SERVICES on the root namespace's loopback interface (reached through each host's link;
+    the kernel here has no dummy interfaces)."""
+    sh("ip", "addr", "add", f"{SERVICES}/32", "dev", "lo")
+    try:
+        yield SERVICES
+    finally:
+        subprocess.run(["ip", "addr", "del", f"{SERVICES}/32", "dev", "lo"], capture_output=True)
+
+
+@contextmanager
+def redis_on(address: str, workdir: Path) -> Iterator[int]:
+    """A private redis-server listening on ``address`` (and loopback)."""
     port = free_port()
     proc = subprocess.Popen(
         [
-            redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", *addresses,
+            redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", address,
             "--protected-mode", "no", "--save", "", "--appendonly", "no",
             "--dir", str(workdir),
         ],
@@ -154,22 +172,27 @@ def on(worker: Proc, name: str | None) -> bool:
     return bool(name) and str(name).rsplit(":", 1)[-1] == str(worker.pid)
 
 
-def rehearse(workdir: Path, answers: int, words: int) -> dict[str, Any]:
+def rehearse(workdir: Path, answers: int, words: int, log_cluster: bool) -> dict[str, Any]:
     checks: dict[str, bool] = {}
     with ExitStack() as stack:
         a = stack.enter_context(host(1, "a"))
         b = stack.enter_context(host(2, "b"))
-        port = stack.enter_context(redis_on([a.gateway, b.gateway], workdir))
+        services = stack.enter_context(services_address())
+        port = stack.enter_context(redis_on(services, workdir))
         db_url = stack.enter_context(migrated_database("sqlite", workdir))
-        data = redis.Redis(port=port, decode_responses=True)
+        env = stack_env(f"redis://{services}:{port}/0", db_url)
+        data: Any = redis.Redis(port=port, decode_responses=True)
+        if log_cluster:
+            cluster = Cluster(workdir / "cluster", address=services)
+            stack.callback(cluster.stop)
+            cluster.start()
+            env["RELAY_LOG_REDIS_URL"] = cluster.url
+            data = make_cluster(cluster.url, max_connections=20)
         procs: list[Proc] = []
         stack.callback(lambda: [p.kill() for p in procs])
 
-        def env_of(h: Host) -> dict[str, str]:
-            return stack_env(f"redis://{h.gateway}:{port}/0", db_url)
-
-        procs.append(start_web(b, env_of(b), workdir))
-        procs.append(start_worker(a, env_of(a), workdir))
+        procs.append(start_web(b, env, workdir))
+        procs.append(start_worker(a, env, workdir))
         client = Client(f"http://{b.address}:{WEB_PORT}")
         posted = [
             client.post_chat(f"Rehearsal {i} [demo:words={words}] [demo:rate=20]")
@@ -177,10 +200,10 @@ def rehearse(workdir: Path, answers: int, words: int) -> dict[str, Any]:
         ]
         sids = [p["streamId"] for p in posted]
         seen = {sid: client.attach(sid, until=lambda x: len(x.events) >= 10) for sid in sids}
-        writers = {sid: data.hget(f"relay:{{{sid}}}:state", "worker") for sid in sids}
+        writers = {sid: data.hget(state_key(sid), "worker") for sid in sids}
         checks["host A writes every answer"] = all(on(procs[1], w) for w in writers.values())
-        procs.append(start_worker(b, env_of(b), workdir))
-        at_cut = {sid: data.xlen(f"relay:{{{sid}}}:log") for sid in sids}
+        procs.append(start_worker(b, env, workdir))
+        at_cut = {sid: data.xlen(log_key(sid)) for sid in sids}
         cut_at = time.monotonic()
         a.cut()
         events = {sid: read_rest(client, sid, seen[sid]) for sid in sids}
@@ -192,14 +215,15 @@ def rehearse(workdir: Path, answers: int, words: int) -> dict[str, Any]:
             except AssertionError:
                 coherent = False
             checks[f"{sid}: one gapless answer, done, as stored"] = coherent
-        taken = {sid: data.hget(f"relay:{{{sid}}}:state", "worker") for sid in sids}
+        taken = {sid: data.hget(state_key(sid), "worker") for sid in sids}
         checks["host B finished every answer"] = all(on(procs[2], w) for w in taken.values())
-        lengths = {sid: data.xlen(f"relay:{{{sid}}}:log") for sid in sids}
+        lengths = {sid: data.xlen(log_key(sid)) for sid in sids}
         a.mend()
         time.sleep(8.0)  # host A's worker reconnects and finds its answers taken
-        after = {sid: data.xlen(f"relay:{{{sid}}}:log") for sid in sids}
+        after = {sid: data.xlen(log_key(sid)) for sid in sids}
         checks["host A wrote nothing after its link came back"] = after == lengths
         return {
+            "redis": "a cluster for the logs" if log_cluster else "one server",
             "answers": answers,
             "writers": {"before": writers, "after": taken},
             "chunks_before_cut": at_cut,
@@ -215,12 +239,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--answers", type=int, default=3)
     parser.add_argument("--words", type=int, default=300)
+    parser.add_argument("--log-cluster", action="store_true", help="logs on a Redis Cluster")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         print(json.dumps({"ok": False, "error": "needs root: ip netns and veth pairs"}))
         return 1
     with tempfile.TemporaryDirectory(prefix="relay-rehearsal-") as tmp:
-        result = rehearse(Path(tmp), args.answers, args.words)
+        result = rehearse(Path(tmp), args.answers, args.words, args.log_cluster)
     print(json.dumps(result, indent=2))
     return 0 if result["ok"] else 1
 
