@@ -1512,9 +1512,15 @@ function schedulePoll() {
   const live = document.documentElement.dataset.feed === STATES.LIVE;
   const delay = testHooks.pollMs ?? (live ? FEED_POLL_MS : POLL_MS);
   if (!(delay > 0)) return;
-  pollTimer = setTimeout(() => {
-    refreshQuietly();
-    schedulePoll();
+  // The next poll is counted from the end of this one: polls started while one is answered
+  // would each make the one before stale, and on a slow server no list would ever be shown.
+  pollTimer = setTimeout(async () => {
+    pollTimer = null;
+    try {
+      await refreshQuietly();
+    } finally {
+      if (pollTimer === null) schedulePoll(); // unless something scheduled one meanwhile
+    }
   }, delay);
 }
 
