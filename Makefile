@@ -4,7 +4,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed-stamp
 PYTHON  ?= python3
 
-.PHONY: install run test lint bench clean chromium postgresql chaos rehearse
+.PHONY: install run test test-cluster lint bench clean chromium postgresql chaos rehearse
 
 # One line per step with its time (ops/step.py, standard library only, run by $(PYTHON)).
 STEP    := $(PYTHON) -m ops.step
@@ -50,10 +50,21 @@ $(EXAMPLE_STAMP): examples/ai-sdk-chat/package-lock.json
 	touch $(EXAMPLE_STAMP)
 
 # Four test processes (pytest-xdist): most tests wait on real servers, so four fit two cores
-# (9.5 to 12 minutes here on SQLite, 13.5 to 19 with PostgreSQL); tests are handed out two at a
+# (7.5 to 12 minutes here on SQLite, 11 to 19 with PostgreSQL); tests are handed out two at a
 # time, the longest first (tests/conftest.py LONG_FIRST). PYTEST_ARGS="-n 0": one process.
 test: install chromium postgresql $(AISDK_STAMP) $(EXAMPLE_STAMP)
 	$(PY) -m pytest -n 4 --maxschedchunk 2 $(PYTEST_ARGS)
+
+# The stream protocol's suites again with relay's data on a Redis Cluster of three primaries
+# per stack (RELAY_TEST_LOG_CLUSTER, tests/conftest.py; the broker stays on a plain Redis):
+# attach and resume from any seq over WebSocket and SSE, the batch form, catch-up, a web
+# process killed mid-stream, cancel, retry (API and CLI), deletion, limits, idempotency.
+# About 1 minute here; .ci/run runs it after make test.
+CLUSTER_SUITES := tests/test_streaming.py tests/test_attach.py tests/test_retry_api.py \
+	tests/test_catchup.py tests/test_websocket.py tests/test_deletion.py tests/test_limits.py \
+	tests/test_idempotency.py tests/test_operations.py::test_streams_commands
+test-cluster: install
+	RELAY_TEST_LOG_CLUSTER=1 $(PY) -m pytest -n 4 --maxschedchunk 2 $(CLUSTER_SUITES) $(PYTEST_ARGS)
 
 # The chaos test at a bigger size (tests/chaos.py); prints its figures as one JSON object.
 # Other sizes: make chaos CHAOS_ARGS="--streams 100 --answer-s 60"; on Redis Sentinel, with a
