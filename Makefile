@@ -74,6 +74,8 @@ chaos: install postgresql
 
 # Issue 12's multi-host rehearsal: two network namespaces (web + worker each) on one Redis, one
 # host's link cut mid-stream. Needs root (ip netns, veth), so it is not part of make test.
+# REHEARSE_ARGS=--log-cluster: the logs on a Redis Cluster; --sentinel: Redis under Sentinel,
+# and the host cut off is the master's.
 rehearse: install
 	$(PY) -m tests.rehearsal $(REHEARSE_ARGS)
 

@@ -12,6 +12,7 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import redis
@@ -75,24 +76,42 @@ def free_port() -> int:
 
 
 class EmbeddedRedis:
-    """Start and stop one redis-server process bound to 127.0.0.1 on a free port."""
+    """Start and stop one redis-server process bound to 127.0.0.1 on a free port.
 
-    def __init__(self, workdir: Path, *, port: int | None = None, persistent: bool = False):
+    The tests' deployments may also put it on another ``address`` (it then listens there and
+    on its own loopback), run it through a command ``prefix`` (``ip netns exec <ns>``: a
+    server on another "host") and pass ``extra`` redis-server arguments."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        port: int | None = None,
+        persistent: bool = False,
+        address: str = "127.0.0.1",
+        prefix: Sequence[str] = (),
+        extra: Sequence[str] = (),
+    ):
         self.workdir = workdir
         self.port = port or free_port()
         self.persistent = persistent
+        self.address = address
+        self.prefix = list(prefix)
+        self.extra = list(extra)
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"redis://{self.address}:{self.port}/0"
 
     def start(self, timeout: float = 10.0) -> EmbeddedRedis:
         self.workdir.mkdir(parents=True, exist_ok=True)
+        bind = ["127.0.0.1"] if self.address == "127.0.0.1" else [self.address, "127.0.0.1"]
         args = [
+            *self.prefix,
             redis_server_binary(),
             "--port", str(self.port),
-            "--bind", "127.0.0.1",
+            "--bind", *bind,
             "--dir", str(self.workdir),
             "--logfile", str(self.workdir / "redis.log"),
             "--save", "",
@@ -103,13 +122,16 @@ class EmbeddedRedis:
             args += ["--appendonly", "yes", "--appendfsync", "everysec"]
         else:
             args += ["--appendonly", "no"]
+        if self.address != "127.0.0.1":
+            args += ["--protected-mode", "no"]  # clients come from other addresses
+        args += self.extra
         # Own session: a Ctrl-C meant for web and workers must not stop Redis under them.
         self.process = subprocess.Popen(args, start_new_session=True)
         self._wait_ready(timeout)
         return self
 
     def _wait_ready(self, timeout: float) -> None:
-        client = redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=0.5)
+        client = redis.Redis(host=self.address, port=self.port, socket_connect_timeout=0.5)
         deadline = time.monotonic() + timeout
         try:
             while time.monotonic() < deadline:

@@ -7,7 +7,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import requests
@@ -74,23 +74,32 @@ def start_web(
     logdir: Path,
     timeout: float = START_TIMEOUT_S,
     connections: int = 2000,
+    *,
+    prefix: Sequence[str] = (),
+    address: str = "127.0.0.1",
+    bind: str | None = None,
+    name: str = "web",
 ) -> Proc:
+    """A gunicorn web process listening on ``bind`` (default ``address``) and ``port``,
+    started through ``prefix`` (the rehearsal's ``ip netns exec``), once ``address`` answers
+    its health check."""
     args = [
+        *prefix,
         str(BIN / "gunicorn"),
         "--config", str(ROOT / "gunicorn.conf.py"),
         "--workers", "1",
         "--worker-connections", str(connections),
-        "--bind", f"127.0.0.1:{port}",
+        "--bind", f"{bind or address}:{port}",
         "--graceful-timeout", "2",
         "web:create_app()",
     ]  # fmt: skip
-    proc = Proc("web", args, env, logdir)
+    proc = Proc(name, args, env, logdir)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not proc.alive():
             raise RuntimeError(f"web server exited:\n{proc.output()}")
         try:
-            if requests.get(f"http://127.0.0.1:{port}/healthz", timeout=1).ok:
+            if requests.get(f"http://{address}:{port}/healthz", timeout=1).ok:
                 return proc
         except requests.RequestException:  # not listening yet, or still loading the app
             time.sleep(0.1)
@@ -104,11 +113,17 @@ def start_worker(
     name: str = "w1",
     timeout: float = START_TIMEOUT_S,
     concurrency: int = 8,
+    *,
+    prefix: Sequence[str] = (),
+    hostname: str | None = None,
 ) -> Proc:
+    """A Celery worker (the Procfile's gevent pool) started through ``prefix``, once it
+    says it is ready; its node name is ``hostname``, by default unique to this process."""
     args = [
+        *prefix,
         str(BIN / "celery"), "-A", "workers", "worker",
         "--pool", "gevent", "--concurrency", str(concurrency),
-        "--hostname", f"{name}-{os.getpid()}@%h",
+        "--hostname", hostname or f"{name}-{os.getpid()}@%h",
         "--loglevel", "INFO",
         "--without-mingle", "--without-gossip",
     ]  # fmt: skip

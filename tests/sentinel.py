@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import signal
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 
 import redis
@@ -16,30 +17,50 @@ from tests.client import wait_until
 MASTER_NAME = "relay-test"
 DOWN_AFTER_MS = 1000  # a master that does not answer for this long is down
 FAILOVER_TIMEOUT_MS = 3000
+LOOPBACK = "127.0.0.1"
 
 
 class Sentinels:
-    """master + replica + 3 sentinels; ``url`` is relay's ``redis+sentinel://`` URL."""
+    """master + replica + 3 sentinels; ``url`` is relay's ``redis+sentinel://`` URL.
 
-    def __init__(self, workdir: Path) -> None:
+    The replica and the sentinels listen on ``address``; the first master on
+    ``master_address``, started through ``master_prefix`` (the multi-host rehearsal puts it
+    on a "host" of its own, ``ip netns exec``). Each announces the address it listens on."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        address: str = LOOPBACK,
+        master_address: str | None = None,
+        master_prefix: Sequence[str] = (),
+    ) -> None:
         self.workdir = workdir
+        self.address = address
+        self.master_address = master_address or address
+        self.master_prefix = master_prefix
         self.nodes: list[EmbeddedRedis] = []
         self.sentinels: list[subprocess.Popen[bytes]] = []
         self.sentinel_ports: list[int] = []
 
     @property
     def url(self) -> str:
-        hosts = ",".join(f"127.0.0.1:{port}" for port in self.sentinel_ports)
+        hosts = ",".join(f"{self.address}:{port}" for port in self.sentinel_ports)
         return f"redis+sentinel://{hosts}/{MASTER_NAME}/0"
 
     def start(self) -> Sentinels:
-        master = EmbeddedRedis(self.workdir / "node0").start()
+        master = EmbeddedRedis(
+            self.workdir / "node0", address=self.master_address, prefix=self.master_prefix,
+            extra=["--replica-announce-ip", self.master_address],
+        ).start()  # fmt: skip
         self.nodes.append(master)
-        replica = EmbeddedRedis(self.workdir / "node1")
+        replica = EmbeddedRedis(
+            self.workdir / "node1", address=self.address,
+            extra=["--replica-announce-ip", self.address],
+        )  # fmt: skip
         replica.start()
         self.nodes.append(replica)
-        self.client(replica.port).replicaof("127.0.0.1", master.port)
-        wait_until(lambda: self._replica_in_sync(master.port), "the replica to sync")
+        self.node_client(replica).replicaof(master.address, master.port)
+        wait_until(lambda: self._replica_in_sync(master), "the replica to sync")
         for i in range(3):
             self._start_sentinel(i, master.port)
         wait_until(self._sentinels_agree, "the sentinels to see the master and each other")
@@ -50,9 +71,11 @@ class Sentinels:
         folder = self.workdir / f"sentinel{i}"
         folder.mkdir(parents=True, exist_ok=True)
         conf = folder / "sentinel.conf"  # Sentinel rewrites its configuration file
+        bind = LOOPBACK if self.address == LOOPBACK else f"{self.address} {LOOPBACK}"
         conf.write_text(
-            f"port {port}\nbind 127.0.0.1\ndir {folder}\nlogfile {folder / 'sentinel.log'}\n"
-            f"sentinel monitor {MASTER_NAME} 127.0.0.1 {master_port} 2\n"
+            f"port {port}\nbind {bind}\ndir {folder}\nlogfile {folder / 'sentinel.log'}\n"
+            f"sentinel announce-ip {self.address}\n"
+            f"sentinel monitor {MASTER_NAME} {self.master_address} {master_port} 2\n"
             f"sentinel down-after-milliseconds {MASTER_NAME} {DOWN_AFTER_MS}\n"
             f"sentinel failover-timeout {MASTER_NAME} {FAILOVER_TIMEOUT_MS}\n"
             f"sentinel parallel-syncs {MASTER_NAME} 1\n"
@@ -63,8 +86,14 @@ class Sentinels:
         self.sentinels.append(proc)
         self.sentinel_ports.append(port)
 
-    def client(self, port: int) -> redis.Redis:
-        return redis.Redis(port=port, socket_connect_timeout=1, socket_timeout=2)
+    def client(self, port: int, host: str | None = None) -> redis.Redis:
+        """A client of one of the deployment's servers (by default on ``address``)."""
+        return redis.Redis(
+            host=host or self.address, port=port, socket_connect_timeout=1, socket_timeout=2
+        )
+
+    def node_client(self, node: EmbeddedRedis) -> redis.Redis:
+        return self.client(node.port, node.address)
 
     def master_port(self) -> int:
         """The master's port as the first sentinel that answers reports it."""
@@ -99,15 +128,15 @@ class Sentinels:
                 port = self.master_port()
                 if port == old_port:
                     return None
-                role = self.client(port).execute_command("ROLE")
+                role = self.node_client(self.node(port)).execute_command("ROLE")
             except (redis.RedisError, RuntimeError):
                 return None
             return port if role[0] == b"master" else None
 
         return int(wait_until(promoted, "a replica to be promoted", timeout))
 
-    def _replica_in_sync(self, master_port: int) -> bool:
-        info = self.client(master_port).info("replication")
+    def _replica_in_sync(self, master: EmbeddedRedis) -> bool:
+        info = self.node_client(master).info("replication")
         return int(info.get("connected_slaves", 0)) == 1 and "online" in str(info.get("slave0"))
 
     def _sentinels_agree(self) -> bool:
