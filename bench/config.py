@@ -55,6 +55,7 @@ class Knobs:
     bench_relay_root: str = ""
     bench_results_dir: str = ""
     bench_keep_tmp: int = 0
+    bench_log_redis: str = "one"  # relay's data: one (the bench's Redis), cluster, sentinel
 
     @classmethod
     def from_env(cls) -> Knobs:

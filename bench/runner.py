@@ -24,6 +24,7 @@ import psutil
 
 from bench import peer, plot
 from bench.config import Knobs
+from bench.logredis import LogRedis, delta
 from bench.redisd import RedisServer, redis_counters
 from bench.stack import Sizing, Stack, git_describe
 from bench.tools import Tools
@@ -39,6 +40,7 @@ class Ctx:
     redis_pid: int | None
     deadline: float
     out: dict[str, Any]
+    log_redis_url: str | None = None  # RELAY_LOG_REDIS_URL (BENCH_LOG_REDIS), if not the above
 
 
 Workload = Callable[[Ctx], Awaitable[dict[str, np.ndarray]]]
@@ -54,7 +56,8 @@ def log(*parts: object) -> None:
 async def relay_stack(ctx: Ctx, sizing: Sizing) -> AsyncIterator[Stack]:
     """Start relay's processes for the workload; stop them all (by pid) whatever happens."""
     stack = Stack(ctx.knobs.relay_root, ctx.tmp, (ctx.redis_url, ctx.redis_pid), sizing,
-                  ctx.knobs.chunk_chars, Tools.from_knobs(ctx.knobs))  # fmt: skip
+                  ctx.knobs.chunk_chars, Tools.from_knobs(ctx.knobs),
+                  ctx.log_redis_url)  # fmt: skip
     try:
         await stack.start()
         ctx.out["results"]["pids"] = dict(stack.pids)
@@ -111,14 +114,17 @@ async def run_workload(name: str, fn: Workload, knobs: Knobs) -> dict[str, Any]:
     out = envelope(name, knobs)
     tmp = Path(tempfile.mkdtemp(prefix=f"relay-bench-{name}-"))
     redis = RedisServer(tmp / "redis")
+    data = LogRedis(knobs.bench_log_redis, tmp / "log-redis")
     arrays: dict[str, np.ndarray] = {}
     t0 = time.monotonic()
     try:
         url = await redis.start()
         out["redis_server"] = (await redis_counters(url))["version"]
-        ctx = Ctx(knobs, tmp, url, redis.pid, t0 + knobs.timeout(name), out)
+        log_url = await asyncio.to_thread(data.start)
+        ctx = Ctx(knobs, tmp, url, redis.pid, t0 + knobs.timeout(name), out, log_url)
         log(f"=== {name}: relay at {out['relay']['commit']} ({knobs.relay_root})")
         limit = asyncio.timeout(knobs.timeout(name))
+        before = data.counters()
         try:
             async with limit:
                 arrays = await fn(ctx)
@@ -132,9 +138,12 @@ async def run_workload(name: str, fn: Workload, knobs: Knobs) -> dict[str, Any]:
         except Exception as exc:
             record_error(out, exc)
         out["results"]["wall_s"] = round(time.monotonic() - t0, 3)
+        if log_url is not None:
+            out["results"]["log_redis"] = {"kind": data.kind, **delta(before, data.counters())}
         log(f"{name}: relay done in {out['results']['wall_s']} s; peer next")
         out["peer"] = await peer.run(name, knobs, url, tmp)
     finally:
+        await asyncio.to_thread(data.stop)
         await redis.stop()
         if knobs.bench_keep_tmp:
             log(f"{name}: kept {tmp}")

@@ -92,10 +92,11 @@ class Stack:
     """Start, address and stop relay's processes, the upstream and the load generators."""
 
     def __init__(self, root: Path, tmp: Path, redis: tuple[str, int | None], sizing: Sizing,
-                 chars: int, tools: Tools) -> None:  # fmt: skip
+                 chars: int, tools: Tools, log_redis_url: str | None = None) -> None:  # fmt: skip
         self.root, self.tmp, self.sizing, self.chars = root, tmp, sizing, chars
         self.tools = tools
         self.redis_url = redis[0]
+        self.log_redis_url = log_redis_url  # relay's data elsewhere (BENCH_LOG_REDIS)
         self.bin = root / ".venv" / "bin"
         self.children: list[Child] = []
         self.loadgens: list[Rpc] = []
@@ -122,6 +123,8 @@ class Stack:
         await self.tools.prepare(self.tmp)
         port = await self._start_upstream()
         env = relay_env(self.root, self.tmp, self.redis_url, port)
+        if self.log_redis_url is not None:
+            env["RELAY_LOG_REDIS_URL"] = self.log_redis_url
         await self._run([str(self.bin / "python"), "-m", "models.migrate"], env)
         flask = str(self.bin / "flask")
         out = await self._run([flask, "--app", "web", "create-token", "bench"], env)
