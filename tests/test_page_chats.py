@@ -424,6 +424,42 @@ def test_chat_actions_in_both_themes_and_sizes(
     assert not any(serious.values()), json.dumps(serious, indent=2)
 
 
+# The chat list's answers take 200 ms, four times the poll period of 50 ms.
+SLOW_LIST = """
+window.relayTest = { pollMs: 50 };
+const realFetch = window.fetch.bind(window);
+window.fetch = async (path, options) => {
+  const resp = await realFetch(path, options);
+  const get = !options || !options.method || options.method === "GET";
+  if (get && /\\/api\\/v1\\/chats(\\?|$)/.test(String(path))) {
+    await new Promise((done) => setTimeout(done, 200));
+  }
+  return resp;
+};
+"""
+
+
+def test_the_chat_list_is_shown_when_it_answers_slower_than_the_poll(
+    page: Page, session: Session, stack: Stack
+) -> None:
+    """A list poll is timed from the end of the one before: when the list takes longer to
+    answer than the poll period, polls do not pile up and make each other's answer stale
+    (before, each answer was dropped for a newer request, and no list was ever shown)."""
+    open_app(page, stack.base_url)
+    chat_id = send(page, "Listed however slow the list is [demo:words=5]")
+    wait_status(page, "done")
+    slow = session.new_page()
+    slow.add_init_script(SLOW_LIST)
+    open_app(slow, stack.base_url)
+    link = slow.locator(f"#chat-list .chat-link[data-chat-id='{chat_id}']")
+    expect(link).to_have_count(1, timeout=T)
+    requests = slow.evaluate(
+        "performance.getEntriesByType('resource')"
+        ".filter((e) => /\\/api\\/v1\\/chats(\\?|$)/.test(e.name)).length"
+    )
+    assert requests >= 2, requests  # the list was polled, slower than its period
+
+
 def test_a_click_on_a_chat_lands_while_the_list_is_refreshed(page: Page, stack: Stack) -> None:
     """The list poll (every 50 ms here) brings the same chats again and again: a press and a
     release on a chat's link with polls in between still open that chat (the links are not
