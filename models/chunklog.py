@@ -20,7 +20,7 @@ from redis.cluster import RedisCluster
 from models import keys, scripts
 from models.events import STATUS_FOR_TERMINAL, Event
 from models.exceptions import LogBehind, StaleAttempt
-from models.redisconn import RedisClient, server_time_ms
+from models.redisconn import RedisClient, server_time_ms, sharded_pubsub
 from models.store import Layout, layout_item
 
 
@@ -107,13 +107,27 @@ def _log_state(raw: dict[str, str]) -> LogState:
     )
 
 
+def _same(script: str) -> str:
+    return script
+
+
 class ChunkLog:
     """Append to and read from per-stream logs. Safe to share between threads/greenlets."""
 
     def __init__(
-        self, client: RedisClient, *, retention_s: int = 3600, running_ttl_s: int = 86400
+        self,
+        client: RedisClient,
+        *,
+        retention_s: int = 3600,
+        running_ttl_s: int = 86400,
+        sharded: bool | None = None,
     ) -> None:
+        """``sharded``: publish live events with sharded pub/sub (``SPUBLISH``); by default
+        when ``client`` is a Redis Cluster of Redis 7 or later (``sharded_pubsub``), which
+        is what the web tier's hub then listens to."""
         self.redis = client
+        self.sharded = sharded_pubsub(client) if sharded is None else sharded
+        live = scripts.sharded if self.sharded else _same
         # The same pool, without redis-py's XRANGE reply parsing (a dict per entry): catch-up
         # reads take the entries' fields as they come. (A cluster client parses them.)
         self._raw: redis.Redis | None = None
@@ -122,19 +136,19 @@ class ChunkLog:
             self._raw.set_response_callback("XRANGE", lambda reply, **_: reply)
         self.retention_s = retention_s
         self.running_ttl_s = running_ttl_s
-        self._init = client.register_script(scripts.INIT)
-        self._claim = client.register_script(scripts.CLAIM)
-        self._append = client.register_script(scripts.APPEND)
-        self._heartbeat = client.register_script(scripts.HEARTBEAT)
-        self._take_over = client.register_script(scripts.TAKE_OVER)
-        self._release = client.register_script(scripts.RELEASE)
-        self._mark_requeue = client.register_script(scripts.MARK_REQUEUE)
-        self._mark_sent = client.register_script(scripts.MARK_SENT)
-        self._pend_end = client.register_script(scripts.PEND_END)
-        self._seal = client.register_script(scripts.SEAL)
-        self._reopen = client.register_script(scripts.REOPEN)
-        self._detach_status = client.register_script(scripts.DETACH_STATUS)
-        self._queue_notice = client.register_script(scripts.QUEUE_NOTICE)
+        self._init = client.register_script(live(scripts.INIT))
+        self._claim = client.register_script(live(scripts.CLAIM))
+        self._append = client.register_script(live(scripts.APPEND))
+        self._heartbeat = client.register_script(live(scripts.HEARTBEAT))
+        self._take_over = client.register_script(live(scripts.TAKE_OVER))
+        self._release = client.register_script(live(scripts.RELEASE))
+        self._mark_requeue = client.register_script(live(scripts.MARK_REQUEUE))
+        self._mark_sent = client.register_script(live(scripts.MARK_SENT))
+        self._pend_end = client.register_script(live(scripts.PEND_END))
+        self._seal = client.register_script(live(scripts.SEAL))
+        self._reopen = client.register_script(live(scripts.REOPEN))
+        self._detach_status = client.register_script(live(scripts.DETACH_STATUS))
+        self._queue_notice = client.register_script(live(scripts.QUEUE_NOTICE))
 
     @staticmethod
     def _keys(stream_id: str) -> list[str]:

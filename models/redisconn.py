@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -49,6 +50,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 from redis.sentinel import Sentinel, SentinelConnectionPoolProxy, SentinelManagedConnection
 
+log = logging.getLogger("relay.redis")
 SENTINEL_SCHEME = "redis+sentinel://"
 CLUSTER_SCHEME = "redis+cluster://"
 # What relay's own data lives on: one server (or Sentinel's master), or a cluster.
@@ -280,6 +282,29 @@ def server_time_ms(client: RedisClient) -> int:
     return int(seconds) * 1000 + int(micros) // 1000
 
 
+def sharded_pubsub(client: RedisClient) -> bool:
+    """Whether relay's live channels use sharded pub/sub (``SPUBLISH``, ``SSUBSCRIBE``): on a
+    Redis Cluster whose primaries all run Redis 7 or later. A classic ``PUBLISH`` on a
+    cluster is copied over the cluster bus to every node (each node's CPU, and milliseconds
+    of delay for a subscriber on another node); a sharded one stays on the channel's
+    primary. Asked once per ``ChunkLog`` and hub, so web and worker processes agree."""
+    if not isinstance(client, RedisCluster):
+        return False
+    try:
+        infos = client.info("server", target_nodes=RedisCluster.PRIMARIES)
+    except (redis.RedisError, RedisClusterException):
+        log.warning("could not ask the cluster's version; assuming Redis 7 (sharded pub/sub)")
+        return True
+    versions = [str(info.get("redis_version", "0")) for info in infos.values()]
+    return all(int(v.split(".")[0]) >= 7 for v in versions)
+
+
+def node_pool(url: str, host: str, port: int, **options: Any) -> redis.ConnectionPool:
+    """A pool of connections to one node of the cluster of ``url`` (its credentials)."""
+    auth = ClusterURL.parse(url).auth()
+    return redis.ConnectionPool(host=host, port=port, **auth, **options)
+
+
 def subscriber_pool(
     url: str, client: RedisClient, pick: int, refresh: bool, **options: Any
 ) -> redis.ConnectionPool:
@@ -289,14 +314,13 @@ def subscriber_pool(
     connection failed: the node may be gone)."""
     if not isinstance(client, RedisCluster):
         return connection_pool(url, **options)
-    auth = ClusterURL.parse(url).auth()
     if refresh:  # when no node answers now: the seeds and the nodes known before
         with contextlib.suppress(redis.RedisError, RedisClusterException):
             client.nodes_manager.initialize()
     nodes = [(n.host, n.port) for n in client.get_nodes()]  # type: ignore[no-untyped-call]
     nodes += [h for h in ClusterURL.parse(url).hosts if h not in nodes]
     host, port = nodes[pick % len(nodes)]
-    return redis.ConnectionPool(host=host, port=port, **auth, **options)
+    return node_pool(url, host, port, **options)
 
 
 @functools.cache

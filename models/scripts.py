@@ -2,7 +2,9 @@
 
 Every script that adds entries to a log also publishes them on the stream's live channel in
 the same atomic step, so a web process subscribed to the channel sees each write exactly
-when it is durable. Times come from the Redis server's clock (``TIME``).
+when it is durable. Times come from the Redis server's clock (``TIME``). On a Redis Cluster
+of Redis 7 or later they publish with ``SPUBLISH`` instead (``sharded``): the message stays
+on the stream's own primary, where the web tier's hubs subscribe to it.
 """
 
 from __future__ import annotations
@@ -351,3 +353,8 @@ end
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 return seq
 """
+
+
+def sharded(script: str) -> str:
+    """``script`` with its live-channel publishes made sharded (``SPUBLISH``)."""
+    return script.replace("redis.call('PUBLISH',", "redis.call('SPUBLISH',")

@@ -162,6 +162,10 @@ class Settings:
     # The hub checks every watched stream's last seq and writer this often, so a missed
     # live message or a dead writer is noticed even on a quiet stream.
     hub_check_s: float = 5.0
+    # Live channels on a Redis Cluster: "auto" uses sharded pub/sub when every primary runs
+    # Redis 7 or later; "off" keeps classic PUBLISH/SUBSCRIBE (every message crosses the
+    # cluster bus). Set the same on every web and worker process.
+    sharded_pubsub: str = "auto"
     # WebSocket permessage-deflate: "auto" accepts a client's offer and compresses messages
     # of at least ws_compress_min_bytes (catch-up batches); "off" never negotiates it.
     ws_compression: str = "auto"
@@ -244,8 +248,17 @@ class Settings:
                 f"not {self.on_detach_seconds}"
             )
 
+        if self.sharded_pubsub not in ("auto", "off"):
+            raise ValueError(
+                f"RELAY_SHARDED_PUBSUB must be auto or off, not {self.sharded_pubsub!r}"
+            )
+
         if self.webhook_url and not self.webhook_secret:
             raise ValueError("RELAY_WEBHOOK_URL needs RELAY_WEBHOOK_SECRET (whsec_<base64>)")
+
+    def sharded(self) -> bool | None:
+        """``ChunkLog``'s ``sharded``: None (decide from the cluster) or False."""
+        return None if self.sharded_pubsub == "auto" else False
 
     def detach_after_s(self) -> int | None:
         """The deployment's detach policy as a stream stores it (None: continue)."""

@@ -23,14 +23,20 @@ from models import keys
 from models.chunklog import ChunkLog
 from models.events import CHUNK, DONE, Event
 from models.exceptions import LogUnavailable
-from models.redisconn import ClusterPipeline, ClusterURL, broker_settings, make_client
+from models.redisconn import (
+    ClusterPipeline,
+    ClusterURL,
+    broker_settings,
+    make_client,
+    sharded_pubsub,
+)
 from models.settings import Settings
 from ops.redis_server import EmbeddedRedis, free_port
 from tests.client import Client, chunk_text, wait_for
 from tests.cluster import Cluster, ClusterNode
 from tests.conftest import migrated_database
 from tests.procs import BIN, ROOT, Proc, stack_env, start_web, start_worker
-from web.hub import Hub, Subscription
+from web.hub import Hub, ShardedHub, Subscription, make_hub
 from workers.appender import GroupAppender
 
 
@@ -169,6 +175,63 @@ def test_appends_follow_a_slot_that_moves_to_another_node(
     cluster.move_slot(slot, source)  # put it back for the other tests
 
 
+def test_sharded_pubsub_is_the_default_on_redis_7_and_can_be_turned_off(
+    cluster: Cluster, client: RedisCluster
+) -> None:
+    """auto: the log's scripts SPUBLISH and the hub is sharded; off: both classic; web and
+    worker runtimes build both from the same setting."""
+    auto = Settings(sharded_pubsub="auto")
+    log = ChunkLog(client, sharded=auto.sharded())
+    assert log.sharded and "SPUBLISH" in log._append.script
+    assert isinstance(make_hub(cluster.url, client, sharded=log.sharded), ShardedHub)
+    off = Settings(sharded_pubsub="off")
+    log = ChunkLog(client, sharded=off.sharded())
+    assert not log.sharded and "SPUBLISH" not in log._append.script
+    hub = make_hub(cluster.url, client, sharded=log.sharded)
+    assert type(hub) is Hub
+    with pytest.raises(ValueError, match="RELAY_SHARDED_PUBSUB"):
+        Settings(sharded_pubsub="on")
+
+
+def test_the_sharded_hub_follows_a_slot_that_moves(cluster: Cluster, client: RedisCluster) -> None:
+    """A watched stream's slot moves to another primary: the old owner ends the hub's
+    subscription (``sunsubscribe``), the hub subscribes again on the new owner, and the
+    viewer gets every event, before, during and after the move, live or from the log."""
+    log = ChunkLog(client)
+    hub = make_hub(cluster.url, client, queue_size=100_000, check_interval_s=3600)
+    assert isinstance(hub, ShardedHub)
+    (sid,) = spread(cluster, 1, "s")
+    slot = key_slot(keys.log_key(sid).encode())
+    source = owner_of(cluster, sid)
+    dest = next(n for n in cluster.nodes if n is not source)
+    try:
+        group = GroupAppender(log)
+        stream = group.open(sid, started(log, sid), 0)
+        sub = hub.subscribe(sid, 0, threading.Event())
+        at_source = f"{source.address}:{source.port}"
+        wait_for(lambda: hub._where.get(sid) == at_source and hub._channels[sid].confirmed)
+        for seq in range(1, 11):
+            stream.submit(chunk(seq, sid))
+        stream.flush(timeout=30)
+        assert _followed(sub, log, 10) == [f"<{sid[:4]}:{s}>" for s in range(1, 11)]
+        cluster.move_slot(slot, dest)
+        moved = f"{dest.address}:{dest.port}"
+
+        def confirmed_on(name: str) -> bool:
+            return hub._where.get(sid) == name and hub._channels[sid].confirmed
+
+        wait_for(lambda: confirmed_on(moved), timeout=30)
+        for seq in range(11, 31):
+            stream.submit(chunk(seq, sid))
+        stream.flush(timeout=30)
+        got = _followed(sub, log, 30)
+        assert got == [f"<{sid[:4]}:{s}>" for s in range(1, 31)]
+        wait_for(lambda: confirmed_on(moved), timeout=30)
+    finally:
+        hub.stop()
+        cluster.move_slot(slot, source)  # put it back for the other tests
+
+
 def test_reseed_rebuilds_an_expired_log_in_its_slot(client: RedisCluster) -> None:
     log = ChunkLog(client)
     events = [chunk(1, "rs"), chunk(2, "rs"), Event(3, DONE, message_id="m")]
@@ -188,13 +251,20 @@ def test_reseed_rebuilds_an_expired_log_in_its_slot(client: RedisCluster) -> Non
 # -- the hub ------------------------------------------------------------------------------------
 
 
-def test_the_hub_hears_streams_on_every_node_over_one_connection(
-    cluster: Cluster, client: RedisCluster
+def hub_of(sharded: bool, url: str, client: RedisCluster, **options: Any) -> Hub:
+    return (ShardedHub if sharded else Hub)(url, client, queue_size=100_000, **options)
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["classic", "sharded"])
+def test_the_hub_hears_streams_on_every_node(
+    cluster: Cluster, client: RedisCluster, sharded: bool
 ) -> None:
-    """Classic pub/sub: the append script's PUBLISH on a stream's node reaches the hub's
-    connection on whichever node it is."""
-    log = ChunkLog(client)
-    hub = Hub(cluster.url, client, queue_size=100_000, check_interval_s=3600)
+    """Classic pub/sub: the append script's PUBLISH on a stream's node reaches the hub's one
+    connection on whichever node it is. Sharded (Redis 7, the default on such a cluster):
+    the script's SPUBLISH stays on the stream's primary, where the hub has a connection."""
+    assert sharded_pubsub(client)  # the cluster's Redis 7: sharded unless told otherwise
+    log = ChunkLog(client, sharded=sharded)
+    hub = hub_of(sharded, cluster.url, client, check_interval_s=3600)
     try:
         sids = spread(cluster, 24, "h")
         viewers = {}
@@ -251,31 +321,51 @@ def _followed(sub: Subscription, log: ChunkLog, last: int) -> list[str]:
     return got
 
 
-def test_a_dead_node_stops_only_its_streams_and_the_hub_moves_to_another(
-    tmp_path: Path,
+def _hub_node(hub: Hub, cluster: Cluster) -> ClusterNode:
+    """The node to kill: the classic hub's one connection's; a node the sharded hub has a
+    link to (it has one to each)."""
+    if isinstance(hub, ShardedHub):
+        wait_for(lambda: len(hub._links) == len(cluster.nodes), timeout=30)
+        return cluster.nodes[0]
+    wait_for(lambda: hub._conn is not None, timeout=30)
+    assert hub._conn is not None
+    return next(n for n in cluster.nodes if n.port == hub._conn.port)
+
+
+def _assert_hub_left(hub: Hub, cluster: Cluster, victim: ClusterNode) -> None:
+    """The hub is connected to live nodes only."""
+    if isinstance(hub, ShardedHub):
+        live = {f"{n.address}:{n.port}" for n in cluster.nodes if n is not victim}
+        assert set(hub._links) == live
+    else:
+        assert hub._conn is not None and hub._conn.port != victim.port
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["classic", "sharded"])
+def test_a_dead_node_stops_only_its_streams_and_the_hub_goes_on(
+    tmp_path: Path, sharded: bool
 ) -> None:
     """One primary is SIGKILLed (no replica takes over; the others keep serving their
     slots): the streams on the live nodes go on in the same worker's round trips, those on
     the dead node fail once the appender's budget is spent (their appends' outcome unknown,
-    never guessed), and the hub, whose connection was on the dead node, reconnects to
-    another and its viewers get every event of the live streams, live or from the log."""
+    never guessed), and the hub's viewers get every event of the live streams, live or from
+    the log. Classic: the hub's one connection was on the dead node, and it reconnects to
+    another. Sharded: the hub loses only its link to the dead node."""
     cluster = Cluster(tmp_path / "cluster", full_coverage=False).start()
     try:
         client = make_client(cluster.url, max_connections=20, wait_s=5)
         assert isinstance(client, RedisCluster)
-        log = ChunkLog(client)
+        log = ChunkLog(client, sharded=sharded)
         group = GroupAppender(log, budget_s=3)
         sids = spread(cluster, 9, "d")
-        hub = Hub(cluster.url, client, queue_size=100_000, check_interval_s=1)
+        hub = hub_of(sharded, cluster.url, client, check_interval_s=1)
         try:
             viewers = {}
             for sid in sids:
                 started(log, sid)
                 wake = threading.Event()
                 viewers[sid] = (hub.subscribe(sid, 0, wake), wake)
-            wait_for(lambda: hub._conn is not None, timeout=30)
-            assert hub._conn is not None
-            victim = next(n for n in cluster.nodes if n.port == hub._conn.port)
+            victim = _hub_node(hub, cluster)
             alive = [s for s in sids if owner_of(cluster, s) is not victim]
             doomed = [s for s in sids if owner_of(cluster, s) is victim]
             assert len(alive) == 6 and len(doomed) == 3
@@ -300,7 +390,7 @@ def test_a_dead_node_stops_only_its_streams_and_the_hub_moves_to_another(
                 got = _followed(viewers[sid][0], log, 20)
                 assert got == [f"<{sid[:4]}:{s}>" for s in range(1, 21)]
                 assert [e.seq for e in log.read(sid, 0, 100)] == list(range(1, 21))
-            assert hub._conn is not None and hub._conn.port != victim.port
+            _assert_hub_left(hub, cluster, victim)
         finally:
             hub.stop()
     finally:
@@ -321,7 +411,8 @@ def test_answers_stream_on_through_a_primary_failover(tmp_path: Path) -> None:
         log = ChunkLog(client)
         group = GroupAppender(log)
         sids = spread(cluster, 9, "f")
-        hub = Hub(cluster.url, client, queue_size=100_000, check_interval_s=1)
+        hub = make_hub(cluster.url, client, queue_size=100_000, check_interval_s=1)
+        assert isinstance(hub, ShardedHub) and log.sharded  # Redis 7: sharded pub/sub
         try:
             viewers = {}
             for sid in sids:

@@ -16,9 +16,11 @@ dead writer is noticed within ``check_interval_s`` even on a quiet stream.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
+import selectors
 import socket
 import threading
 import time
@@ -35,7 +37,13 @@ from redis.exceptions import RedisClusterException
 
 from models import keys
 from models.events import TERMINAL_TYPES
-from models.redisconn import RedisClient, server_time_ms, subscriber_pool
+from models.redisconn import (
+    RedisClient,
+    node_pool,
+    server_time_ms,
+    sharded_pubsub,
+    subscriber_pool,
+)
 from web.frames import Batch, Notice
 from web.instruments import HUB_DISPATCH, HUB_LAGGED
 
@@ -460,6 +468,277 @@ class Hub:
     def _all_subs(self) -> list[Subscription]:
         with self._lock:
             return [sub for c in self._channels.values() for sub in c.subs]
+
+
+@dataclass
+class _Link:
+    """A sharded hub's subscribed connection to one primary."""
+
+    name: str  # the node, host:port
+    conn: Connection
+    reader: PushReader
+    last_reply: float
+
+
+class ShardedHub(Hub):
+    """The hub on a Redis Cluster of Redis 7 or later, with sharded pub/sub.
+
+    The chunk log's scripts ``SPUBLISH`` a stream's events on the stream's own primary
+    (``models.scripts.sharded``), so the message never crosses the cluster bus: no other node
+    spends CPU on it and it reaches the hub without the bus's delay. The hub keeps a
+    connection to every primary and ``SSUBSCRIBE``s each watched stream on the primary that
+    owns its slot (one channel per command: a command's shard channels must share a slot).
+    Every connection is also subscribed to the doorbell (a classic channel: the ring reaches
+    every node).
+
+    A primary that cannot be reached costs only its own streams: their viewers are flagged
+    (re-read the log, check the writer), and the hub refreshes the slot map and connects
+    again at the next repair, at once for a replica promoted in its place. A slot that moves
+    away (failover, resharding) ends its subscriptions with a ``sunsubscribe`` from the
+    server: the hub subscribes them again on the new owner, whose confirmation flags the
+    viewers, so nothing published in between is missed."""
+
+    def __init__(self, redis_url: str, control: RedisClient, **options: Any) -> None:
+        super().__init__(redis_url, control, **options)
+        if not isinstance(control, RedisCluster):
+            raise TypeError("sharded pub/sub needs a Redis Cluster client")
+        self.cluster = control
+        self._links: dict[str, _Link] = {}
+        self._selector = selectors.DefaultSelector()  # the links' sockets (gevent's, patched)
+        self._where: dict[str, str] = {}  # subscribed stream -> its link (the hub thread's)
+        self._repair_at: float | None = 0.0  # when to connect what is missing (None: nothing)
+        self._refresh = False  # refresh the slot map before that
+        self._repair_delay = 0.1
+
+    def _run(self) -> None:
+        while not self._stopping:
+            try:
+                self._listen()
+            except Exception:
+                if self._stopping:
+                    break
+                log.warning("sharded hub failed; starting over", exc_info=True)
+                self._disconnect()
+                self._refresh, self._repair_at = True, time.monotonic() + 1.0
+        self._disconnect()
+
+    def _disconnect(self) -> None:
+        for link in list(self._links.values()):
+            self._drop(link)
+        self._links, self._where, self._subscribed = {}, {}, set()
+
+    def _listen(self) -> None:
+        next_check = time.monotonic() + self.check_interval_s
+        while not self._stopping:
+            now = time.monotonic()
+            if self._repair_at is not None and now >= self._repair_at:
+                self._repair()
+            if now >= next_check:
+                for link in list(self._links.values()):
+                    self._ping(link)
+                self._verify()
+                self._reconcile()  # a safety net: rings are not durable either
+                self.check()
+                next_check = time.monotonic() + self.check_interval_s
+            until = next_check if self._repair_at is None else min(next_check, self._repair_at)
+            self._wait(max(0.0, min(1.0, until - time.monotonic())))
+
+    def _wait(self, timeout: float) -> None:
+        """Read what arrives on any link within ``timeout`` seconds."""
+        if not self._links:
+            time.sleep(timeout)
+            return
+        for key, _ in self._selector.select(timeout):
+            link: _Link = key.data
+            if self._links.get(link.name) is not link:
+                continue  # lost while handling another link's replies
+            try:
+                replies = link.reader.read(0.0)
+            except (OSError, redis.RedisError) as exc:
+                self._lose(link, f"{type(exc).__name__}: {exc}")
+                continue
+            for reply in replies:
+                if self._links.get(link.name) is not link:
+                    break  # lost while handling an earlier reply
+                self._handle_on(link, reply)
+
+    # -- links ----------------------------------------------------------------------------------
+
+    def _repair(self) -> None:
+        """Connect a link to every primary of the (refreshed) slot map that has none; drop
+        links to nodes that are no longer primaries; subscribe what is watched."""
+        self._repair_at = None
+        if self._refresh:
+            try:
+                self.cluster.nodes_manager.initialize()
+                self._refresh = False
+            except (redis.RedisError, RedisClusterException) as exc:
+                self._retry_repair(f"the slot map: {exc}")
+                return
+        primaries = {node.name: node for node in self.cluster.get_primaries()}  # type: ignore[no-untyped-call]
+        for name, link in list(self._links.items()):
+            if name not in primaries:
+                self._lose(link, "no longer a primary")
+        for name, node in primaries.items():
+            if name not in self._links:
+                try:
+                    self._links[name] = self._link(name, node.host, node.port)
+                except (OSError, redis.RedisError) as exc:
+                    self._retry_repair(f"{name}: {exc}")
+        if self._repair_at is None:
+            self._repair_delay = 0.1
+        self._reconcile()
+
+    def _retry_repair(self, why: str) -> None:
+        if self._repair_delay == 0.1:
+            log.warning("hub: cannot reach a primary (%s); trying again", why)
+        self._refresh = True
+        self._repair_at = time.monotonic() + self._repair_delay
+        self._repair_delay = min(self._repair_delay * 2, 5.0)
+
+    def _link(self, name: str, host: str, port: int) -> _Link:
+        pool = node_pool(
+            self.redis_url, host, port, decode_responses=True, socket_connect_timeout=5,
+            socket_keepalive=True,
+        )  # fmt: skip
+        conn = pool.get_connection()
+        reader = PushReader(conn)
+        send_command(conn, "SUBSCRIBE", self.doorbell)
+        link = _Link(name, conn, reader, time.monotonic())
+        self._selector.register(reader.sock, selectors.EVENT_READ, link)
+        return link
+
+    def _drop(self, link: _Link) -> None:
+        if self._links.get(link.name) is link:
+            del self._links[link.name]
+        with contextlib.suppress(KeyError, ValueError):
+            self._selector.unregister(link.reader.sock)
+        link.conn.disconnect()  # type: ignore[no-untyped-call]
+
+    def _lose(self, link: _Link, why: str) -> None:
+        """A link failed: its streams are no longer subscribed; their viewers re-read the
+        log (and check the writer) while the hub connects again."""
+        if not self._stopping:
+            log.warning("hub lost %s (%s); its streams re-read the log", link.name, why)
+        self._drop(link)
+        lost = [sid for sid, name in self._where.items() if name == link.name]
+        self._unsubscribed(lost)
+        self._refresh = True
+        if self._repair_at is None:
+            self._repair_at = time.monotonic() + self._repair_delay
+
+    def _unsubscribed(self, stream_ids: list[str]) -> None:
+        """``stream_ids`` lost their subscription: flag their viewers."""
+        for sid in stream_ids:
+            self._where.pop(sid, None)
+            self._subscribed.discard(sid)
+            with self._lock:
+                channel = self._channels.get(sid)
+                if channel is not None:
+                    channel.confirmed = False
+            self._flag_stream(sid, None, True)
+
+    def _ping(self, link: _Link) -> None:
+        """PING on every check; a link silent for three checks is dead."""
+        if time.monotonic() - link.last_reply > 3 * self.check_interval_s:
+            self._lose(link, "stopped answering")
+            return
+        try:
+            send_command(link.conn, "PING")
+        except (OSError, redis.RedisError) as exc:
+            self._lose(link, f"{type(exc).__name__}: {exc}")
+
+    # -- subscriptions --------------------------------------------------------------------------
+
+    def _reconcile(self) -> None:
+        """SSUBSCRIBE the watched streams not yet subscribed, each on its primary's link;
+        SUNSUBSCRIBE the others."""
+        with self._lock:
+            self._rung = False
+            watched = set(self._channels)
+        # (A stream counts as confirmed only once its primary says "ssubscribe": unlike a
+        # classic SUBSCRIBE, an SSUBSCRIBE can be refused, with MOVED.)
+        commands: dict[str, list[tuple[str, str]]] = {}
+        dropped = self._subscribed - watched
+        for sid in dropped:
+            name = self._where.pop(sid, None)
+            if name in self._links:
+                commands.setdefault(name, []).append(("SUNSUBSCRIBE", keys.live_channel(sid)))
+        self._subscribed -= dropped
+        added = []
+        for sid in watched - self._subscribed:
+            channel = keys.live_channel(sid)
+            name = self.cluster.get_node_from_key(channel).name  # type: ignore[no-untyped-call]
+            if name not in self._links:  # its primary is not reachable now: at the repair
+                if self._repair_at is None:
+                    self._refresh, self._repair_at = True, time.monotonic() + self._repair_delay
+                continue
+            commands.setdefault(name, []).append(("SSUBSCRIBE", channel))
+            self._where[sid] = name
+            self._subscribed.add(sid)
+            added.append(sid)
+        for name, batch in commands.items():
+            link = self._links[name]
+            try:
+                link.conn.send_packed_command(link.conn.pack_commands(batch))  # type: ignore[no-untyped-call]
+            except (OSError, redis.RedisError) as exc:
+                self._lose(link, f"{type(exc).__name__}: {exc}")
+        if added or dropped:
+            self._presence(added, dropped)
+
+    def _verify(self) -> None:
+        """Subscribe again, on its owner, every stream whose slot the (refreshed) map puts
+        on another primary than its subscription's: a safety net for a move not heard of."""
+        for sid, name in list(self._where.items()):
+            owner = self.cluster.get_node_from_key(keys.live_channel(sid)).name  # type: ignore[no-untyped-call]
+            if owner != name:
+                link = self._links.get(name)
+                if link is not None:
+                    with contextlib.suppress(OSError, redis.RedisError):
+                        send_command(link.conn, "SUNSUBSCRIBE", keys.live_channel(sid))
+                self._unsubscribed([sid])
+
+    def _handle_on(self, link: _Link, reply: Any) -> None:
+        link.last_reply = time.monotonic()
+        if isinstance(reply, Exception):
+            # An SSUBSCRIBE refused (MOVED: the slot map was stale): the link's streams not
+            # yet confirmed are subscribed again once the map is read again.
+            log.info("hub: %s answered %s", link.name, reply)
+            with self._lock:
+                pending = [
+                    sid
+                    for sid, name in self._where.items()
+                    if name == link.name
+                    and (c := self._channels.get(sid)) is not None
+                    and not c.confirmed
+                ]
+            self._unsubscribed(pending)
+            self._refresh = True
+            if self._repair_at is None:
+                self._repair_at = time.monotonic() + self._repair_delay
+            return
+        if isinstance(reply, list) and len(reply) >= 2:
+            kind = reply[0]
+            if kind == "sunsubscribe":
+                sid = keys.stream_id_from_key(reply[1])
+                if self._where.get(sid) == link.name:  # not ours: the slot moved away
+                    self._unsubscribed([sid])
+                    self._refresh = True
+                    self._repair_at = time.monotonic()
+                return
+            if kind in ("smessage", "ssubscribe"):
+                reply = [kind[1:], *reply[1:]]
+        self._handle(reply)
+
+
+def make_hub(
+    redis_url: str, control: RedisClient, *, sharded: bool | None = None, **options: Any
+) -> Hub:
+    """The hub for relay's data Redis: ``sharded`` (by default: on a cluster of Redis 7 or
+    later, ``sharded_pubsub``) or classic. It must match the scripts' (``ChunkLog.sharded``)."""
+    if sharded_pubsub(control) if sharded is None else sharded:
+        return ShardedHub(redis_url, control, **options)
+    return Hub(redis_url, control, **options)
 
 
 class PushReader:

@@ -16,7 +16,7 @@ from models.redisconn import broker_settings, make_client
 from models.settings import Settings
 from web import shutdown
 from web.catchup import BlockCache
-from web.hub import Hub
+from web.hub import Hub, make_hub
 
 
 @dataclass
@@ -35,13 +35,14 @@ class Runtime:
         """The process's hub, created on first use (after gunicorn forked the worker)."""
         with self._hub_lock:
             if self._hub is None:
-                self._hub = Hub(
+                self._hub = make_hub(
                     self.settings.log_redis_url or self.settings.redis_url,
                     self.log.redis,
                     queue_size=self.settings.viewer_queue_size,
                     check_interval_s=self.settings.hub_check_s,
                     stale_ms=self.settings.heartbeat_stale_s * 1000,
                     presence_ttl_s=self.log.running_ttl_s,
+                    sharded=self.log.sharded,  # as the log's scripts publish
                 )
                 shutdown.on_begin(self._hub.wake_all)
             return self._hub
@@ -63,7 +64,10 @@ def init_app(app: Flask, settings: Settings) -> Runtime:
         **sentinel_options,
     }
     chunks = ChunkLog(
-        client, retention_s=settings.log_retention_s, running_ttl_s=settings.running_log_ttl_s
+        client,
+        retention_s=settings.log_retention_s,
+        running_ttl_s=settings.running_log_ttl_s,
+        sharded=settings.sharded(),
     )
     runtime = Runtime(
         settings=settings,

@@ -89,7 +89,10 @@ def build_runtime(
         settings.log_redis_url or settings.redis_url, settings.redis_max_connections
     )
     chunks = ChunkLog(
-        client, retention_s=settings.log_retention_s, running_ttl_s=settings.running_log_ttl_s
+        client,
+        retention_s=settings.log_retention_s,
+        running_ttl_s=settings.running_log_ttl_s,
+        sharded=settings.sharded(),
     )
     metrics = WorkerMetrics()
     coalesce_s = settings.coalesce_ms / 1000
