@@ -668,8 +668,8 @@ class ShardedHub(Hub):
         added = []
         for sid in watched - self._subscribed:
             channel = keys.live_channel(sid)
-            name = self.cluster.get_node_from_key(channel).name  # type: ignore[no-untyped-call]
-            if name not in self._links:  # its primary is not reachable now: at the repair
+            name = self._owner(channel)
+            if name is None or name not in self._links:  # no primary to reach now: at the repair
                 if self._repair_at is None:
                     self._refresh, self._repair_at = True, time.monotonic() + self._repair_delay
                 continue
@@ -690,13 +690,21 @@ class ShardedHub(Hub):
         """Subscribe again, on its owner, every stream whose slot the (refreshed) map puts
         on another primary than its subscription's: a safety net for a move not heard of."""
         for sid, name in list(self._where.items()):
-            owner = self.cluster.get_node_from_key(keys.live_channel(sid)).name  # type: ignore[no-untyped-call]
-            if owner != name:
+            owner = self._owner(keys.live_channel(sid))
+            if owner is not None and owner != name:
                 link = self._links.get(name)
                 if link is not None:
                     with contextlib.suppress(OSError, redis.RedisError):
                         send_command(link.conn, "SUNSUBSCRIBE", keys.live_channel(sid))
                 self._unsubscribed([sid])
+
+    def _owner(self, channel: str) -> str | None:
+        """The primary that owns ``channel``'s slot in the client's map (None: no node
+        covers it now, as while a replica is being promoted)."""
+        try:
+            return str(self.cluster.get_node_from_key(channel).name)  # type: ignore[no-untyped-call]
+        except RedisClusterException:
+            return None
 
     def _handle_on(self, link: _Link, reply: Any) -> None:
         link.last_reply = time.monotonic()
