@@ -91,6 +91,7 @@ class EmbeddedRedis:
         address: str = "127.0.0.1",
         prefix: Sequence[str] = (),
         extra: Sequence[str] = (),
+        binary: str | None = None,
     ):
         self.workdir = workdir
         self.port = port or free_port()
@@ -98,6 +99,7 @@ class EmbeddedRedis:
         self.address = address
         self.prefix = list(prefix)
         self.extra = list(extra)
+        self.binary = binary  # default: redis_server_binary()
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -109,7 +111,7 @@ class EmbeddedRedis:
         bind = ["127.0.0.1"] if self.address == "127.0.0.1" else [self.address, "127.0.0.1"]
         args = [
             *self.prefix,
-            redis_server_binary(),
+            self.binary or redis_server_binary(),
             "--port", str(self.port),
             "--bind", *bind,
             "--dir", str(self.workdir),
@@ -145,6 +147,15 @@ class EmbeddedRedis:
             raise RuntimeError(f"redis-server did not answer on port {self.port}")
         finally:
             client.close()
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL, as a machine that dies."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
 
     def stop(self, timeout: float = 10.0) -> None:
         if self.process is None or self.process.poll() is not None:

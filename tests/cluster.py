@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import redis
 
-from ops.redis_server import free_port
+from ops.redis_server import EmbeddedRedis, free_port
 from tests.client import wait_until
 
 SLOTS = 16384
@@ -37,38 +36,28 @@ def cluster_server_binary() -> str:
 LOOPBACK = "127.0.0.1"
 
 
-class ClusterNode:
+class ClusterNode(EmbeddedRedis):
+    """One cluster node: the embedded Redis with the cluster's settings."""
+
     def __init__(self, workdir: Path, full_coverage: bool = True, address: str = LOOPBACK) -> None:
-        self.workdir = workdir
-        self.address = address  # where it listens, and what it tells clients and other nodes
-        self.full_coverage = full_coverage
-        self.port = free_port()
         # The cluster bus: its own free port (by default port + 10000, which may not exist).
         self.bus_port = free_port()
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        args = [
-            cluster_server_binary(),
-            "--port", str(self.port),
-            "--bind", self.address,
-            "--cluster-announce-ip", self.address,
-            "--protected-mode", "no",  # clients of another address than loopback, no password
-            "--dir", str(self.workdir),
-            "--logfile", str(self.workdir / "redis.log"),
-            "--save", "",
-            "--appendonly", "no",
-            "--cluster-enabled", "yes",
-            "--cluster-port", str(self.bus_port),
-            "--cluster-config-file", str(self.workdir / "nodes.conf"),
-            "--cluster-node-timeout", "2000",
-            "--cluster-require-full-coverage", "yes" if self.full_coverage else "no",
-            # A replica may take over however long it was cut off from its master.
-            "--cluster-replica-validity-factor", "0",
-            "--daemonize", "no",
-        ]  # fmt: skip
-        self.process = subprocess.Popen(args, start_new_session=True)
+        self.full_coverage = full_coverage
+        super().__init__(
+            workdir,
+            address=address,  # where it listens, and what it tells clients and other nodes
+            binary=cluster_server_binary(),
+            extra=[
+                "--cluster-announce-ip", address,
+                "--cluster-enabled", "yes",
+                "--cluster-port", str(self.bus_port),
+                "--cluster-config-file", str(workdir / "nodes.conf"),
+                "--cluster-node-timeout", "2000",
+                "--cluster-require-full-coverage", "yes" if full_coverage else "no",
+                # A replica may take over however long it was cut off from its master.
+                "--cluster-replica-validity-factor", "0",
+            ],
+        )  # fmt: skip
 
     def client(self) -> redis.Redis:
         return redis.Redis(
@@ -77,25 +66,6 @@ class ClusterNode:
 
     def node_id(self) -> str:
         return str(self.client().execute_command("CLUSTER", "MYID").decode())
-
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def kill(self) -> None:
-        """SIGKILL, as a machine that dies."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
 
 
 class Cluster:

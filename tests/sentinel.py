@@ -4,7 +4,6 @@ port, in a directory of the test's. Stopped (by pid) when the test ends."""
 
 from __future__ import annotations
 
-import signal
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
@@ -114,10 +113,7 @@ class Sentinels:
     def kill_master(self) -> int:
         """SIGKILL the current master; return its port."""
         port = self.master_port()
-        process = self.node(port).process
-        assert process is not None
-        process.send_signal(signal.SIGKILL)
-        process.wait()
+        self.node(port).kill()
         return port
 
     def wait_for_failover(self, old_port: int, timeout: float = 60) -> int:
