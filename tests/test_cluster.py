@@ -552,3 +552,65 @@ def test_a_stack_on_the_cluster_serves_posts_resumes_cancels_and_a_retry(
                 proc.kill()
             proc.stop()
         broker.stop()
+
+
+@pytest.mark.timeout(300)
+def test_a_stack_streams_on_through_a_primary_failover(tmp_path: Path) -> None:
+    """A web process (gevent, sharded hub) and a worker on a cluster of three primaries with a
+    replica each: while answers on every primary stream to their viewers, one primary is
+    SIGKILLed and the cluster promotes its replica. Every viewer gets one gapless answer,
+    ending done, equal to what is stored; the web process's hub is connected to the
+    promoted replica afterwards."""
+    cluster = Cluster(tmp_path / "cluster", replicas=True).start()
+    broker = EmbeddedRedis(tmp_path / "broker").start()
+    procs: list[Proc] = []
+    try:
+        with migrated_database("sqlite", tmp_path) as database_url:
+            env = stack_env(broker.url, database_url)
+            env["RELAY_LOG_REDIS_URL"] = cluster.url
+            port = free_port()
+            procs.append(start_worker(env, tmp_path, "f1", concurrency=16))
+            procs.append(start_web(env, port, tmp_path))
+            client = Client(f"http://127.0.0.1:{port}")
+            nodes = {n.port for n in cluster.nodes}
+            posted: list[dict[str, Any]] = []
+            owners: set[int] = set()
+            while len(posted) < 6 or (owners != nodes and len(posted) < 40):
+                text = f"Failover answer {len(posted)} [demo:words=200] [demo:rate=25]"
+                posted.append(client.post_chat(text))
+                owners.add(owner_of(cluster, posted[-1]["streamId"]).port)
+            assert owners == nodes
+            sids = [p["streamId"] for p in posted]
+            events: dict[str, list[dict[str, Any]]] = {sid: [] for sid in sids}
+            readers = [
+                threading.Thread(target=_read_all, args=(client, sid, events[sid]), daemon=True)
+                for sid in sids
+            ]
+            for reader in readers:
+                reader.start()
+            wait_for(lambda: all(len(e) >= 10 for e in events.values()), timeout=60)
+            victim = owner_of(cluster, sids[0])
+            victim.kill()
+            promoted = cluster.wait_promoted(victim, key_slot(keys.log_key(sids[0]).encode()))
+            for reader in readers:
+                reader.join(180)
+                assert not reader.is_alive()
+            for p, sid in zip(posted, sids, strict=True):
+                got = events[sid]
+                answer = client.answer(p["chatId"])
+                assert [e["seq"] for e in got] == list(range(1, len(got) + 1)), sid
+                assert got[-1]["type"] == "done", got[-1]
+                assert chunk_text(got) == answer["content"]
+                assert answer["status"] == "complete"
+            web_log = procs[1].output()
+            assert f"hub lost {victim.address}:{victim.port}" in web_log
+            assert "sharded hub failed" not in web_log
+            assert promoted.alive()
+    finally:
+        for proc in procs:
+            if proc.name.startswith("worker"):
+                proc.kill()
+            else:
+                proc.stop()
+        broker.stop()
+        cluster.stop()
