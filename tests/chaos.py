@@ -463,7 +463,7 @@ class Chaos:
         old = sentinels.kill_master()
         new = sentinels.wait_for_failover(old)
         fault.restored = time.monotonic()
-        sentinels.node(old).start()  # back, and the sentinels make it the new one's replica
+        sentinels.rejoin(old, new)  # back, as the new master's replica
         fault.note = (
             f"Redis master :{old} SIGKILLed; the sentinels promoted :{new} after "
             f"{fault.restored - fault.start:.1f} s; :{old} restarted as its replica"

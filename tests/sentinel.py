@@ -116,6 +116,17 @@ class Sentinels:
         self.node(port).kill()
         return port
 
+    def rejoin(self, old_port: int, master_port: int) -> None:
+        """Start the killed node again as the new master's replica. (Started empty as a
+        master, as it was configured, it would be a master with no data until the sentinels
+        reconfigure it; a sentinel that had not yet learned of the failover could instead
+        make the new master its replica, and the new master would lose its data. Redis's
+        documentation warns against restarting a master without persistence that way.)"""
+        node = self.node(old_port)
+        master = self.node(master_port)
+        node.extra = [*node.extra, "--replicaof", master.address, str(master.port)]
+        node.start()
+
     def wait_for_failover(self, old_port: int, timeout: float = 60) -> int:
         """Wait until the sentinels name another master and it answers as one."""
 
