@@ -505,7 +505,9 @@ class ShardedHub(Hub):
         self.cluster = control
         self._links: dict[str, _Link] = {}
         self._selector = selectors.DefaultSelector()  # the links' sockets (gevent's, patched)
-        self._where: dict[str, str] = {}  # subscribed stream -> its link (the hub thread's)
+        # Subscribed stream -> its link (the hub thread's; the base class's _subscribed is
+        # not used here).
+        self._where: dict[str, str] = {}
         self._repair_at: float | None = 0.0  # when to connect what is missing (None: nothing)
         self._refresh = False  # refresh the slot map before that
         self._repair_delay = 0.1
@@ -525,7 +527,7 @@ class ShardedHub(Hub):
     def _disconnect(self) -> None:
         for link in list(self._links.values()):
             self._drop(link)
-        self._links, self._where, self._subscribed = {}, {}, set()
+        self._links, self._where = {}, {}
 
     def _listen(self) -> None:
         next_check = time.monotonic() + self.check_interval_s
@@ -592,9 +594,17 @@ class ShardedHub(Hub):
     def _retry_repair(self, why: str) -> None:
         if self._repair_delay == 0.1:
             log.warning("hub: cannot reach a primary (%s); trying again", why)
-        self._refresh = True
-        self._repair_at = time.monotonic() + self._repair_delay
+        self._refresh, self._repair_at = True, time.monotonic() + self._repair_delay
         self._repair_delay = min(self._repair_delay * 2, 5.0)
+
+    def _repair_soon(self, at_once: bool = False) -> None:
+        """Read the slot map again and repair: ``at_once``, else after the current delay
+        (unless a repair is due already)."""
+        self._refresh = True
+        if at_once:
+            self._repair_at = time.monotonic()
+        elif self._repair_at is None:
+            self._repair_at = time.monotonic() + self._repair_delay
 
     def _link(self, name: str, host: str, port: int) -> _Link:
         pool = node_pool(
@@ -623,15 +633,12 @@ class ShardedHub(Hub):
         self._drop(link)
         lost = [sid for sid, name in self._where.items() if name == link.name]
         self._unsubscribed(lost)
-        self._refresh = True
-        if self._repair_at is None:
-            self._repair_at = time.monotonic() + self._repair_delay
+        self._repair_soon()
 
     def _unsubscribed(self, stream_ids: list[str]) -> None:
         """``stream_ids`` lost their subscription: flag their viewers."""
         for sid in stream_ids:
             self._where.pop(sid, None)
-            self._subscribed.discard(sid)
             with self._lock:
                 channel = self._channels.get(sid)
                 if channel is not None:
@@ -659,23 +666,20 @@ class ShardedHub(Hub):
         # (A stream counts as confirmed only once its primary says "ssubscribe": unlike a
         # classic SUBSCRIBE, an SSUBSCRIBE can be refused, with MOVED.)
         commands: dict[str, list[tuple[str, str]]] = {}
-        dropped = self._subscribed - watched
+        dropped = self._where.keys() - watched
         for sid in dropped:
-            name = self._where.pop(sid, None)
-            if name in self._links:
-                commands.setdefault(name, []).append(("SUNSUBSCRIBE", keys.live_channel(sid)))
-        self._subscribed -= dropped
+            was = self._where.pop(sid)
+            if was in self._links:
+                commands.setdefault(was, []).append(("SUNSUBSCRIBE", keys.live_channel(sid)))
         added = []
-        for sid in watched - self._subscribed:
+        for sid in watched - self._where.keys():
             channel = keys.live_channel(sid)
             name = self._owner(channel)
             if name is None or name not in self._links:  # no primary to reach now: at the repair
-                if self._repair_at is None:
-                    self._refresh, self._repair_at = True, time.monotonic() + self._repair_delay
+                self._repair_soon()
                 continue
             commands.setdefault(name, []).append(("SSUBSCRIBE", channel))
             self._where[sid] = name
-            self._subscribed.add(sid)
             added.append(sid)
         for name, batch in commands.items():
             link = self._links[name]
@@ -721,9 +725,7 @@ class ShardedHub(Hub):
                     and not c.confirmed
                 ]
             self._unsubscribed(pending)
-            self._refresh = True
-            if self._repair_at is None:
-                self._repair_at = time.monotonic() + self._repair_delay
+            self._repair_soon()
             return
         if isinstance(reply, list) and len(reply) >= 2:
             kind = reply[0]
@@ -731,8 +733,7 @@ class ShardedHub(Hub):
                 sid = keys.stream_id_from_key(reply[1])
                 if self._where.get(sid) == link.name:  # not ours: the slot moved away
                     self._unsubscribed([sid])
-                    self._refresh = True
-                    self._repair_at = time.monotonic()
+                    self._repair_soon(at_once=True)
                 return
             if kind in ("smessage", "ssubscribe"):
                 reply = [kind[1:], *reply[1:]]
