@@ -37,6 +37,7 @@ def redis_server_binary() -> str:
 
 
 _PICK = random.SystemRandom()
+_HANDED: set[int] = set()  # the ports free_port returned in this process
 
 
 def _ephemeral_ports() -> tuple[int, int]:
@@ -68,7 +69,10 @@ def free_port() -> int:
     if low > 11000:
         for _ in range(100):
             port = _PICK.randrange(10000, low)
-            if _bindable(port):
+            # Not one handed out before by this process: a caller may pick several ports
+            # before it binds any (a cluster node's port and bus port, then the next node's).
+            if port not in _HANDED and _bindable(port):
+                _HANDED.add(port)
                 return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

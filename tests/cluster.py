@@ -99,6 +99,14 @@ class Cluster:
         return "redis+cluster://" + ",".join(f"{self.address}:{n.port}" for n in self.nodes)
 
     def start(self) -> Cluster:
+        """Start and join the nodes; if that fails, stop every node started (by pid)."""
+        try:
+            return self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> Cluster:
         for node in [*self.nodes, *self.replicas]:
             node.start()
         for node in [*self.nodes, *self.replicas]:
