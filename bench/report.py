@@ -123,6 +123,28 @@ def dispatch_rows(out: dict[str, Any]) -> list[Row]:
     return rows
 
 
+def repeat_rows(out: dict[str, Any]) -> list[Row]:
+    """With BENCH_REPEAT: each relay figure's median across the runs (beside the peer's,
+    where it has the same figure), and the median of the runs' relay/peer ratios."""
+    rep = out.get("repeats")
+    if not rep:
+        return []
+    n, median = rep["runs"], rep["median"]
+    rows: list[Row] = []
+    for key, value in median.items():
+        if not key.startswith("relay "):
+            continue
+        label = key.removeprefix("relay ")
+        fmt = ms if " p50" in key or " p99" in key else num
+        peer = median.get(f"peer {label}")
+        rows.append((f"median of {n} runs: {label}", fmt(peer) if peer is not None else "—",
+                     fmt(value), times(value, peer)))  # fmt: skip
+    ratios = ", ".join(f"{k} {X}{v:.3g}" for k, v in rep["median_ratios"].items() if v)
+    if ratios:
+        rows.append((f"median of the {n} runs' relay/peer", "", "", ratios))
+    return rows
+
+
 ROWS: dict[str, Callable[[dict[str, Any]], list[Row]]] = {
     "latency": live_rows, "fanout": live_rows, "catchup": catchup_rows,
     "throughput": live_rows, "throughput10": live_rows, "idle": idle_rows,
@@ -159,7 +181,7 @@ def table(results: Path) -> str:
         if not path.exists():
             continue
         out = json.loads(path.read_text())
-        for i, (figure, peer, relay, rel) in enumerate(rows(out)):
+        for i, (figure, peer, relay, rel) in enumerate(rows(out) + repeat_rows(out)):
             cell = describe(out) if i == 0 else ""
             lines.append(f"| {cell} | {figure} | {peer} | {relay} | {rel} |")
     return "\n".join(lines)

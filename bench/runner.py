@@ -109,8 +109,11 @@ def _cpu_model() -> str:
     return platform.processor()
 
 
-async def run_workload(name: str, fn: Workload, knobs: Knobs) -> dict[str, Any]:
-    """Run one workload and the peer's counterpart; write its JSON and PNG; return the JSON."""
+async def run_workload(
+    name: str, fn: Workload, knobs: Knobs, file: str | None = None
+) -> dict[str, Any]:
+    """Run one workload and the peer's counterpart; write its JSON and PNG (as ``file``,
+    the workload's name by default); return the JSON."""
     out = envelope(name, knobs)
     tmp = Path(tempfile.mkdtemp(prefix=f"relay-bench-{name}-"))
     redis = RedisServer(tmp / "redis")
@@ -150,7 +153,7 @@ async def run_workload(name: str, fn: Workload, knobs: Knobs) -> dict[str, Any]:
         else:
             shutil.rmtree(tmp, ignore_errors=True)
     out["ratios"] = peer.ratios(name, out)
-    write(name, out, arrays, knobs.results_dir)
+    write(name, out, arrays, knobs.results_dir, file)
     return out
 
 
@@ -160,11 +163,19 @@ def record_error(out: dict[str, Any], exc: BaseException) -> None:
     traceback.print_exception(exc, file=sys.stderr)
 
 
-def write(name: str, out: dict[str, Any], arrays: dict[str, np.ndarray], results: Path) -> None:
-    """Write bench/results/<name>.json and, from the samples, <name>.png."""
+def write(
+    name: str,
+    out: dict[str, Any],
+    arrays: dict[str, np.ndarray],
+    results: Path,
+    file: str | None = None,
+) -> None:
+    """Write bench/results/<file>.json and, from the samples, <file>.png (``file``: the
+    workload's name unless given)."""
+    file = file or name
     results.mkdir(parents=True, exist_ok=True)
-    (results / f"{name}.json").write_text(json.dumps(out, indent=1) + "\n")
+    (results / f"{file}.json").write_text(json.dumps(out, indent=1) + "\n")
     try:
-        plot.render(name, out, arrays, results / f"{name}.png")
+        plot.render(name, out, arrays, results / f"{file}.png")
     except Exception:  # a plot must never cost the figures
         traceback.print_exc(file=sys.stderr)
