@@ -7,8 +7,9 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Table, bindparam, func, select, update
+from sqlalchemy import Integer, String, Table, Update, bindparam, func, select, update
 from sqlalchemy.orm import Session
+from sqlalchemy.types import TypeEngine
 
 from models.events import CHUNK, TERMINAL_FOR_STATUS, Event, error_event
 from models.tables import ACTIVE_STREAM_STATUSES, Message, Stream, utcnow
@@ -110,6 +111,49 @@ def checkpoint(
     return True
 
 
+# Core statements built once, like the checkpoint's (the ORM's bulk-update machinery was
+# four fifths of the call): every answer ends here, on its worker's one event loop, and
+# answers that end together would stall every other stream's appends meanwhile.
+def _finalize_stream(fence: str) -> Update:
+    """The stream's end; ``fence``: "none", "attempt" (only while that attempt owns it) or
+    "takeover" (while no later attempt does; the stream's attempt becomes it)."""
+    c = _STREAMS.c
+    stmt = _STREAMS.update().where(c.id == bindparam("sid"), c.status.in_(ACTIVE_STREAM_STATUSES))
+    values: dict[str, Any] = {}
+    if fence == "takeover":
+        stmt = stmt.where(c.attempt <= bindparam("b_attempt"))
+        values["attempt"] = bindparam("b_attempt")
+    elif fence == "attempt":
+        stmt = stmt.where(c.attempt == bindparam("b_attempt"))
+    return stmt.values(
+        status=bindparam("b_status"), last_seq=bindparam("b_last"),
+        seq_layout=bindparam("b_layout"), content_hash=bindparam("b_hash"),
+        error_code=bindparam("b_code"), error_message=bindparam("b_error"),
+        end_reason=bindparam("b_reason"), finished_at=bindparam("b_now"),
+        updated_at=bindparam("b_now"), **values,
+    )  # fmt: skip
+
+
+_FINALIZE_STREAM = {fence: _finalize_stream(fence) for fence in ("none", "attempt", "takeover")}
+# What the provider reported is kept where this end does not say (None: unchanged).
+_USAGE: dict[str, TypeEngine[Any]] = {
+    "model": String(), "prompt_tokens": Integer(), "completion_tokens": Integer(),
+    "finish_reason": String(),
+}  # fmt: skip
+_FINALIZE_MESSAGE = (
+    _MESSAGES.update()
+    .where(
+        _MESSAGES.c.id
+        == select(_STREAMS.c.message_id).where(_STREAMS.c.id == bindparam("sid")).scalar_subquery()
+    )
+    .values(
+        content=bindparam("b_text"), status=bindparam("b_mstatus"), updated_at=bindparam("b_now"),
+        **{name: func.coalesce(bindparam(f"b_{name}", type_=kind), _MESSAGES.c[name])
+           for name, kind in _USAGE.items()},
+    )
+)  # fmt: skip
+
+
 def finalize(
     db: Session,
     stream_id: str,
@@ -129,35 +173,30 @@ def finalize(
     A compare-and-set: only a stream still queued or running ends, so SQL's end is decided
     once. With ``attempt``, only while that attempt owns the stream; with ``takeover`` too,
     while no later attempt does (the stream's attempt becomes ``attempt``, fencing off the
-    writer that was taken over). False when refused."""
+    writer that was taken over). False when refused. ``usage``: what the provider reported
+    (``model``, ``prompt_tokens``, ``completion_tokens``, ``finish_reason``)."""
+    unknown = set(usage or ()) - _USAGE.keys()
+    if unknown:
+        raise ValueError(f"not usage fields: {sorted(unknown)}")
     now = utcnow()
-    stmt = update(Stream).where(Stream.id == stream_id, Stream.status.in_(ACTIVE_STREAM_STATUSES))
-    values: dict[str, Any] = {}
-    if attempt is not None and takeover:
-        stmt = stmt.where(Stream.attempt <= attempt)
-        values["attempt"] = attempt
-    elif attempt is not None:
-        stmt = stmt.where(Stream.attempt == attempt)
+    fence = "none" if attempt is None else "takeover" if takeover else "attempt"
     res = db.execute(
-        stmt.values(
-            status=status,
-            last_seq=len(layout) + 1,
-            seq_layout=json.dumps(layout),
-            content_hash=content_hash(text),
-            error_code=error.code if error else None,
-            error_message=error.message if error else None,
-            end_reason=reason,
-            finished_at=now,
-            updated_at=now,
-            **values,
-        )
-    )
+        _FINALIZE_STREAM[fence],
+        {
+            "sid": stream_id, "b_attempt": attempt, "b_status": status,
+            "b_last": len(layout) + 1, "b_layout": json.dumps(layout),
+            "b_hash": content_hash(text), "b_code": error.code if error else None,
+            "b_error": error.message if error else None, "b_reason": reason, "b_now": now,
+        },
+    )  # fmt: skip
     if res.rowcount == 0:  # type: ignore[attr-defined]
         db.rollback()
         return False
-    _set_message(
-        db, stream_id, content=text, status=MESSAGE_STATUS[status], updated_at=now,
-        **(usage or {}),
+    given = usage or {}
+    db.execute(
+        _FINALIZE_MESSAGE,
+        {"sid": stream_id, "b_text": text, "b_mstatus": MESSAGE_STATUS[status], "b_now": now,
+         **{f"b_{name}": given.get(name) for name in _USAGE}},
     )  # fmt: skip
     db.commit()
     return True

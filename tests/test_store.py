@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from sqlalchemy.orm import Session
 
 from models import store
@@ -35,6 +36,41 @@ def test_checkpoint_and_finalize_are_fenced_by_attempt(db: Session) -> None:
     assert row.content_hash == store.content_hash("Hello")
     message = db.get(Message, stream.message_id)
     assert message is not None and (message.content, message.status) == ("Hello", "complete")
+
+
+def test_finalize_stores_the_reported_usage_and_keeps_it_when_an_end_reports_none(
+    db: Session,
+) -> None:
+    stream = make_stream(db)
+    usage = {"model": "m-1", "prompt_tokens": 7, "completion_tokens": 2, "finish_reason": "stop"}
+    assert store.finalize(db, stream.id, status="done", text="Hi", layout=[2], attempt=None,
+                          usage=usage)  # fmt: skip
+    db.expire_all()
+    first = db.get(Stream, stream.id)
+    assert first is not None
+    store.reopen(db, first, [2, ["resumed", "{}"]], "task-2")
+    # The retry's generator reported nothing: what the first end stored stays.
+    assert store.finalize(db, stream.id, status="cancelled", text="Hi", layout=[2, ["r", ""]],
+                          attempt=None, reason="abandoned")  # fmt: skip
+    db.expire_all()
+    message = db.get(Message, stream.message_id)
+    assert message is not None and message.status == "cancelled"
+    reported = (message.model, message.prompt_tokens, message.completion_tokens,
+                message.finish_reason)  # fmt: skip
+    assert reported == ("m-1", 7, 2, "stop")
+    row = db.get(Stream, stream.id)
+    assert row is not None
+    assert (row.status, row.end_reason, row.last_seq) == ("cancelled", "abandoned", 3)
+
+
+def test_finalize_refuses_a_usage_field_it_does_not_store(db: Session) -> None:
+    stream = make_stream(db)
+    with pytest.raises(ValueError, match="total_tokens"):
+        store.finalize(db, stream.id, status="done", text="", layout=[], attempt=None,
+                       usage={"total_tokens": 3})  # fmt: skip
+    db.rollback()
+    row = db.get(Stream, stream.id)
+    assert row is not None and row.status == "queued"  # nothing was written
 
 
 def test_events_from_sql_rebuild_the_log(db: Session) -> None:
