@@ -26,31 +26,23 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
-from typing import Any
 
 import pytest
 import redis
-from sqlalchemy import Connection, Engine, create_engine, event, text
-from sqlalchemy.engine import ExceptionContext
+from sqlalchemy import Connection, create_engine, text
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.pool import NullPool
 
 from models import store
-from models.chunklog import ChunkLog
-from models.db import OUTAGE_ERRORS, make_engine, make_sessionmaker, normalize_url
+from models.db import normalize_url
 from models.events import CHUNK, DONE, Event
 from models.settings import Settings
-from models.tables import Message, Stream
 from tests.client import wait_for
-from tests.conftest import guest_chat
-from workers.appender import GroupAppender
+from tests.inproc import Worker, in_process_worker, pieces, with_settings
 from workers.generation import run_generation
-from workers.generators import GenerationRequest
-from workers.runtime import Shutdown, WorkerRuntime
 
 HANG_GUARD_S = 30.0  # no step of these tests comes near it; it only turns a hang into a failure
 
@@ -143,77 +135,6 @@ def outage_on(url: str, **pg: str) -> Iterator[Outage]:
         fault.close()
 
 
-# -- an in-process worker -------------------------------------------------------------------
-
-
-class Scripted:
-    """A generator of the test's own: the pieces (and the fault's moments) its script
-    yields, recorded as they go out."""
-
-    name = "scripted"
-    supports_continuation = False
-
-    def __init__(self) -> None:
-        self.script: Callable[[], Iterator[str]] = lambda: iter(())
-        self.sent: list[str] = []
-
-    def generate(self, request: GenerationRequest) -> Generator[str, None, None]:
-        for piece in self.script():
-            self.sent.append(piece)
-            yield piece
-
-    @property
-    def text(self) -> str:
-        return "".join(self.sent)
-
-
-def pieces(start: int, count: int, pause_s: float = 0.002) -> Iterator[str]:
-    """``count`` short pieces, paced so that checkpoints fall between them."""
-    for n in range(start, start + count):
-        time.sleep(pause_s)
-        yield f"w{n} "
-
-
-@dataclass
-class Worker:
-    """What a worker process has, built in the test: relay's engine, log and writer."""
-
-    rt: WorkerRuntime
-    engine: Engine
-    generator: Scripted
-    # The database errors relay's engine met: "outage: <type>: <message>" when relay
-    # treats it as an outage (models.db.OUTAGE_ERRORS), else "other: ...".
-    faults: list[str] = field(default_factory=list)
-    sent: list[tuple[str, str]] = field(default_factory=list)  # tasks it sent again
-
-    def new_stream(self, prompt: str = "Through a database outage") -> Stream:
-        """A committed turn as the web tier leaves it: a question, a pending answer, a
-        queued stream, and the log's state marked queued."""
-        with self.rt.sessions() as db:
-            chat = guest_chat(db)
-            question = Message(chat_id=chat.id, position=0, role="user", content=prompt)
-            answer = Message(chat_id=chat.id, position=1, role="assistant", status="pending")
-            db.add_all([question, answer])
-            db.flush()
-            stream = Stream(chat_id=chat.id, message_id=answer.id, status="queued")
-            db.add(stream)
-            db.commit()
-        self.rt.log.init(stream.id)
-        return stream
-
-    def stored(self, stream_id: str) -> tuple[Stream, Message]:
-        with self.rt.sessions() as db:
-            stream = db.get(Stream, stream_id)
-            assert stream is not None
-            message = db.get(Message, stream.message_id)
-            assert message is not None
-            return stream, message
-
-
-def _short_busy_timeout(dbapi_conn: Any, _record: Any) -> None:
-    dbapi_conn.execute("PRAGMA busy_timeout=100")
-
-
 @pytest.fixture
 def worker(fresh_database_url: str, redis_client: redis.Redis) -> Iterator[Worker]:
     settings = Settings(
@@ -225,37 +146,8 @@ def worker(fresh_database_url: str, redis_client: redis.Redis) -> Iterator[Worke
         heartbeat_stale_s=3.0,
         sweep_interval_s=0.5,
     )
-    engine = make_engine(fresh_database_url)
-    if fresh_database_url.startswith("sqlite"):
-        event.listen(engine, "connect", _short_busy_timeout)  # after relay's own pragmas
-    faults: list[str] = []
-
-    def met(context: ExceptionContext) -> None:
-        kind = "outage" if isinstance(context.sqlalchemy_exception, OUTAGE_ERRORS) else "other"
-        original = context.original_exception
-        faults.append(f"{kind}: {type(original).__name__}: {original}")
-
-    event.listen(engine, "handle_error", met)
-    chunks = ChunkLog(redis_client)
-    generator = Scripted()
-    sent: list[tuple[str, str]] = []
-    rt = WorkerRuntime(
-        settings=settings,
-        sessions=make_sessionmaker(engine),
-        log=chunks,
-        generator=generator,
-        enqueue=lambda sid, task: sent.append((sid, task)),
-        is_revoked=lambda _task: False,
-        shutdown=Shutdown(settings.shutdown_grace_s),
-        appender=GroupAppender(chunks, budget_s=settings.backend_budget_s),
-        worker_name="test-worker",
-    )
-    yield Worker(rt, engine, generator, faults, sent)
-    engine.dispose()
-
-
-def with_settings(w: Worker, **changes: Any) -> None:
-    w.rt.settings = replace(w.rt.settings, **changes)
+    with in_process_worker(fresh_database_url, redis_client, settings) as w:
+        yield w
 
 
 def assert_ended_done_everywhere(w: Worker, stream_id: str) -> list[Event]:

@@ -208,6 +208,11 @@ def _claim_void(rt: WorkerRuntime, db: Session, stream_id: str, attempt: int) ->
     return "finished"
 
 
+# Each interval between two checkpoints of an answer is 1 - CHECKPOINT_JITTER to 1 times
+# RELAY_CHECKPOINT_INTERVAL_S, at random.
+CHECKPOINT_JITTER = 0.2
+
+
 @dataclass
 class SqlOutage:
     """How long SQL has been unreachable for one writer, and how long to wait before the
@@ -259,10 +264,8 @@ class LogWriter:
         self.parts = [text] if text else []
         self.length = len(text)
         self.started = time.monotonic()
-        # A random first checkpoint: answers that start together (a burst of posts, a
-        # worker restart) do not all write SQL in the same instant every interval.
         interval = rt.settings.checkpoint_interval_s
-        self.checkpointed_at = self.started - random.uniform(0, interval)
+        self.checkpointed_at = self.started  # the clock starts at the first piece (below)
         self.handoff = threading.Event()  # set by the watcher when the worker shuts down
         self.timed_out = threading.Event()  # set by the watcher past max_generation_s
         self.first_chunk_at: float | None = None
@@ -356,6 +359,11 @@ class LogWriter:
         self.layout.append(self.length)
         if self.first_chunk_at is None:
             self.first_chunk_at = time.monotonic()
+            # Nothing to copy before the first piece: the checkpoints' clock starts here, at
+            # a random phase. Answers whose first pieces come together (a burst of posts,
+            # a worker restart, a model slow to start) then write SQL at different moments,
+            # not all in the same instant every interval, stalling every stream's appends.
+            self.checkpointed_at = self.first_chunk_at - random.uniform(0, self.sql.interval_s)
 
     def submit(self, event: Event) -> None:
         try:
@@ -412,7 +420,10 @@ class LogWriter:
         self.sql.answered(self.job.stream_id)
         if not ok:
             raise StaleAttempt(f"stream {self.job.stream_id} checkpoint refused")
-        self.checkpointed_at = time.monotonic()
+        # The next one after 0.8-1 interval: answers that were brought into step (all paused
+        # by the same upstream stall, say) drift apart again.
+        jitter = random.uniform(0, CHECKPOINT_JITTER * self.sql.interval_s)
+        self.checkpointed_at = time.monotonic() - jitter
 
     def fail(self, code: str, message: str) -> str:
         return self.finish("failed", store.ErrorInfo(code, message))
