@@ -16,6 +16,7 @@ import numpy as np
 from bench import summary
 from bench.config import Knobs
 from bench.redisd import redis_counters, redis_delta
+from bench.runner import log
 from bench.stack import Stack
 from bench.upstream_stream import plan_message
 
@@ -85,6 +86,7 @@ async def run_and_measure(
     before = await redis_counters(stack.redis_url)
     stack.meter.start()
     go_us = await stack.upstream.go()
+    log(f"go: streams run (monotonic {go_us} us; for a profiler to time its window)")
     wait_s = max(5.0, deadline - time.monotonic() - 30)
     reports = await asyncio.gather(*(
         lg.call("wait_closed", timeout_s=wait_s, timeout=wait_s + 60) for lg in stack.loadgens

@@ -103,6 +103,12 @@ def stored_answer(page: Page, base_url: str, chat_id: str) -> dict[str, Any]:
     return [m for m in messages if m["role"] == "assistant"][-1]  # type: ignore[no-any-return]
 
 
+def wait_checkpoint(page: Page, base_url: str, chat_id: str) -> None:
+    """Return as soon as the stored text of the chat's answer moves (a worker checkpoint)."""
+    before = stored_answer(page, base_url, chat_id)["streamSeq"]
+    wait_for(lambda: stored_answer(page, base_url, chat_id)["streamSeq"] != before, T / 1000, 0.01)
+
+
 def assert_exact(page: Page, base_url: str, chat_id: str, status: str = "complete") -> str:
     """The shown answer equals the stored one; everything shown on the way was a prefix."""
     stored = stored_answer(page, base_url, chat_id)
@@ -480,6 +486,10 @@ def test_page_reads_the_batch_form_and_reloads_show_the_stored_text_once(
     open_app(page, stack.base_url)
     chat_id = send(page, "A long answer in batches [demo:words=900] [demo:rate=250]")
     wait_text(page, 600)
+    # Right after a checkpoint: the next one is at least 0.8 interval away, so the page reads
+    # this one and the log has many events past it when the page attaches. (A checkpoint just
+    # before the page's read of the chat would leave a catch-up of one event: a plain chunk.)
+    wait_checkpoint(page, stack.base_url, chat_id)
     live = len(sockets.opened)
     page.reload()  # mid-stream: history, then the rest after its streamSeq
     expect(page.locator("html")).to_have_attribute("data-ready", "true", timeout=T)
