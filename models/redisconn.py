@@ -240,7 +240,6 @@ def make_redis(url: str, max_connections: int = 200, wait_s: float = 60.0) -> re
         decode_responses=True,
         health_check_interval=30,
         socket_connect_timeout=5,
-        **_driver_info(),
     )
     return redis.Redis(connection_pool=pool)
 
@@ -265,7 +264,6 @@ def make_cluster(url: str, max_connections: int = 200, wait_s: float = 60.0) -> 
         decode_responses=True,
         socket_connect_timeout=5,
         **parsed.auth(),
-        **_driver_info(),
     )
 
 
@@ -323,18 +321,23 @@ def subscriber_pool(
     return node_pool(url, host, port, **options)
 
 
-@functools.cache
-def _driver_info() -> dict[str, Any]:
-    """redis-py 8 reads its own version from the package metadata (disk, email parsing)
-    for every new connection: a burst of a thousand viewers paid for it hundreds of
-    times. Resolve it once."""
+def _lib_version_once() -> None:
+    """redis-py 8 reads its own version from the package metadata (disk, email parsing:
+    about 240 µs here) for every connection it creates, in relay's pools and in kombu's
+    alike: a thousand viewers attaching at once, or two hundred tasks acknowledged together
+    (kombu's pool grows), paid for it hundreds of times on the event loop. The version
+    cannot change in a running process: resolve it once (redis-py looks the function up in
+    ``redis.utils`` at each call)."""
     try:
-        from redis.driver_info import DriverInfo
-        from redis.utils import get_lib_version
-    except ImportError:  # redis-py before 8: nothing to resolve
-        return {}
-    version = get_lib_version()  # type: ignore[no-untyped-call]
-    return {"driver_info": DriverInfo(name="redis-py", lib_version=version)}
+        from redis import utils
+    except ImportError:  # pragma: no cover - redis-py always has it
+        return
+    lookup = getattr(utils, "get_lib_version", None)
+    if lookup is not None and not hasattr(lookup, "cache_info"):
+        utils.get_lib_version = functools.cache(lookup)
+
+
+_lib_version_once()
 
 
 def make_blocking_client(url: str, block_s: float) -> redis.Redis:
