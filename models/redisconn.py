@@ -34,6 +34,7 @@ from typing import Any
 from urllib.parse import parse_qs, quote, unquote
 
 import redis
+import redis.utils
 from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
 from redis.exceptions import (
@@ -328,13 +329,9 @@ def _lib_version_once() -> None:
     (kombu's pool grows), paid for it hundreds of times on the event loop. The version
     cannot change in a running process: resolve it once (redis-py looks the function up in
     ``redis.utils`` at each call)."""
-    try:
-        from redis import utils
-    except ImportError:  # pragma: no cover - redis-py always has it
-        return
-    lookup = getattr(utils, "get_lib_version", None)
-    if lookup is not None and not hasattr(lookup, "cache_info"):
-        utils.get_lib_version = functools.cache(lookup)
+    lookup = redis.utils.get_lib_version
+    if not hasattr(lookup, "cache_info"):  # not already cached (a second import)
+        redis.utils.get_lib_version = functools.cache(lookup)
 
 
 _lib_version_once()
