@@ -167,14 +167,19 @@ def publish_chat(target: Target, user_id: str, kind: str, chat: Chat) -> int | N
 
 
 def publish_turn(
-    target: Target, user_id: str, chat: Chat, stream: Stream, *, new_chat: bool
+    target: Target,
+    user_id: str,
+    chat_id: str,
+    title: str,
+    stream_id: str,
+    message_id: str,
+    *,
+    new_chat: bool,
 ) -> None:
     """A post was committed: ``chat.created`` (when its chat is new), then
     ``answer.queued`` (before the task is sent, so it comes before ``answer.started``)."""
-    events = [event_of(CHAT_CREATED, chatId=chat.id, title=chat.title)] if new_chat else []
-    events.append(
-        event_of(ANSWER_QUEUED, chatId=chat.id, streamId=stream.id, messageId=stream.message_id)
-    )
+    events = [event_of(CHAT_CREATED, chatId=chat_id, title=title)] if new_chat else []
+    events.append(event_of(ANSWER_QUEUED, chatId=chat_id, streamId=stream_id, messageId=message_id))
     publish_events(target, user_id, events)
 
 

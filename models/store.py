@@ -46,29 +46,37 @@ def load_layout(stream: Stream) -> Layout:
 
 _STREAMS: Table = Stream.__table__  # type: ignore[assignment]
 _MESSAGES: Table = Message.__table__  # type: ignore[assignment]
+_MARK_RUNNING = (
+    _STREAMS.update()
+    .where(
+        _STREAMS.c.id == bindparam("sid"),
+        _STREAMS.c.status.in_(ACTIVE_STREAM_STATUSES),
+        _STREAMS.c.attempt <= bindparam("b_attempt"),  # equal: again, after a lost reply
+    )
+    .values(
+        status="running", attempt=bindparam("b_attempt"), task_id=bindparam("b_task"),
+        updated_at=bindparam("b_now"), started_at=func.coalesce(_STREAMS.c.started_at,
+                                                                 bindparam("b_now")),
+    )
+)  # fmt: skip
+_MARK_STREAMING = (
+    _MESSAGES.update().where(_MESSAGES.c.id == bindparam("mid")).values(status="streaming")
+)
 
 
 def mark_running(db: Session, stream_id: str, message_id: str, attempt: int, task_id: str) -> bool:
     """Record that ``attempt`` (run by ``task_id``) now writes the stream; False when SQL has
     ended the stream or a later attempt owns it (the claim is void). Core statements: this
     is on the path from a post to its first chunk."""
+    conn = db.connection()
     now = utcnow()
-    res = db.execute(
-        _STREAMS.update()
-        .where(
-            _STREAMS.c.id == stream_id,
-            _STREAMS.c.status.in_(ACTIVE_STREAM_STATUSES),
-            _STREAMS.c.attempt <= attempt,  # equal: this call again, after a lost reply
-        )
-        .values(
-            status="running", attempt=attempt, task_id=task_id, updated_at=now,
-            started_at=func.coalesce(_STREAMS.c.started_at, now),
-        )
-    )  # fmt: skip
-    if res.rowcount == 0:  # type: ignore[attr-defined]
+    res = conn.execute(
+        _MARK_RUNNING, {"sid": stream_id, "b_attempt": attempt, "b_task": task_id, "b_now": now}
+    )
+    if res.rowcount == 0:
         db.rollback()
         return False
-    db.execute(_MESSAGES.update().where(_MESSAGES.c.id == message_id).values(status="streaming"))
+    conn.execute(_MARK_STREAMING, {"mid": message_id})
     db.commit()
     return True
 

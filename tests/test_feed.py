@@ -22,7 +22,7 @@ from websockets.sync.client import ClientConnection
 from models import feed, keys
 from models.chunklog import ChunkLog
 from models.feed import Feed
-from models.tables import Chat, Stream
+from models.tables import Chat
 from ops.redis_server import free_port
 from tests.client import Client, wait_for
 from tests.conftest import Stack
@@ -82,9 +82,10 @@ def test_a_feed_write_while_redis_is_unreachable_is_logged_not_raised() -> None:
     dead = redis.Redis(port=free_port(), socket_connect_timeout=1, retry=Retry(NoBackoff(), 0))
     log = ChunkLog(dead)
     chat = Chat(id="c", user_id="u", title="Hello")
-    stream = Stream(id="s", chat_id="c", message_id="m", status="queued")
     before = REGISTRY.get_sample_value("relay_feed_write_failures_total") or 0.0
-    feed.publish_turn(log, "u", chat, stream, new_chat=True)  # chat.created, answer.queued
+    feed.publish_turn(
+        log, "u", "c", "Hello", "s", "m", new_chat=True
+    )  # chat.created, answer.queued
     assert feed.publish_chat(log, "u", feed.CHAT_DELETED, chat) is None
     assert feed.publish(dead, "u", feed.CHAT_RENAMED, chatId="c", title="New") is None
     assert REGISTRY.get_sample_value("relay_feed_write_failures_total") == before + 4

@@ -41,6 +41,7 @@ from web.attach import Followed
 from web.auth import current_user_id, ensure_user
 from web.chats import (
     StreamRef,
+    Turn,
     active_stream,
     add_client_turn,
     cancel_stream,
@@ -313,14 +314,14 @@ def send() -> Response:
     if claimed is not None and not isinstance(claimed, idempotency.Claim):
         return _replayed(rt, uid, claimed[0])
     try:
-        stream = _new_turn(rt, uid, client_id, text, model, interrupt, detach_after_s)
+        turn = _new_turn(rt, uid, client_id, text, model, interrupt, detach_after_s)
     except BaseException:
         if claimed is not None:
             claimed.release()  # nothing was started: let the retry run
         raise
     if claimed is not None:
-        claimed.store({"streamId": stream.id, "messageId": stream.message_id}, 200)
-    return ui_response(rt, StreamRef.of(stream), stream.message_id)
+        claimed.store({"streamId": turn.stream_id, "messageId": turn.message_id}, 200)
+    return ui_response(rt, StreamRef(turn.stream_id, "queued", 0), turn.message_id)
 
 
 def _new_turn(
@@ -331,19 +332,18 @@ def _new_turn(
     model: str,
     interrupt: bool,
     detach_after_s: int | None,
-) -> Stream:
+) -> Turn:
     db = get_db()
     with ratelimit.admitted(rt, db, uid):  # before any write: see web/api.py post_chat
         found = client_chat(db, uid, client_id)
         check_not_busy(rt, db, found.id if found else None, interrupt)
         ensure_user(db, uid)
-        chat, stream, _question = add_client_turn(
-            db, uid, client_id, found, text, model, detach_after_s
-        )
-        commit_turn(db)  # the rows exist before any worker can look for them
-    feed.publish_turn(rt, uid, chat, stream, new_chat=found is None)
-    enqueue(rt, db, stream)
-    return stream
+        turn = add_client_turn(db, uid, client_id, found, text, model, detach_after_s)
+        commit_turn(db, turn)  # the rows exist before any worker can look for them
+    feed.publish_turn(rt, uid, turn.chat_id, turn.title, turn.stream_id, turn.message_id,
+                      new_chat=turn.new_chat)  # fmt: skip
+    enqueue(rt, db, turn.stream_id, turn.detach_after_s)
+    return turn
 
 
 def _replayed(rt: Runtime, uid: str, first: dict[str, Any]) -> Response:

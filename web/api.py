@@ -20,11 +20,12 @@ from models.exceptions import (
     StreamFinished,
 )
 from models.settings import DETACH_POLICIES, MAX_DETACH_S, MIN_DETACH_S, Settings
-from models.tables import ACTIVE_STREAM_STATUSES, Chat, Message, Stream, utcnow
+from models.tables import ACTIVE_STREAM_STATUSES, Message, utcnow
 from web import idempotency, ratelimit
 from web.auth import current_user_id, ensure_user
 from web.chats import (
     StreamRef,
+    Turn,
     add_turn,
     cancel_stream,
     chat_detail_json,
@@ -117,26 +118,18 @@ def last_event_id() -> int:
     return parse_after(request.headers.get("Last-Event-ID") or request.args.get("after"))
 
 
-def start_turn(
-    rt: Runtime,
-    db: Session,
-    uid: str,
-    chat: Chat,
-    stream: Stream,
-    question_id: str,
-    *,
-    new_chat: bool,
-) -> idempotency.Answer:
+def start_turn(rt: Runtime, db: Session, uid: str, turn: Turn) -> idempotency.Answer:
     """A committed turn: tell the user's feed, send the task, answer 202."""
-    feed.publish_turn(rt, uid, chat, stream, new_chat=new_chat)
-    enqueue(rt, db, stream)
+    feed.publish_turn(rt, uid, turn.chat_id, turn.title, turn.stream_id, turn.message_id,
+                      new_chat=turn.new_chat)  # fmt: skip
+    enqueue(rt, db, turn.stream_id, turn.detach_after_s)
     return {
-        "chatId": chat.id,
-        "messageId": stream.message_id,
-        "userMessageId": question_id,
-        "streamId": stream.id,
-        "ws": f"/api/v1/streams/{stream.id}/ws",
-        "events": f"/api/v1/streams/{stream.id}/events",
+        "chatId": turn.chat_id,
+        "messageId": turn.message_id,
+        "userMessageId": turn.question_id,
+        "streamId": turn.stream_id,
+        "ws": f"/api/v1/streams/{turn.stream_id}/ws",
+        "events": f"/api/v1/streams/{turn.stream_id}/events",
     }, 202
 
 
@@ -162,9 +155,9 @@ def post_chat() -> tuple[Response, int]:
                 get_chat(db, uid, chat_id)
             check_not_busy(rt, db, chat_id, interrupt)
             ensure_user(db, uid)
-            chat, stream, question_id = add_turn(db, uid, chat_id, text, model, detach_after_s)
-            commit_turn(db)  # the rows exist before any worker can look for them
-        return start_turn(rt, db, uid, chat, stream, question_id, new_chat=chat_id is None)
+            turn = add_turn(db, uid, chat_id, text, model, detach_after_s)
+            commit_turn(db, turn)  # the rows exist before any worker can look for them
+        return start_turn(rt, db, uid, turn)
 
     return idempotency.answer_once(rt.log.redis, uid, key, post)
 
@@ -268,9 +261,9 @@ def regenerate(chat_id: str) -> tuple[Response, int]:
             db.expire_all()  # read again under the user's admission lock
             old, old_stream = check_regenerable(db, chat)
             model = asked or _kept_model(old.model, rt.settings)
-            stream, question_id = replace_answer(rt, db, chat, old, old_stream, model)
-            commit_turn(db)
-        return start_turn(rt, db, uid, chat, stream, question_id, new_chat=False)
+            turn = replace_answer(rt, db, chat, old, old_stream, model)
+            commit_turn(db, turn)
+        return start_turn(rt, db, uid, turn)
 
     return idempotency.answer_once(rt.log.redis, uid, key, produce)
 

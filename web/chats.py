@@ -6,11 +6,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import unicodedata
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
 from redis.exceptions import RedisError
-from sqlalchemy import bindparam, func, select
+from sqlalchemy import Executable, Table, bindparam, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, object_session
 
@@ -62,7 +63,7 @@ class StreamRef(NamedTuple):
 # Built once, run on the session's connection: an attach pays for the query, not for
 # building the statement and the ORM's execution path (three quarters of its cost when a
 # thousand viewers attach at once).
-_streams, _chats = Stream.__table__.c, Chat.__table__.c
+_streams, _chats, _messages = Stream.__table__.c, Chat.__table__.c, Message.__table__.c
 _STREAM_REF = (
     select(_streams.id, _streams.status, _streams.last_seq)
     .join_from(Stream.__table__, Chat.__table__, _streams.chat_id == _chats.id)
@@ -107,6 +108,36 @@ def active_stream(db: Session, chat_id: str) -> Stream | None:
     return stream if stream is not None and stream.status in ACTIVE_STREAM_STATUSES else None
 
 
+@dataclass(frozen=True)
+class Turn:
+    """A new turn before it is committed: ids chosen here, so the turn is written in one
+    transaction of prebuilt Core statements (``commit_turn``) and announced without reading
+    anything back. ``rows``: the statements to run and their parameters, in order."""
+
+    chat_id: str
+    title: str
+    question_id: str
+    message_id: str  # the pending answer
+    stream_id: str
+    detach_after_s: int | None
+    new_chat: bool
+    rows: tuple[tuple[Executable, list[dict[str, Any]]], ...]
+
+
+# The new turn's statements, built once like those above (the ORM's unit of work cost three
+# times the rows' own insert, on the path from a post to its first chunk).
+_CHATS: Table = Chat.__table__  # type: ignore[assignment]
+_MESSAGES: Table = Message.__table__  # type: ignore[assignment]
+_STREAMS: Table = Stream.__table__  # type: ignore[assignment]
+_INSERT_CHAT = _CHATS.insert()
+_INSERT_MESSAGES = _MESSAGES.insert()
+_INSERT_STREAM = _STREAMS.insert()
+_TOUCH_CHAT = (
+    _CHATS.update().where(_chats.id == bindparam("cid")).values(updated_at=bindparam("b_now"))
+)
+_LAST_POSITION = select(func.max(_messages.position)).where(_messages.chat_id == bindparam("cid"))
+
+
 def add_turn(
     db: Session,
     uid: str,
@@ -114,32 +145,49 @@ def add_turn(
     text: str,
     model: str | None = None,
     detach_after_s: int | None = None,
-) -> tuple[Chat, Stream, str]:
-    """Create the user message, the pending answer and its stream (not yet committed);
-    returns the chat, the stream and the user message's id."""
-    # IDs are chosen here rather than at INSERT time, so the whole turn goes to the
-    # database in the one flush of its commit.
-    if chat_id is None:
-        chat = Chat(id=new_id(), user_id=uid, title=_title(text))
-        db.add(chat)
-        position = 0
-    else:
-        chat = get_chat(db, uid, chat_id)
-        last = db.scalar(select(func.max(Message.position)).where(Message.chat_id == chat.id))
-        position = -1 if last is None else last
-        position += 1
+    client_id: str | None = None,
+) -> Turn:
+    """The user message, the pending answer and its stream of a new turn, in a new chat
+    (``chat_id`` None, named ``client_id`` by the client when given) or at the end of the
+    user's chat ``chat_id``; written by ``commit_turn``. This is on the path from a post to
+    its first chunk: plain rows through prebuilt statements, no ORM unit of work."""
     now = utcnow()
-    chat.updated_at = now
-    question = Message(id=new_id(), chat_id=chat.id, position=position, role="user",
-                       content=text)  # fmt: skip
-    answer = Message(
-        id=new_id(), chat_id=chat.id, position=position + 1, role="assistant",
-        status="pending", model=model,
-    )  # fmt: skip
-    stream = Stream(id=new_id(), chat_id=chat.id, message_id=answer.id, status="queued",
-                    detach_after_s=detach_after_s)  # fmt: skip
-    db.add_all([question, answer, stream])
-    return chat, stream, question.id
+    question_id, answer_id, stream_id = new_id(), new_id(), new_id()
+    if chat_id is None:
+        chat_id, title, position = new_id(), _title(text), 0
+        chat_row = {"id": chat_id, "user_id": uid, "client_id": client_id, "title": title,
+                    "created_at": now, "updated_at": now}  # fmt: skip
+        head: tuple[Executable, list[dict[str, Any]]] = (_INSERT_CHAT, [chat_row])
+    else:
+        title = get_chat(db, uid, chat_id).title
+        last = db.connection().execute(_LAST_POSITION, {"cid": chat_id}).scalar()
+        position = 0 if last is None else last + 1
+        head = (_TOUCH_CHAT, [{"cid": chat_id, "b_now": now}])
+    messages = [
+        _message_row(question_id, chat_id, position, "user", text, "complete", None, now),
+        _message_row(answer_id, chat_id, position + 1, "assistant", "", "pending", model, now),
+    ]
+    stream = _stream_row(stream_id, chat_id, answer_id, detach_after_s, now)
+    rows = (head, (_INSERT_MESSAGES, messages), (_INSERT_STREAM, [stream]))
+    return Turn(chat_id, title, question_id, answer_id, stream_id, detach_after_s,
+                new_chat=head[0] is _INSERT_CHAT, rows=rows)  # fmt: skip
+
+
+def _message_row(
+    mid: str, chat_id: str, position: int, role: str, content: str, status: str,
+    model: str | None, now: datetime,
+) -> dict[str, Any]:  # fmt: skip
+    return {"id": mid, "chat_id": chat_id, "position": position, "role": role,
+            "content": content, "status": status, "model": model, "created_at": now,
+            "updated_at": now}  # fmt: skip
+
+
+def _stream_row(
+    sid: str, chat_id: str, message_id: str, detach_after_s: int | None, now: datetime
+) -> dict[str, Any]:
+    return {"id": sid, "chat_id": chat_id, "message_id": message_id, "status": "queued",
+            "attempt": 0, "last_seq": 0, "seq_layout": "[]", "detach_after_s": detach_after_s,
+            "created_at": now, "updated_at": now}  # fmt: skip
 
 
 def client_chat(db: Session, uid: str, client_id: str) -> Chat | None:
@@ -156,48 +204,50 @@ def add_client_turn(
     text: str,
     model: str | None,
     detach_after_s: int | None = None,
-) -> tuple[Chat, Stream, str]:
+) -> Turn:
     """``add_turn`` for the chat the client names ``client_id`` (``found``: ``client_chat``'s
     answer). Its first turn creates the chat under that id; two first posts racing collide
     on the unique (user, client id) at commit, which ``commit_turn`` answers 409."""
-    chat, stream, question_id = add_turn(
-        db, uid, found.id if found else None, text, model, detach_after_s
-    )
-    chat.client_id = client_id
-    return chat, stream, question_id
+    return add_turn(db, uid, found.id if found else None, text, model, detach_after_s,
+                    client_id=client_id)  # fmt: skip
 
 
-def commit_turn(db: Session) -> None:
-    """Commit the new turn; a concurrent post to the same chat loses with 409."""
+def commit_turn(db: Session, turn: Turn) -> None:
+    """Write the new turn and commit; a concurrent post to the same chat loses with 409 (the
+    unique message position, or the unique client id of a new chat)."""
     try:
+        db.flush()  # anything the session holds goes first (the replaced answer's deletes)
+        conn = db.connection()
+        for statement, params in turn.rows:
+            conn.execute(statement, params)
         db.commit()
     except IntegrityError as exc:
         db.rollback()
         raise ChatBusy("another message was posted to this chat at the same time") from exc
 
 
-def enqueue(rt: Runtime, db: Session, stream: Stream) -> None:
+def enqueue(rt: Runtime, db: Session, stream_id: str, detach_after_s: int | None) -> None:
     """Hand the committed stream to a worker; the first attempt's task id is the stream ID."""
     try:
-        rt.log.init(stream.id, stream.detach_after_s)
-        rt.celery.send_task(GENERATE, args=[stream.id], task_id=stream.id)
+        rt.log.init(stream_id, detach_after_s)
+        rt.celery.send_task(GENERATE, args=[stream_id], task_id=stream_id)
     except Exception as exc:
-        log.exception("stream=%s could not be enqueued", stream.id)
-        _fail_unqueued(rt, db, stream)
+        log.exception("stream=%s could not be enqueued", stream_id)
+        _fail_unqueued(rt, db, stream_id)
         raise BrokerUnavailable("the task queue is unreachable; try again shortly") from exc
     # Sent: without this mark (this process died just before it), the sweeper sends the
     # committed stream's task itself after a few seconds.
     with contextlib.suppress(RedisError):
-        rt.log.mark_sent(stream.id)
+        rt.log.mark_sent(stream_id)
 
 
-def _fail_unqueued(rt: Runtime, db: Session, stream: Stream) -> None:
+def _fail_unqueued(rt: Runtime, db: Session, stream_id: str) -> None:
     """End a stream that never reached the queue, in SQL and (if reachable) in the log."""
     error = store.ErrorInfo("broker_unavailable", "the task queue was unreachable")
-    store.finalize(db, stream.id, status="failed", text="", layout=[], attempt=None, error=error)
+    store.finalize(db, stream_id, status="failed", text="", layout=[], attempt=None, error=error)
     with contextlib.suppress(RedisError):
-        rt.log.seal(stream.id, [error_event(1, error.code, error.message)], 0)
-    feed.publish_answer(rt, db, stream.id, feed.ANSWER_FINISHED, "failed")
+        rt.log.seal(stream_id, [error_event(1, error.code, error.message)], 0)
+    feed.publish_answer(rt, db, stream_id, feed.ANSWER_FINISHED, "failed")
 
 
 def check_not_busy(rt: Runtime, db: Session, chat_id: str | None, interrupt: bool) -> None:
@@ -451,11 +501,11 @@ def check_regenerable(db: Session, chat: Chat) -> tuple[Message, Stream | None]:
 
 def replace_answer(
     rt: Runtime, db: Session, chat: Chat, old: Message, old_stream: Stream | None, model: str
-) -> tuple[Stream, str]:
+) -> Turn:
     """Delete the chat's last answer (message, stream, log) and put a new pending answer in
-    its place, for the same user message (not yet committed). Returns the new stream and
-    the user message's id. The log goes first, as ``lifecycle.delete_chats`` does: Redis
-    before any SQL write (a failure after it leaves rows SQL can replay)."""
+    its place, for the same user message (written by ``commit_turn``). The log goes first,
+    as ``lifecycle.delete_chats`` does: Redis before any SQL write (a failure after it
+    leaves rows SQL can replay)."""
     if old_stream is not None:
         rt.log.forget([old_stream.id])
         db.delete(old_stream)
@@ -467,13 +517,12 @@ def replace_answer(
     question_id = db.scalar(
         select(Message.id).where(Message.chat_id == chat.id, Message.position == position - 1)
     )
-    chat.updated_at = utcnow()
-    answer = Message(
-        id=new_id(), chat_id=chat.id, position=position, role="assistant",
-        status="pending", model=model,
-    )  # fmt: skip
-    stream = Stream(id=new_id(), chat_id=chat.id, message_id=answer.id, status="queued",
-                    detach_after_s=detach_after_s)  # fmt: skip
-    db.add_all([answer, stream])
-    log.info("chat=%s answer %s replaced by %s", chat.id, old.id, answer.id)
-    return stream, question_id or ""
+    now = utcnow()
+    answer_id, stream_id = new_id(), new_id()
+    answer = _message_row(answer_id, chat.id, position, "assistant", "", "pending", model, now)
+    stream = _stream_row(stream_id, chat.id, answer_id, detach_after_s, now)
+    rows = ((_TOUCH_CHAT, [{"cid": chat.id, "b_now": now}]), (_INSERT_MESSAGES, [answer]),
+            (_INSERT_STREAM, [stream]))  # fmt: skip
+    log.info("chat=%s answer %s replaced by %s", chat.id, old.id, answer_id)
+    return Turn(chat.id, chat.title, question_id or "", answer_id, stream_id, detach_after_s,
+                new_chat=False, rows=rows)  # fmt: skip
