@@ -12,7 +12,7 @@ import pytest
 import redis
 from kombu import Connection, Exchange, Queue
 
-from ops.kombufix import repair_late_restore
+from ops.kombufix import repair_late_restore, reuse_clients
 from ops.redis_server import EmbeddedRedis
 
 EXCHANGE = Exchange("kombufix", type="direct")
@@ -91,3 +91,50 @@ def test_a_channel_with_nothing_to_reuse_still_raises_kombus_error(tmp_path: Pat
 def test_the_repair_applies_once() -> None:
     repair_late_restore()
     assert repair_late_restore() is False
+
+
+def test_a_channel_reuses_one_client_for_its_commands_until_its_pool_changes(
+    tmp_path: Path,
+) -> None:
+    """Publishes, unacked records and acks go through one redis-py client per channel (kombu
+    5.7.0 alone builds one per command); a channel whose pools were dropped builds a new one
+    on its new pool, and every message still arrives once."""
+    server = EmbeddedRedis(tmp_path / "redis").start()
+    try:
+        reuse_clients()
+        with Connection(server.url) as conn:
+            channel = conn.channel()
+            built: list[Any] = []
+            create = channel._create_client
+
+            def counting(asynchronous: bool = False) -> Any:
+                client = create(asynchronous=asynchronous)
+                built.append(client)
+                return client
+
+            channel._create_client = counting
+            producer = conn.Producer(channel)
+            for n in range(20):
+                producer.publish({"n": n}, exchange=EXCHANGE, routing_key="kombufix",
+                                 declare=[QUEUE])  # fmt: skip
+            got = []
+            for _ in range(20):
+                message = channel.basic_get(QUEUE.name)  # records it in the unacked hash
+                assert message is not None
+                got.append(message.payload["n"])
+                message.ack()
+            assert sorted(got) == list(range(20))
+            assert len(built) == 1
+            assert probe(server).hlen(UNACKED) == 0
+
+            channel._disconnect_pools()  # what kombu does when the channel closes
+            producer.publish({"n": 20}, exchange=EXCHANGE, routing_key="kombufix")
+            assert len(built) == 2 and built[1].connection_pool is not built[0].connection_pool
+            assert probe(server).llen(QUEUE.name) == 1
+    finally:
+        server.stop()
+
+
+def test_client_reuse_applies_once() -> None:
+    reuse_clients()
+    assert reuse_clients() is False

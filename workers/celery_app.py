@@ -10,10 +10,11 @@ from celery.signals import user_preload_options
 
 from models.settings import Settings, redis_notice
 from ops.geventfix import repair_early_imports
-from ops.kombufix import repair_late_restore
+from ops.kombufix import repair_late_restore, reuse_clients
 
 repair_early_imports()  # before the worker connects to its broker
 repair_late_restore()  # a broker restart must not kill the worker
+reuse_clients()  # one redis-py client per channel, not one per command
 
 # The one task relay runs; the web tier enqueues it by name.
 GENERATE = "relay.generate"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import socket
 from collections.abc import Generator, Iterable, Iterator, Mapping
@@ -29,6 +30,13 @@ DEFAULT_BASE_URL = "https://api.openai.com/v1"
 LIMITS = httpx.Limits(max_connections=1000, max_keepalive_connections=100)
 DRAIN_S = 0.25  # how long the end of a body may take after [DONE] before we give up on reuse
 Event = tuple[bytes, bytes]  # (event type, data)
+
+# httpx logs every request at INFO ("HTTP Request: POST ... 200 OK"): in a worker that runs at
+# INFO, one more line per answer, formatted and written on the path to its first chunk, where
+# relay logs each answer's start and end itself. httpx's warnings still show; a deployment
+# that configured the "httpx" logger keeps its own level.
+if logging.getLogger("httpx").level == logging.NOTSET:
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 class SSEParser:
