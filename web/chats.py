@@ -237,9 +237,9 @@ def enqueue(rt: Runtime, db: Session, stream_id: str, detach_after_s: int | None
         _fail_unqueued(rt, db, stream_id)
         raise BrokerUnavailable("the task queue is unreachable; try again shortly") from exc
     # Sent: without this mark (this process died just before it), the sweeper sends the
-    # committed stream's task itself after a few seconds. Only the sweeper reads it, so it is
-    # made after the answer to the post has gone (a greenlet of its own under gevent): one
-    # Redis round trip less between a post and its 202.
+    # committed stream's task itself after a few seconds. Only the sweeper reads it, so the
+    # post does not wait for its round trip (a greenlet of its own under gevent, else a
+    # thread): one Redis round trip less between a post and its 202.
     threading.Thread(target=_mark_sent, args=(rt, stream_id), name="mark-sent").start()
 
 
