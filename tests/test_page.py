@@ -94,10 +94,38 @@ def test_a_stop_pressed_offline_survives_closing_the_tab(
     expect(page.locator("#conn")).to_have_attribute("data-state", "offline", timeout=T)
     page.click("#stop")
     expect(answer(page)).to_have_attribute("data-stopping", "true", timeout=T)
+    # Written before the request goes out, not once it has failed: a tab gone within
+    # milliseconds of the click still leaves the cancel behind (CI once lost it that way).
+    queued = page.evaluate("localStorage.getItem('relay.pendingCancels')")
+    assert queued is not None and sid in queued
     kill_tab(page)  # gone while offline: see kill_tab for why not page.close()
     at_close = log_length(stack, sid)
     wait_for(lambda: log_length(stack, sid) > at_close + 10, timeout=20)  # still generating
     session.context.set_offline(False)
+    again = session.new_page()
+    open_app(again, stack.base_url, chat_id)
+    wait_status(again, "cancelled")
+    assert_exact(again, stack.base_url, chat_id, status="cancelled")
+    assert again.evaluate("localStorage.getItem('relay.pendingCancels')") is None
+
+
+def test_a_stop_still_in_flight_when_the_tab_dies_is_sent_by_the_next_page(
+    page: Page, session: Session, stack: Stack
+) -> None:
+    """The cancel is written to localStorage before its request goes out: a tab that dies
+    while the request hangs (never answered, never failed) leaves it to the next page."""
+    open_app(page, stack.base_url)
+    chat_id = send(page, "Stop me, then crash [demo:words=1500] [demo:rate=25]")
+    wait_text(page, 60)
+    sid = stream_id(page)
+    hung: list[str] = []
+    page.route("**/cancel", lambda route: hung.append(route.request.url))  # never answered
+    page.click("#stop")
+    expect(answer(page)).to_have_attribute("data-stopping", "true", timeout=T)
+    wait_for(lambda: bool(hung), timeout=10)
+    kill_tab(page)
+    at_close = log_length(stack, sid)
+    wait_for(lambda: log_length(stack, sid) > at_close + 10, timeout=20)  # still generating
     again = session.new_page()
     open_app(again, stack.base_url, chat_id)
     wait_status(again, "cancelled")

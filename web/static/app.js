@@ -52,6 +52,7 @@ const state = {
   follow: true, // keep the newest text in view; false once the user scrolled up
   lastScrollTop: 0,
   pendingCancels: new Map(), // stream id -> {attempt, timer}: cancels waiting for the network
+  sendingCancels: new Set(), // stream ids whose cancel request is in flight (kept in storage too)
   query: "", // the chat list's search text ("" lists every chat)
   listSeq: 0, // bumped on every list request: an answer to an older search is dropped
   renaming: null, // the chat id whose title is being edited in the list
@@ -1079,15 +1080,22 @@ function viewOfStream(streamId) {
   return [...state.views.values()].find((v) => v.streamId === streamId) ?? null;
 }
 
-/** Send one stream's cancel; on a network failure keep it queued and try again later. */
+/** Send one stream's cancel; on a network failure keep it queued and try again later. The
+ * stream id is written to localStorage before the request goes out (and dropped once it is
+ * answered), so a tab closed or crashed while the request is in flight leaves the cancel to
+ * the next page of this browser rather than losing it. */
 async function requestCancel(streamId) {
   const pending = state.pendingCancels.get(streamId) ?? { attempt: 0, timer: null };
   clearTimeout(pending.timer);
   pending.timer = null;
+  state.sendingCancels.add(streamId);
+  saveCancels();
   try {
     await sendCancel(streamId);
+    state.sendingCancels.delete(streamId);
     forgetCancel(streamId);
   } catch (err) {
+    state.sendingCancels.delete(streamId);
     if (err.code === "network") {
       queueCancel(streamId, pending);
       return;
@@ -1135,7 +1143,10 @@ function queueCancel(streamId, pending) {
 
 function forgetCancel(streamId) {
   const pending = state.pendingCancels.get(streamId);
-  if (!pending) return;
+  if (!pending) {
+    saveCancels(); // it was only in flight
+    return;
+  }
   clearTimeout(pending.timer);
   state.pendingCancels.delete(streamId);
   saveCancels();
@@ -1144,7 +1155,7 @@ function forgetCancel(streamId) {
 }
 
 function saveCancels() {
-  const ids = [...state.pendingCancels.keys()];
+  const ids = [...new Set([...state.pendingCancels.keys(), ...state.sendingCancels])];
   store(CANCELS_KEY, ids.length ? JSON.stringify(ids) : "");
 }
 
