@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -107,6 +108,23 @@ def test_a_coalescing_window_gathers_pieces(
     stream.flush()
     wait_for(lambda: len(published) == 1)
     assert published == [("s4", [1, 2, 3, 4, 5])]
+
+
+def test_round_trips_under_load_are_spaced_and_a_quiet_one_starts_at_once(
+    log: ChunkLog, published: list[tuple[str, list[int]]]
+) -> None:
+    group = GroupAppender(log, spacing_s=2.0)
+    stream = group.open("s9", started(log, "s9"), 0)
+    stream.submit(chunk(1))
+    stream.flush(timeout=1.0)  # the first round trip in a while: not held for the spacing
+    for seq in range(2, 6):
+        stream.submit(chunk(seq))
+    time.sleep(0.3)
+    assert stream.acked == 1  # held: the last round trip started less than 2 s ago
+    stream.flush(timeout=5.0)
+    wait_for(lambda: len(published) == 2)
+    assert published == [("s9", [1]), ("s9", [2, 3, 4, 5])]
+    assert "".join(e.text for e in log.read("s9", 0, 10)) == "<1><2><3><4><5>"
 
 
 def test_a_fenced_off_attempt_gets_stale_attempt(log: ChunkLog, redis_client: redis.Redis) -> None:

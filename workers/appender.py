@@ -5,8 +5,13 @@ upstream at once. The flusher thread takes whatever is pending when it wakes (th
 that arrived while the previous round trip was in flight, from every stream of the process)
 and sends it as one pipeline with one ``append_many`` per stream. An idle stream's piece goes
 out as soon as it arrives, so latency does not grow; a busy one's pieces share a round trip
-and a script call. ``coalesce_s`` (RELAY_COALESCE_MS) makes the flusher wait that long after
-it wakes, to gather more pieces per call from providers that send many tiny ones.
+and a script call. Under load a round trip starts at most every ``spacing_s``
+(RELAY_APPEND_SPACING_MS): pieces that arrive sooner after the last one started wait for the
+rest of that interval and go together, so a busy process makes fewer, larger appends (fewer
+script calls, Redis reads and hub wake-ups) for at most that much more latency; a round trip
+after a quiet spell starts at once. ``coalesce_s`` (RELAY_COALESCE_MS) makes the flusher wait
+that long after every wake-up, to gather more pieces per call from providers that send many
+tiny ones.
 
 What the log acknowledged is the truth: ``acked`` is the last seq the log confirmed, and a
 failed append is reported once to the generation, which forgets the pieces after ``acked``.
@@ -90,6 +95,7 @@ class GroupAppender:
         chunks: ChunkLog,
         *,
         coalesce_s: float = 0.0,
+        spacing_s: float = 0.0,
         max_events: int = 512,
         max_pending: int = 8192,
         on_appended: Callable[[int], None] = lambda n: None,
@@ -108,6 +114,9 @@ class GroupAppender:
         self._appended = 0  # confirmed, not yet reported (the flusher's own)
         self._reported_at = 0.0
         self.coalesce_s = coalesce_s
+        self.spacing_s = spacing_s
+        self._round_at = -1e9  # when the last round trip was taken (monotonic)
+        self._holding = False  # the flusher is gathering on purpose: submits need not wake it
         self.max_events = max_events  # per stream per round trip
         self.max_pending = max_pending  # a generation waits when Redis falls this far behind
         self.lock = threading.Lock()
@@ -131,7 +140,8 @@ class GroupAppender:
             stream.pending.append(event)
             if not stream.in_flight and stream not in self._ready:
                 self._ready[stream] = None
-                self._work.notify()
+                if not self._holding:
+                    self._work.notify()
 
     def flush(self, stream: StreamAppender, timeout: float | None = None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -182,10 +192,16 @@ class GroupAppender:
                     self._work.wait(left)
                 else:  # idle for a while: the count is exact
                     self._report_appended()
-            if self.coalesce_s > 0:
-                deadline = time.monotonic() + self.coalesce_s
-                while (left := deadline - time.monotonic()) > 0:
-                    self._work.wait(left)
+            now = time.monotonic()
+            deadline = max(now + self.coalesce_s, self._round_at + self.spacing_s)
+            if deadline > now:
+                self._holding = True
+                try:
+                    while (left := deadline - time.monotonic()) > 0:
+                        self._work.wait(left)
+                finally:
+                    self._holding = False
+            self._round_at = time.monotonic()
             work = []
             for stream in self._ready:
                 events = stream.pending[: self.max_events]
