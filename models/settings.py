@@ -106,9 +106,9 @@ class Settings:
     # The worker's group commit waits this long after the first pending piece to gather
     # more per Redis call (0: send at once; pieces that arrive meanwhile share a call anyway).
     coalesce_ms: float = 0.0
-    # Under load the group commit starts a round trip at most this often: pieces that arrive
-    # sooner after the last one started wait for the rest of it (a quiet process: at once).
-    append_spacing_ms: float = 0.0
+    # Under load the group commit lets the worker's event loop turn this often before each
+    # round trip, so pieces already on their way join it (0: never; a quiet process: never).
+    append_gather: int = 1
     # How long a worker rides out a Redis outage (appends retried with backoff, their fate
     # read back from the log) before the answer ends with backend_unavailable.
     backend_budget_s: float = 30.0

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
-import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ from models.exceptions import LogUnavailable, StaleAttempt
 from models.redisconn import PinnedConnection
 from ops.redis_server import EmbeddedRedis, free_port
 from tests.client import wait_for
-from workers.appender import GroupAppender
+from workers.appender import GroupAppender, StreamAppender
 
 
 @pytest.fixture
@@ -110,21 +109,37 @@ def test_a_coalescing_window_gathers_pieces(
     assert published == [("s4", [1, 2, 3, 4, 5])]
 
 
-def test_round_trips_under_load_are_spaced_and_a_quiet_one_starts_at_once(
+def test_under_load_the_flusher_lets_ready_pieces_join_the_round_trip(
     log: ChunkLog, published: list[tuple[str, list[int]]]
 ) -> None:
-    group = GroupAppender(log, spacing_s=2.0)
-    stream = group.open("s9", started(log, "s9"), 0)
-    stream.submit(chunk(1))
-    stream.flush(timeout=1.0)  # the first round trip in a while: not held for the spacing
-    for seq in range(2, 6):
-        stream.submit(chunk(seq))
-    time.sleep(0.3)
-    assert stream.acked == 1  # held: the last round trip started less than 2 s ago
-    stream.flush(timeout=5.0)
-    wait_for(lambda: len(published) == 2)
-    assert published == [("s9", [1]), ("s9", [2, 3, 4, 5])]
-    assert "".join(e.text for e in log.read("s9", 0, 10)) == "<1><2><3><4><5>"
+    """Under load (``busy_s`` here: a minute) the flusher gives other threads a turn before it
+    takes the pending pieces; what they submit meanwhile goes in the same round trip. After a
+    quiet spell it takes no turn."""
+    rounds: list[list[str]] = []
+    turns: list[Callable[[], None]] = []
+
+    class Recording(GroupAppender):
+        def _send(self, work: list[tuple[StreamAppender, list[Event]]]) -> list[Any]:
+            rounds.append([s.stream_id for s, _ in work])
+            return super()._send(work)
+
+        def _turn(self) -> None:
+            turns.pop(0)()
+
+    group = Recording(log, gather=1, busy_s=60.0)
+    a = group.open("s9", started(log, "s9"), 0)
+    b = group.open("s10", started(log, "s10"), 0)
+    a.submit(chunk(1))
+    a.flush(timeout=5)  # the first round trip in a while: no turn taken (none queued)
+    turns.append(lambda: b.submit(chunk(1)))  # another generation's piece, during the turn
+    a.submit(chunk(2))
+    a.flush(timeout=5)
+    b.flush(timeout=5)
+    assert rounds == [["s9"], ["s9", "s10"]]
+    assert not turns
+    wait_for(lambda: len(published) == 3)
+    assert "".join(e.text for e in log.read("s10", 0, 10)) == "<1>"
+    assert "".join(e.text for e in log.read("s9", 0, 10)) == "<1><2>"
 
 
 def test_a_fenced_off_attempt_gets_stale_attempt(log: ChunkLog, redis_client: redis.Redis) -> None:

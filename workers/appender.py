@@ -5,13 +5,13 @@ upstream at once. The flusher thread takes whatever is pending when it wakes (th
 that arrived while the previous round trip was in flight, from every stream of the process)
 and sends it as one pipeline with one ``append_many`` per stream. An idle stream's piece goes
 out as soon as it arrives, so latency does not grow; a busy one's pieces share a round trip
-and a script call. Under load a round trip starts at most every ``spacing_s``
-(RELAY_APPEND_SPACING_MS): pieces that arrive sooner after the last one started wait for the
-rest of that interval and go together, so a busy process makes fewer, larger appends (fewer
-script calls, Redis reads and hub wake-ups) for at most that much more latency; a round trip
-after a quiet spell starts at once. ``coalesce_s`` (RELAY_COALESCE_MS) makes the flusher wait
-that long after every wake-up, to gather more pieces per call from providers that send many
-tiny ones.
+and a script call. Under load (the last round trip started less than ``busy_s`` ago) the
+flusher first lets the process's other threads run ``gather`` times (RELAY_APPEND_GATHER;
+under gevent, turns of the event loop), so the pieces whose upstream data has already
+arrived join this round trip rather than the next: fewer, larger appends, with no timer and
+so no wait beyond the work that is ready. ``coalesce_s`` (RELAY_COALESCE_MS) makes the
+flusher wait that long after every wake-up, to gather more pieces per call from providers
+that send many tiny ones.
 
 What the log acknowledged is the truth: ``acked`` is the last seq the log confirmed, and a
 failed append is reported once to the generation, which forgets the pieces after ``acked``.
@@ -95,7 +95,8 @@ class GroupAppender:
         chunks: ChunkLog,
         *,
         coalesce_s: float = 0.0,
-        spacing_s: float = 0.0,
+        gather: int = 0,
+        busy_s: float = 0.001,
         max_events: int = 512,
         max_pending: int = 8192,
         on_appended: Callable[[int], None] = lambda n: None,
@@ -114,7 +115,8 @@ class GroupAppender:
         self._appended = 0  # confirmed, not yet reported (the flusher's own)
         self._reported_at = 0.0
         self.coalesce_s = coalesce_s
-        self.spacing_s = spacing_s
+        self.gather = gather  # turns given to other threads under load before a round trip
+        self.busy_s = busy_s  # a round trip this soon after the last one: under load
         self._round_at = -1e9  # when the last round trip was taken (monotonic)
         self._holding = False  # the flusher is gathering on purpose: submits need not wake it
         self.max_events = max_events  # per stream per round trip
@@ -192,15 +194,16 @@ class GroupAppender:
                     self._work.wait(left)
                 else:  # idle for a while: the count is exact
                     self._report_appended()
-            now = time.monotonic()
-            deadline = max(now + self.coalesce_s, self._round_at + self.spacing_s)
-            if deadline > now:
-                self._holding = True
-                try:
+            self._holding = True
+            try:
+                if self.coalesce_s > 0:
+                    deadline = time.monotonic() + self.coalesce_s
                     while (left := deadline - time.monotonic()) > 0:
                         self._work.wait(left)
-                finally:
-                    self._holding = False
+                elif time.monotonic() - self._round_at < self.busy_s:
+                    self._yield(self.gather)
+            finally:
+                self._holding = False
             self._round_at = time.monotonic()
             work = []
             for stream in self._ready:
@@ -210,6 +213,20 @@ class GroupAppender:
                 work.append((stream, events))
             self._ready.clear()
             return work
+
+    def _yield(self, turns: int) -> None:
+        """Let the other threads run ``turns`` times, the lock released (under gevent,
+        ``sleep(0)`` is a turn of the event loop: every greenlet whose socket is ready runs)."""
+        for _ in range(turns):
+            self.lock.release()
+            try:
+                self._turn()
+            finally:
+                self.lock.acquire()
+
+    @staticmethod
+    def _turn() -> None:
+        time.sleep(0)
 
     def _send(self, work: list[tuple[StreamAppender, list[Event]]]) -> list[Reply]:
         """One round trip for every stream's events; a reply per stream."""

@@ -107,7 +107,7 @@ def build_runtime(
         appender=GroupAppender(
             chunks,
             coalesce_s=coalesce_s,
-            spacing_s=settings.append_spacing_ms / 1000,
+            gather=settings.append_gather,
             on_appended=metrics.appended,
             budget_s=settings.backend_budget_s,
             wait_replicas=settings.redis_wait_replicas,
