@@ -333,9 +333,15 @@ def test_stop_mid_answer_cancels_it_at_relay(guest: Guest) -> None:
     chat_id = guest.open()
     send(page, PROMPT)
     wait_chars(page, 80)
+    # The answer grows under the pointer without moving the Stop button (a click aimed at
+    # where it was must land on it: CI once missed it while a short answer pushed it down).
+    stop = page.locator("[data-role=stop]")
+    before = stop.bounding_box()
+    wait_chars(page, 80 + len(shown(page)))
+    assert stop.bounding_box() == before
 
     with page.expect_response(lambda r: r.url.endswith(f"/{chat_id}/stop")) as stopped:
-        page.click("[data-role=stop]")
+        stop.click()
     assert stopped.value.status == 200
     assert stopped.value.json()["status"] == "cancelled"
     wait_settled(page, "stopped")
