@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 
 def redis_server_binary() -> str:
@@ -58,6 +60,23 @@ def _bindable(port: int) -> bool:
         return True
 
 
+def _share(low: int, high: int) -> tuple[int, int]:
+    """This process's part of ``[low, high)``: all of it, or, when ``RELAY_PORT_SHARE`` is
+    ``i/n`` (the test processes set it, one share each), the i-th of n equal parts. Processes
+    that pick ports at the same moment could otherwise pick the same one, both finding it
+    free before either binds it (CI failed so once: two test processes started their Redis
+    Cluster nodes at once, and one node exited with its port taken)."""
+    share = os.environ.get("RELAY_PORT_SHARE", "")
+    try:
+        index, count = (int(part) for part in share.split("/"))
+    except ValueError:
+        return low, high
+    if not 0 <= index < count:
+        return low, high
+    size = (high - low) // count
+    return low + index * size, low + (index + 1) * size
+
+
 def free_port() -> int:
     """A free loopback port outside the ephemeral range.
 
@@ -67,8 +86,9 @@ def free_port() -> int:
     """
     low, _ = _ephemeral_ports()
     if low > 11000:
+        first, end = _share(10000, low)
         for _ in range(100):
-            port = _PICK.randrange(10000, low)
+            port = _PICK.randrange(first, end)
             # Not one handed out before by this process: a caller may pick several ports
             # before it binds any (a cluster node's port and bus port, then the next node's).
             if port not in _HANDED and _bindable(port):
@@ -77,6 +97,10 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+class PortTaken(RuntimeError):
+    """The server could not bind its port: another process holds it."""
 
 
 class EmbeddedRedis:
@@ -99,6 +123,9 @@ class EmbeddedRedis:
     ):
         self.workdir = workdir
         self.port = port or free_port()
+        # A port of our own choosing may be chosen again if another process took it first;
+        # one given, or one this server has run on (clients know it), is kept.
+        self.repickable = port is None
         self.persistent = persistent
         self.address = address
         self.prefix = list(prefix)
@@ -111,6 +138,30 @@ class EmbeddedRedis:
         return f"redis://{self.address}:{self.port}/0"
 
     def start(self, timeout: float = 10.0) -> EmbeddedRedis:
+        """Start the server and wait until it answers. A port free_port chose that another
+        process bound in the meantime is chosen again (three tries), before any client
+        learnt it."""
+        for attempt in range(3):
+            try:
+                self._start(timeout)
+            except PortTaken:
+                if not self.repickable or attempt == 2:
+                    raise
+                self.repick()
+                continue
+            self.repickable = False
+            return self
+        raise AssertionError("unreachable")
+
+    def repick(self) -> None:
+        """Choose new ports (the server is not running)."""
+        self.port = free_port()
+
+    def server_args(self) -> list[str]:
+        """The redis-server arguments beyond the common ones."""
+        return self.extra
+
+    def _start(self, timeout: float) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         bind = ["127.0.0.1"] if self.address == "127.0.0.1" else [self.address, "127.0.0.1"]
         args = [
@@ -130,27 +181,52 @@ class EmbeddedRedis:
             args += ["--appendonly", "no"]
         if self.address != "127.0.0.1":
             args += ["--protected-mode", "no"]  # clients come from other addresses
-        args += self.extra
+        args += self.server_args()
         # Own session: a Ctrl-C meant for web and workers must not stop Redis under them.
         self.process = subprocess.Popen(args, start_new_session=True)
         self._wait_ready(timeout)
-        return self
+
+    def exit_reason(self) -> str:
+        """The last lines of the server's log (why it exited), or what kept them from us."""
+        try:
+            lines = (self.workdir / "redis.log").read_text(errors="replace").splitlines()
+        except OSError as exc:
+            return f"no log: {exc}"
+        return " | ".join(lines[-5:])
 
     def _wait_ready(self, timeout: float) -> None:
-        client = redis.Redis(host=self.address, port=self.port, socket_connect_timeout=0.5)
+        # A read timeout too, and no retries (redis-py retries a timeout three times with
+        # a backoff by default): what answers on the port may not be this server, nor Redis.
+        client = redis.Redis(
+            host=self.address,
+            port=self.port,
+            socket_connect_timeout=0.5,
+            socket_timeout=0.5,
+            retry=Retry(NoBackoff(), 0),
+        )
         deadline = time.monotonic() + timeout
         try:
             while time.monotonic() < deadline:
                 if self.process is not None and self.process.poll() is not None:
-                    raise RuntimeError(f"redis-server exited; see {self.workdir / 'redis.log'}")
+                    reason = self.exit_reason()
+                    error = PortTaken if "already in use" in reason else RuntimeError
+                    raise error(f"redis-server on port {self.port} exited: {reason}")
                 try:
-                    if client.ping():
+                    if client.ping() and self._is_ours(client):
                         return
-                except redis.ConnectionError:
-                    time.sleep(0.05)
+                except (redis.ConnectionError, redis.TimeoutError):
+                    pass
+                time.sleep(0.05)
             raise RuntimeError(f"redis-server did not answer on port {self.port}")
         finally:
             client.close()
+
+    def _is_ours(self, client: redis.Redis) -> bool:
+        """The server answering is the one we started, not another process's that holds
+        the port (ours then exits, and the loop above says why)."""
+        if self.prefix or self.process is None:
+            return True  # started through a command: its pid is not the server's
+        return int(client.info("server")["process_id"]) == self.process.pid
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None

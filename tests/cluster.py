@@ -50,7 +50,6 @@ class ClusterNode(EmbeddedRedis):
             extra=[
                 "--cluster-announce-ip", address,
                 "--cluster-enabled", "yes",
-                "--cluster-port", str(self.bus_port),
                 "--cluster-config-file", str(workdir / "nodes.conf"),
                 "--cluster-node-timeout", "2000",
                 "--cluster-require-full-coverage", "yes" if full_coverage else "no",
@@ -58,6 +57,13 @@ class ClusterNode(EmbeddedRedis):
                 "--cluster-replica-validity-factor", "0",
             ],
         )  # fmt: skip
+
+    def server_args(self) -> list[str]:
+        return [*self.extra, "--cluster-port", str(self.bus_port)]
+
+    def repick(self) -> None:
+        super().repick()
+        self.bus_port = free_port()
 
     def client(self) -> redis.Redis:
         return redis.Redis(

@@ -291,6 +291,15 @@ LONG_FIRST = (
 )
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Each pytest-xdist process (and what it starts) picks free ports from a share of its
+    own (ops.redis_server.free_port): two processes never pick the same one at once."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    count = os.environ.get("PYTEST_XDIST_WORKER_COUNT", "")
+    if worker.startswith("gw") and count:
+        os.environ["RELAY_PORT_SHARE"] = f"{int(worker[2:])}/{int(count)}"
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     def rank(item: pytest.Item) -> int:
         return next((i for i, p in enumerate(LONG_FIRST) if p in item.nodeid), len(LONG_FIRST))
