@@ -147,14 +147,15 @@ return {'ok', cancel}
 """
 )
 
-# KEYS: state[, viewers]. ARGV: attempt. 0: not the owner; 1: go on; 2: cancel (asked, or,
-# with the viewers key, abandoned under the detach policy just now); 3: go on, no viewer
-# (the policy counts down).
+# KEYS: state[, viewers]. ARGV: attempt. 0: not the owner (or it left its end); 1: go on;
+# 2: cancel (asked, or, with the viewers key, abandoned under the detach policy just now);
+# 3: go on, no viewer (the policy counts down).
 HEARTBEAT = (
     _PRELUDE
     + """
-local st = redis.call('HMGET', KEYS[1], 'attempt', 'status', 'cancel')
-if st[1] ~= ARGV[1] or st[2] ~= 'running' then return 0 end
+local st = redis.call('HMGET', KEYS[1], 'attempt', 'status', 'cancel', 'end')
+-- A writer that left its end for the sweeper has stepped aside: no beat makes it look alive.
+if st[1] ~= ARGV[1] or st[2] ~= 'running' or st[4] then return 0 end
 redis.call('HSET', KEYS[1], 'hb', now)
 if st[3] == '1' then return 2 end
 if not KEYS[2] then return 1 end

@@ -332,6 +332,23 @@ def test_an_end_left_by_a_writer_that_could_not_reach_sql_is_stored_by_the_sweep
         assert message.completion_tokens == 3 and row.last_seq == 4
 
 
+def test_a_heartbeat_after_the_end_was_left_does_not_hide_it_from_the_sweeper(
+    chunks: ChunkLog, sessions: sessionmaker[Session]
+) -> None:
+    """The writer's heartbeat thread beats once more after the writer left its end (it stops
+    only when the generation returns): the writer has stepped aside, so the beat is refused
+    and the sweeper stores the end at once, not a stale interval later (CI found the beat
+    landing in between once)."""
+    stream = new_stream(sessions)
+    with sessions() as db:
+        attempt = start_writer(chunks, db, stream, ["a", "b"])
+    assert chunks.pend_end(stream.id, attempt, "done", None)
+    assert not chunks.heartbeat(stream.id, attempt).owner
+    report = lifecycle.Sweeper(chunks, sessions, Sent(), stale_after_s=5).sweep()
+    assert report.ended == [stream.id]
+    assert [e.type for e in log_events(chunks, stream.id)][-1] == DONE
+
+
 def test_a_seal_leaves_alone_a_stream_whose_live_writer_is_ending_it(
     chunks: ChunkLog, sessions: sessionmaker[Session]
 ) -> None:
