@@ -30,8 +30,8 @@ keepalive = 30
 
 def post_worker_init(worker: Any) -> None:
     """Tell open streams the process is going away before gunicorn stops accepting, answer
-    gunicorn's own refusals (414, 431, 400) as JSON (ops/httperrors.py), and keep the start-up
-    objects out of garbage collections (ops/gctune.py)."""
+    gunicorn's own refusals (414, 431, 400) as JSON (ops/httperrors.py), keep the start-up
+    objects out of garbage collections (ops/gctune.py), and connect the hub."""
     from ops.httperrors import install
 
     install()
@@ -49,6 +49,11 @@ def post_worker_init(worker: Any) -> None:
     from ops.gctune import freeze_startup_objects
 
     freeze_startup_objects()
+
+    # The hub (the process's pub/sub connection) connects before the first viewer comes.
+    runtime = getattr(worker, "wsgi", None) and worker.wsgi.extensions.get("relay")
+    if runtime is not None:
+        runtime.hub.start()
 
 
 def child_exit(server: Any, worker: Any) -> None:

@@ -111,6 +111,19 @@ def _same(script: str) -> str:
     return script
 
 
+# The fields of a stream's state that say where a queued answer stands (``place_in_state``).
+PLACE_FIELDS = ("status", "seq", "qn", "qs")
+
+
+def place_in_state(fields: Sequence[Any]) -> tuple[int, str] | None:
+    """The queue notice in a state's ``PLACE_FIELDS``, with the log's last seq when it was
+    given: only while the stream is queued and nothing was written since (None otherwise)."""
+    status, seq, notice, at = fields
+    if status != "queued" or notice is None or at != (seq or "0"):
+        return None
+    return int(at), str(notice)
+
+
 class ChunkLog:
     """Append to and read from per-stream logs. Safe to share between threads/greenlets."""
 
@@ -326,12 +339,7 @@ class ChunkLog:
     def queue_place(self, stream_id: str) -> tuple[int, str] | None:
         """The last queue notice of a stream that is still queued, with the log's last seq
         when it was given (None: not queued, or no place known yet)."""
-        status, seq, notice, at = self.redis.hmget(
-            keys.state_key(stream_id), "status", "seq", "qn", "qs"
-        )
-        if status != "queued" or notice is None or at != (seq or "0"):
-            return None
-        return int(at), str(notice)
+        return place_in_state(self.redis.hmget(keys.state_key(stream_id), *PLACE_FIELDS))
 
     def release(self, stream_id: str, attempt: int) -> bool:
         """Give the stream up (worker shutting down): the next claim may start at once, and

@@ -6,15 +6,19 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from models import keys
 from models.chunklog import ChunkLog
 from models.events import CHUNK, DONE, Event
-from ops.redis_server import EmbeddedRedis
+from ops.redis_server import EmbeddedRedis, free_port
 from tests.client import wait_for
+from tests.conftest import Stack
 from web.frames import Batch
 from web.hub import Hub, Subscription
 
@@ -255,3 +259,121 @@ def test_the_hub_holds_a_lease_on_the_streams_it_has_viewers_of(
     wait_for(lambda: (lease() or 0) < now_ms + hub.presence_lease_ms / 2)
     seconds, micros = redis_client.time()
     assert (lease() or 0) <= seconds * 1000 + micros // 1000
+
+
+def test_a_web_process_s_hub_is_connected_before_its_first_viewer(isolated_stack: Stack) -> None:
+    """gunicorn's worker connects the hub at start: a burst of viewers right after a restart
+    finds it listening (started by the first viewer, it connected only once the burst had
+    passed, and every subscription of the burst took effect late)."""
+    db = isolated_stack.env["REDIS_URL"].rsplit("/", 1)[1]
+    control = redis.Redis.from_url(isolated_stack.env["REDIS_URL"], decode_responses=True)
+
+    def hub_listening() -> bool:
+        clients = control.client_list(_type="pubsub")
+        return any(c.get("db") == db and int(c.get("sub", 0)) >= 1 for c in clients)
+
+    wait_for(hub_listening, timeout=15)  # no viewer has come, nor any request
+    control.close()
+
+
+class GatedHub(Hub):
+    """A hub whose thread waits at a gate before it subscribes what is watched: time for
+    the test's viewers to park before Redis confirms their stream."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.gate = threading.Event()
+
+    def _reconcile(self) -> None:
+        self.gate.wait(30.0)
+        super()._reconcile()
+
+
+def confirmed(hub: Hub, sid: str) -> bool:
+    with hub._lock:
+        channel = hub._channels.get(sid)
+        return channel is not None and channel.confirmed
+
+
+QUEUED_2 = '{"type":"queued","position":2}'
+
+
+def test_a_confirmation_sends_back_to_the_log_only_viewers_that_may_have_missed_something(
+    redis_server: EmbeddedRedis, redis_client: redis.Redis, log: ChunkLog
+) -> None:
+    """Viewers waiting with everything the log has (and the queue place it keeps) when
+    Redis confirms their stream are left alone; one behind, one without that place, and
+    one not waiting re-read the log. What comes next reaches the ones left alone."""
+    url = f"redis://127.0.0.1:{redis_server.port}/2"
+    hub = GatedHub(url, redis_client, check_interval_s=3600)
+    try:
+        log.init("q")
+        assert log.queue_notice("q", QUEUED_2)
+        start(log, "r")
+        log.append_many("r", 1, chunks(1, "a", "b", "c"))
+        subs = {
+            name: (hub.subscribe(sid, 0, threading.Event()), sid)
+            for name, sid in [("told", "q"), ("untold", "q"), ("all", "r"), ("behind", "r"),
+                              ("awake", "r")]
+        }  # fmt: skip
+        subs["told"][0].park(0, QUEUED_2)
+        subs["untold"][0].park(0, None)
+        subs["all"][0].park(3)
+        subs["behind"][0].park(1)
+        hub.gate.set()
+        wait_for(lambda: confirmed(hub, "q") and confirmed(hub, "r"))
+        flagged = {name for name, (sub, _) in subs.items() if sub.wake.is_set()}
+        assert flagged == {"untold", "behind", "awake"}
+        assert [sub.take()[1] for sub, _ in subs.values()] == [False, True, False, True, True]
+        log.append("r", 1, Event(4, CHUNK, text="d"))
+        (batch,) = received(subs["all"][0], subs["all"][0].wake)
+        assert batch.events == [Event(4, CHUNK, text="d")]
+    finally:
+        hub.stop()
+
+
+def test_without_the_state_a_confirmation_sends_every_viewer_back_to_the_log(
+    redis_server: EmbeddedRedis, redis_client: redis.Redis, log: ChunkLog
+) -> None:
+    """The hub cannot read the stream's state (its control connection is down): each
+    viewer re-reads the log, as if nothing were known."""
+    url = f"redis://127.0.0.1:{redis_server.port}/2"
+    down = redis.Redis(port=free_port(), socket_connect_timeout=1, retry=Retry(NoBackoff(), 0))
+    hub = GatedHub(url, down, check_interval_s=3600)
+    try:
+        start(log, "s")
+        sub = hub.subscribe("s", 0, threading.Event())
+        sub.park(0)
+        hub.gate.set()
+        wait_for(lambda: confirmed(hub, "s"))
+        wait_for(sub.wake.is_set)
+        assert sub.take() == ([], True, False)
+    finally:
+        hub.stop()
+
+
+def test_after_a_reconnect_only_viewers_behind_go_back_to_the_log(
+    hub: Hub, log: ChunkLog, redis_client: redis.Redis
+) -> None:
+    """The hub loses its connection; on twenty streams, one was written meanwhile. Every
+    stream is confirmed again (their states read in one round trip), and only that
+    stream's waiting viewer is sent back to the log; the others, which have everything,
+    are left alone and get what comes next through the hub."""
+    sids = [f"re{i}" for i in range(20)]
+    viewers = []
+    for sid in sids:
+        start(log, sid)
+        ((sub, wake),) = listening(hub, sid)
+        sub.park(0)
+        viewers.append((sub, wake))
+    before = hub._conn
+    assert redis_client.client_kill_filter(_type="pubsub") >= 1
+    log.append("re7", 1, Event(1, CHUNK, text="while away"))  # no one listens: only the log
+    wait_for(lambda: hub._conn is not before and all(confirmed(hub, sid) for sid in sids))
+    wait_for(viewers[7][1].is_set)
+    time.sleep(0.3)  # time for a flag that should not come
+    assert [i for i, (_, wake) in enumerate(viewers) if wake.is_set()] == [7]
+    assert viewers[7][0].take() == ([], True, False)
+    log.append("re3", 1, Event(1, CHUNK, text="after"))
+    (batch,) = received(*viewers[3])
+    assert batch.events == [Event(1, CHUNK, text="after")]

@@ -22,6 +22,7 @@ import logging
 import random
 import selectors
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -36,6 +37,7 @@ from redis.connection import Connection
 from redis.exceptions import RedisClusterException
 
 from models import keys
+from models.chunklog import PLACE_FIELDS, place_in_state
 from models.events import TERMINAL_TYPES
 from models.redisconn import (
     RedisClient,
@@ -44,6 +46,7 @@ from models.redisconn import (
     sharded_pubsub,
     subscriber_pool,
 )
+from web.errors import UNAVAILABLE_ERRORS
 from web.frames import Batch, Notice
 from web.instruments import HUB_DISPATCH, HUB_LAGGED
 
@@ -68,14 +71,28 @@ class Subscription:
         # Set by a viewer that lets the hub write to its socket directly while it waits.
         self.direct: DirectWrite | None = None
         self._parked_at: int | None = None  # the viewer's cursor while it waits
+        self._told: str | None = None  # the queue notice the viewer last sent, while it waits
         self._notice: Notice | None = None  # the latest, not yet taken
 
-    def park(self, cursor: int) -> None:
-        """The viewer waits, with everything up to ``cursor`` sent: until it wakes, the hub
-        may write the next batches to its socket itself (no wake-up, no copy)."""
+    def park(self, cursor: int, told: str | None = None) -> None:
+        """The viewer waits, with everything up to ``cursor`` sent (and ``told``, the queue
+        notice it last sent): until it wakes, the hub may write the next batches to its
+        socket itself (no wake-up, no copy)."""
         with self._lock:
             if not self._batches and not self._reread:
-                self._parked_at = cursor
+                self._parked_at, self._told = cursor, told
+
+    def has(self, seq: int, place: str | None) -> bool:
+        """Whether the viewer waits with everything the log had at ``seq`` and with the
+        stream's current queue notice ``place`` (if any): nothing from before then to
+        re-read."""
+        with self._lock:
+            return (
+                self._parked_at == seq
+                and not self._batches
+                and not self._reread
+                and (place is None or place == self._told)
+            )
 
     def unpark(self) -> int | None:
         """The viewer is awake again: the cursor as the hub left it (None: unchanged)."""
@@ -185,6 +202,7 @@ class Hub:
         self._reader: PushReader | None = None
         self._last_reply = 0.0
         self._dispatched = 0
+        self._confirming: list[str] = []  # streams confirmed in the replies being handled
         self._thread: threading.Thread | None = None
         self._stopping = False
         # On a cluster: which node the next connection goes to (hubs start at random places,
@@ -249,9 +267,17 @@ class Hub:
         try:
             self.control.publish(self.doorbell, "")
         except redis.RedisError:  # the hub thread reconciles when it reconnects anyway
-            log.warning("hub doorbell failed", exc_info=True)
+            _warn_failure("hub doorbell failed")
 
     # -- the hub thread --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Connect now rather than for the first viewer. Started by a viewer, the hub thread
+        of a fresh process met the burst of viewers that follows a restart: it connected only
+        once the burst had passed (11 s for 10,000 viewers attaching), so every viewer's
+        subscription took effect late, and each of them read the log again then."""
+        with self._lock:
+            self._ensure_thread()
 
     def _ensure_thread(self) -> None:
         if self._thread is None or not self._thread.is_alive():
@@ -264,6 +290,8 @@ class Hub:
             try:
                 self._connect()
                 backoff = 0.1
+                if self._failed:
+                    log.warning("hub reconnected to Redis")
                 self._failed = False
                 self._listen()
             except Exception:
@@ -271,7 +299,7 @@ class Hub:
                     break
                 self._failed = True
                 self._pick += 1
-                log.warning("hub lost Redis; retrying in %.1fs", backoff, exc_info=True)
+                _warn_failure("hub lost Redis; retrying in %.1fs", backoff)
                 time.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
             finally:
@@ -291,6 +319,7 @@ class Hub:
         send_command(self._conn, "SUBSCRIBE", self.doorbell)
         self._last_reply = time.monotonic()
         self._subscribed = set()
+        self._confirming = []  # the old connection's: every stream is confirmed again
         with self._lock:
             for channel in self._channels.values():
                 channel.confirmed = False
@@ -326,6 +355,7 @@ class Hub:
         while not self._stopping:
             for reply in reader.read(max(0.0, min(1.0, next_check - time.monotonic()))):
                 self._handle(reply)
+            self._confirm()
             if time.monotonic() >= next_check:
                 self._keep_alive(conn)
                 self._reconcile()  # a safety net: rings are not durable either
@@ -363,8 +393,45 @@ class Hub:
                 if subscribed is None:
                     return
                 subscribed.confirmed = True
-                subs = list(subscribed.subs)
-            for sub in subs:  # they read the log once more: nothing before this is missed
+            self._confirming.append(stream_id)  # checked once the replies read are handled
+
+    def _confirm(self) -> None:
+        """Redis listens for the streams confirmed in the replies just handled: what their
+        viewers may have missed before is in the log. Those waiting with everything the log
+        has now (and the queue place it keeps) have missed nothing, since whatever is written
+        next comes through the hub; the others read the log once more. Checked in one read
+        of the streams' states (one round trip for all, as after a reconnect, when every
+        stream is confirmed again) rather than a log read by every viewer: a burst of
+        thousands of viewers of queued answers, whose confirmations come while they wait,
+        would otherwise all read the log again."""
+        confirmed, self._confirming = self._confirming, []
+        if not confirmed:
+            return
+        try:
+            pipe = self.control.pipeline(transaction=False)
+            for sid in confirmed:
+                pipe.hmget(keys.state_key(sid), *PLACE_FIELDS)
+            states: list[Any] = pipe.execute()
+        except (redis.RedisError, RedisClusterException):
+            _warn_failure("hub state read failed")
+            states = [None] * len(confirmed)
+        for sid, fields in zip(confirmed, states, strict=True):
+            self._confirmed(sid, fields)
+
+    def _confirmed(self, stream_id: str, fields: list[str | None] | None) -> None:
+        """Flag the viewers of ``stream_id`` that its state ``fields`` (None: unknown) does
+        not show to have everything."""
+        seq = 0 if fields is None else int(fields[1] or 0)
+        place = None if fields is None else place_in_state(fields)
+        with self._lock:
+            channel = self._channels.get(stream_id)
+            if channel is None:
+                return
+            if fields is not None:
+                channel.seen = max(channel.seen, seq)  # each viewer has it, or is flagged
+            subs = list(channel.subs)
+        for sub in subs:
+            if fields is None or not sub.has(seq, None if place is None else place[1]):
                 sub.flag()
 
     def _dispatch(self, stream_id: str, batch: Batch) -> None:
@@ -403,7 +470,7 @@ class Hub:
             except (redis.RedisError, RedisClusterException):
                 # Another node than the hub's may be down: the hub's own connection is
                 # checked by its PING; this check runs again next interval.
-                log.warning("hub check failed", exc_info=True)
+                _warn_failure("hub check failed")
                 return
         else:
             pipe = self.control.pipeline(transaction=False)
@@ -437,7 +504,7 @@ class Hub:
                 pipe.pexpire(key, self.presence_ttl_ms)
             pipe.execute()
         except (redis.RedisError, RedisClusterException):
-            log.warning("hub presence write failed", exc_info=True)
+            _warn_failure("hub presence write failed")
 
     def _look(self, state: list[str | None], seen: int, now_ms: int) -> tuple[bool, bool]:
         """(the log is past what the hub saw, the writer is gone or done)."""
@@ -519,7 +586,7 @@ class ShardedHub(Hub):
             except Exception:
                 if self._stopping:
                     break
-                log.warning("sharded hub failed; starting over", exc_info=True)
+                _warn_failure("sharded hub failed; starting over")
                 self._disconnect()
                 self._refresh, self._repair_at = True, time.monotonic() + 1.0
         self._disconnect()
@@ -563,6 +630,7 @@ class ShardedHub(Hub):
                 if self._links.get(link.name) is not link:
                     break  # lost while handling an earlier reply
                 self._handle_on(link, reply)
+            self._confirm()
 
     # -- links ----------------------------------------------------------------------------------
 
@@ -748,6 +816,21 @@ def make_hub(
     if sharded_pubsub(control) if sharded is None else sharded:
         return ShardedHub(redis_url, control, **options)
     return Hub(redis_url, control, **options)
+
+
+# Redis unreachable or restarting (the web tier's backend-unavailable errors, and a socket
+# error from the hub's own reads): expected in an outage, and the hub retries by itself.
+_OUTAGES = (*UNAVAILABLE_ERRORS, OSError)
+
+
+def _warn_failure(message: str, *args: object) -> None:
+    """Warn about the exception being handled: one line when Redis is unreachable (an outage,
+    retried), the traceback for anything else."""
+    exc = sys.exc_info()[1]
+    if isinstance(exc, _OUTAGES):
+        log.warning(message + " (%s: %s)", *args, type(exc).__name__, exc)
+    else:
+        log.warning(message, *args, exc_info=True)
 
 
 class PushReader:
