@@ -9,8 +9,9 @@ from collections.abc import Iterator
 import pytest
 import redis
 
+from models import keys
 from models.chunklog import ChunkLog
-from models.events import CHUNK, DONE, Event
+from models.events import CANCELLED, CHUNK, DONE, Event
 from ops.redis_server import EmbeddedRedis
 from web.attach import Followed, Follower, Snapshot
 from web.catchup import BlockCache
@@ -30,6 +31,11 @@ def hub(redis_server: EmbeddedRedis, redis_client: redis.Redis) -> Iterator[Hub]
     h.stop()
 
 
+def xranges(client: redis.Redis) -> int:
+    stats = client.info("commandstats").get("cmdstat_xrange", {})
+    return int(stats.get("calls", 0)) if isinstance(stats, dict) else 0
+
+
 def no_snapshot() -> Snapshot:
     raise AssertionError("the log has everything: SQL is not read")
 
@@ -46,16 +52,24 @@ def written(log: ChunkLog, sid: str, n: int) -> int:
 
 
 def test_catch_up_says_when_another_block_follows_then_never_waits(log: ChunkLog, hub: Hub) -> None:
+    """``more`` (the caller may hold the block to write it with the next) only when the next
+    block is kept in this process: a block never waits for a read from Redis."""
     written(log, "a", 10)  # the log ends exactly at a block's end, and the stream is live
-    f = follower(log, hub, "a")
-    events = f.follow(0, finished=False)
-    first = next(events)
-    assert first is not None and (first.first, first.last, f.more) == (1, 5, True)
-    second = next(events)  # full too, but nothing follows it yet: not to be held
-    assert second is not None and (second.first, second.last, f.more) == (6, 10, False)
-    # Nothing more for now: the follower yields None rather than waiting.
-    assert next(events) is None and not f.more
-    events.close()
+    blocks = BlockCache(log, block=5)
+    seen = []
+    for _ in range(2):  # a cold read, then one through the blocks it kept
+        f = Follower(log, hub, blocks, "a", no_snapshot, threading.Event())
+        events = f.follow(0, finished=False)
+        for _block in range(2):
+            batch = next(events)
+            assert batch is not None
+            seen.append((batch.first, batch.last, f.more))
+        # Nothing more for now: the follower yields None rather than waiting.
+        assert next(events) is None and not f.more
+        events.close()
+    # Cold: each block goes out before the next is read. Kept: the first may wait for the
+    # second; the second is full too, but nothing follows it yet (the live end).
+    assert seen == [(1, 5, False), (6, 10, False), (1, 5, True), (6, 10, False)]
 
 
 def test_the_tail_follows_the_catch_up_and_ends_at_the_terminal_event(
@@ -136,3 +150,68 @@ def test_a_stream_queued_again_tells_its_place_at_the_log_s_end(log: ChunkLog, h
     told = next(behind)
     assert isinstance(told, Notice) and told.fields["position"] == 3
     behind.close()
+
+
+def test_an_ended_answer_s_last_block_is_kept_and_a_retry_after_it_still_reaches_viewers(
+    log: ChunkLog, hub: Hub, redis_client: redis.Redis
+) -> None:
+    """The block that ends with the terminal event is read from Redis once and kept like a
+    full block. An admin retry continues the stream after that event, in the same block: a
+    viewer that catches up through the kept copy still gets every event after it, once."""
+    attempt = written(log, "k", 7)  # blocks of 5: [1..5], [6, 7, 8 cancelled]
+    log.append("k", attempt, Event(8, CANCELLED, reason=""))
+    blocks = BlockCache(log, block=5)
+
+    def caught_up(after: int) -> list[int]:
+        return followed(Follower(log, hub, blocks, "k", no_snapshot, threading.Event()), after)
+
+    before = xranges(redis_client)
+    assert caught_up(0) == [1, 2, 3, 4, 5, 6, 7, 8]
+    reads = xranges(redis_client) - before
+    assert caught_up(0) == [1, 2, 3, 4, 5, 6, 7, 8]
+    # Again, only what follows the terminal event is read (to see whether a retry follows).
+    assert xranges(redis_client) - before == reads + 1
+    assert blocks.stats()["blocks"] == 2
+    assert log.reopen("k", "t2")[0] == "reopened"  # seq 9: resumed
+    attempt = log.claim("k", "t2", 5).attempt
+    log.append_many("k", attempt, [Event(10, CHUNK, text="<10>"), Event(11, DONE, message_id="m")])
+    assert caught_up(0) == list(range(1, 12))
+
+
+def followed(f: Follower, after: int, finished: bool = False) -> list[int]:
+    """The seqs ``f`` yields from ``after`` to the end, waiting as a viewer would."""
+    seqs: list[int] = []
+    for item in f.follow(after, finished=finished):
+        if item is None:  # nothing now: wait for the hub
+            assert f.wake.wait(30)
+            continue
+        assert isinstance(item, Batch)
+        seqs += [e.seq for e in item.events]
+    return seqs
+
+
+def test_an_ended_answer_in_kept_blocks_costs_one_read_after_its_end(
+    log: ChunkLog, hub: Hub, redis_client: redis.Redis
+) -> None:
+    """Once this process keeps an ended answer's blocks through its terminal event, a viewer
+    of it from the start asks Redis nothing before that event: not whether the log exists,
+    not its blocks; only what follows the terminal event (a retry). The kept blocks serve it
+    exactly even after the log is gone."""
+    attempt = written(log, "h", 7)
+    log.append("h", attempt, Event(8, DONE, message_id="m"))
+    blocks = BlockCache(log, block=5)
+
+    def viewer() -> list[int]:
+        return followed(Follower(log, hub, blocks, "h", no_snapshot, threading.Event()), 0, True)
+
+    assert viewer() == list(range(1, 9))
+    before = (xranges(redis_client), commands(redis_client, "exists"))
+    assert viewer() == list(range(1, 9))
+    assert (xranges(redis_client), commands(redis_client, "exists")) == (before[0] + 1, before[1])
+    redis_client.delete(keys.log_key("h"), keys.state_key("h"))  # the log expired
+    assert viewer() == list(range(1, 9))
+
+
+def commands(client: redis.Redis, name: str) -> int:
+    stats = client.info("commandstats").get(f"cmdstat_{name}", {})
+    return int(stats.get("calls", 0)) if isinstance(stats, dict) else 0

@@ -81,7 +81,11 @@ class Follower:
 
     def follow(self, after: int, finished: bool) -> Followed:
         """``finished``: whether SQL had the stream ended when the viewer asked."""
-        if finished and not self.blocks.exists(self.stream_id):
+        if (
+            finished
+            and not self.blocks.holds_end(self.stream_id, after)
+            and not self.blocks.exists(self.stream_id)
+        ):
             # The log expired: SQL has it all (rebuilt once, shared by every viewer).
             replay = self.blocks.replay(self.stream_id, self._replay)
             part = None if replay is None else replay.since(after)
@@ -111,7 +115,7 @@ class Follower:
         if not ended and (notice := self._news(self._placed(), cursor)):
             yield notice  # at the log's end of a queued answer: its place in line
         while not ended:
-            sub.park(cursor)
+            sub.park(cursor, self._told)
             if not self.wake.is_set():
                 yield None  # nothing now: the caller waits for ``wake`` (or parks), resumes us
             cursor = sub.unpark() or cursor  # the hub may have written batches meanwhile
@@ -169,20 +173,25 @@ class Follower:
         )
 
     def _drain(self, cursor: int) -> Drain:
-        """Send what the log has after ``cursor``, a block (see BlockCache) at a time. Each
-        full block's successor is read before the block is yielded, so ``more`` tells the
-        caller exactly when it may hold a block to write it with the next."""
+        """Send what the log has after ``cursor``, a block (see BlockCache) at a time.
+        ``more`` tells the caller when it may hold a block to write it with the next: only
+        when this process keeps the next block. Otherwise the block goes out before the next
+        is read from Redis, so nothing waits on a read: a cold catch-up reaches the client
+        block by block (its decoding overlaps our reads), and at the live end of a stream,
+        where that read finds nothing, the last block is not held for it."""
         block = self.blocks.block
         batch = self.blocks.read(self.stream_id, cursor)
         while batch is not None:
             full = batch.last % block == 0 and batch.types[-1] not in TERMINAL_TYPES
-            after = self.blocks.read(self.stream_id, batch.last) if full else None
+            after = self.blocks.kept(self.stream_id, batch.last) if full else None
             self.more = after is not None
             yield batch
             self.more = False
             cursor = batch.last
             if self._ends_with_final(batch):
                 return cursor, True
+            if full and after is None:
+                after = self.blocks.read(self.stream_id, cursor)
             batch = after
         return cursor, False
 

@@ -5,6 +5,10 @@ never changes while its log exists (entries are only ever added after the last o
 is read from Redis once, kept with its encodings (JSON, WebSocket frames, deflate) for
 ``ttl_s``, and sent as is to every viewer that catches up through it: a hundred viewers
 re-attaching to the same long answer after a web restart cost one read and one encoding.
+The last block of an ended answer (one that ends with its terminal event) is kept the same
+way: what it holds never changes either. An admin retry may continue the stream after the
+terminal event, in the same block; a kept copy then lacks only what follows the terminal
+event, and a viewer always reads from Redis what follows a terminal event before it ends.
 Viewers that ask for the same block at the same moment share reads: at most one read of a
 block is in flight, and everyone who asks meanwhile waits for the next one, which starts
 after they asked, so its answer is as fresh as their own read would have been (this matters
@@ -35,6 +39,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
 from models.chunklog import ChunkLog
+from models.events import TERMINAL_TYPES
 from web.frames import Batch
 
 T = TypeVar("T")
@@ -77,6 +82,7 @@ class BlockCache:
         self._bytes = 0
         self._flying: dict[Key, _Flight] = {}  # the read in flight
         self._boarding: dict[Key, _Flight] = {}  # the next one, taking whoever asks meanwhile
+        self._waiting = 0  # callers waiting for a read in flight
         self._lock = threading.Lock()
 
     def read(self, stream_id: str, after: int) -> Batch | None:
@@ -90,9 +96,33 @@ class BlockCache:
 
         def load() -> tuple[Batch | None, bool]:
             batch = self._read(stream_id, after, after + self.block)
-            return batch, batch is not None and len(batch) == self.block
+            keep = batch is not None and (
+                len(batch) == self.block or batch.types[-1] in TERMINAL_TYPES
+            )
+            return batch, keep
 
         return self._shared((stream_id, index), load)
+
+    def kept(self, stream_id: str, after: int) -> Batch | None:
+        """The block that starts after ``after`` (a block boundary) if this process keeps
+        it; never a read."""
+        with self._lock:
+            return self._get((stream_id, after // self.block)) if after % self.block == 0 else None
+
+    def holds_end(self, stream_id: str, after: int) -> bool:
+        """Whether the blocks this process keeps hold the stream from ``after`` (a block
+        boundary) through its terminal event: a viewer from there needs nothing from Redis
+        before that event, not even whether the log still exists (what it sends is what the
+        log held, which never changes, and what SQL would replay)."""
+        if after % self.block:
+            return False
+        index = after // self.block
+        with self._lock:
+            while (batch := self._get((stream_id, index))) is not None:
+                if batch.types[-1] in TERMINAL_TYPES:
+                    return True
+                index += 1
+        return False
 
     def place(self, stream_id: str) -> tuple[int, str] | None:
         """``ChunkLog.queue_place`` (shared by who asks at once, never kept)."""
@@ -115,18 +145,24 @@ class BlockCache:
             if kept is not None:
                 return cast(T, kept)
             flight, ahead = self._board(key)
+            if ahead is not None:
+                self._waiting += 1
         if ahead is not None:
-            ahead.done.wait()
-            with self._lock:
-                kept = self._get(key)
-                if kept is not None:  # it was kept (a full block): nothing newer to read
-                    return cast(T, kept)
-                leads = self._boarding.get(key) is flight and key not in self._flying
-                if leads:  # the first passenger to notice flies the next read
-                    del self._boarding[key]
-                    self._flying[key] = flight
-            if not leads:
-                return cast(T, self._arrive(flight))
+            try:
+                ahead.done.wait()
+                with self._lock:
+                    kept = self._get(key)
+                    if kept is not None:  # it was kept (a full block): nothing newer to read
+                        return cast(T, kept)
+                    leads = self._boarding.get(key) is flight and key not in self._flying
+                    if leads:  # the first passenger to notice flies the next read
+                        del self._boarding[key]
+                        self._flying[key] = flight
+                if not leads:
+                    return cast(T, self._arrive(flight))
+            finally:
+                with self._lock:
+                    self._waiting -= 1
         return self._fly(key, flight, load)
 
     def _board(self, key: Key) -> tuple[_Flight, _Flight | None]:
@@ -192,5 +228,11 @@ class BlockCache:
         self._bytes -= self._kept.pop(key).size
 
     def stats(self) -> dict[str, int]:
+        """Blocks and bytes kept; reads in flight and the callers waiting for one."""
         with self._lock:
-            return {"blocks": len(self._kept), "bytes": self._bytes}
+            return {
+                "blocks": len(self._kept),
+                "bytes": self._bytes,
+                "reading": len(self._flying),
+                "waiting": self._waiting,
+            }
