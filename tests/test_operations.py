@@ -198,6 +198,7 @@ def test_sigkill_during_the_final_write(isolated_stack: Stack) -> None:
     sid = posted["streamId"]
     # The answer is stored in SQL; the worker now pauses before writing the terminal event.
     wait_for(lambda: "fault point before-terminal" in worker.output(), timeout=30)
+    assert client.stream(sid)["status"] == "done"  # SQL has the end: it has ended
     seen = client.attach(sid, until=lambda a: bool(a.events) and a.events[-1]["seq"] >= 3)
     worker.kill()
     stack.env.pop("RELAY_FAULT_PAUSE")

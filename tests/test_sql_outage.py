@@ -29,6 +29,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
+from typing import Any
 
 import pytest
 import redis
@@ -42,6 +43,7 @@ from models.events import CHUNK, DONE, Event
 from models.settings import Settings
 from tests.client import wait_for
 from tests.inproc import Worker, in_process_worker, pieces, with_settings
+from workers import generation
 from workers.generation import run_generation
 
 HANG_GUARD_S = 30.0  # no step of these tests comes near it; it only turns a hang into a failure
@@ -329,3 +331,31 @@ def test_a_sweep_while_the_database_refuses_writes_keeps_the_end_for_later(
     report = w.rt.sweeper().sweep()
     assert report.ended == [sid], (w.rt.log.state(sid), report)
     assert_ended_done_everywhere(w, sid)
+
+
+def test_a_database_down_when_the_attempt_starts_leaves_the_log_empty_and_raises(
+    worker: Worker, fresh_database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The database stops taking writes between the job's read and its "running" write: the
+    write is tried again for RELAY_BACKEND_BUDGET_S, then the outage is raised (Celery
+    retries the task with backoff). The model was never asked, nothing reached the log, and
+    SQL still has the stream queued for the retry."""
+    w = worker
+    sid = w.new_stream().id
+    with outage_on(fresh_database_url) as fault:
+        read_job = generation.load_job
+
+        def read_then_fault(rt: Any, stream_id: str) -> Any:
+            job = read_job(rt, stream_id)
+            fault.begin()
+            return job
+
+        monkeypatch.setattr(generation, "load_job", read_then_fault)
+        w.generator.script = lambda: pieces(0, 10)
+        with pytest.raises(OperationalError):
+            run_generation(w.rt, sid, sid)
+        assert len(outage_errors(w, fault)) >= 2  # tried again within the budget
+        fault.end()
+    assert w.generator.sent == []
+    assert w.rt.log.read(sid, 0, 100) == []
+    assert w.stored(sid)[0].status == "queued"  # the retried task starts it again

@@ -27,7 +27,15 @@ from models.exceptions import (
     InvalidTitle,
     StreamNotFound,
 )
-from models.tables import ACTIVE_STREAM_STATUSES, Chat, Message, Stream, new_id, utcnow
+from models.tables import (
+    ACTIVE_STREAM_STATUSES,
+    TERMINAL_STREAM_STATUSES,
+    Chat,
+    Message,
+    Stream,
+    new_id,
+    utcnow,
+)
 from web.inputs import storable
 from web.runtime import Runtime
 from workers.celery_app import GENERATE
@@ -382,6 +390,11 @@ def stream_json(rt: Runtime, stream: Stream) -> dict[str, Any]:
         if session is not None:
             session.refresh(stream)
     status = live.status or stream.status
+    if stream.status in TERMINAL_STREAM_STATUSES and status in ACTIVE_STREAM_STATUSES:
+        # An end is stored in SQL before the log's terminal event is written: a writer that
+        # died in between leaves the log running until the sweeper writes that event from
+        # SQL, and a viewer may already have it from SQL. The stream has ended.
+        status = stream.status
     last_seq = max(live.last_seq, stream.last_seq)
     out: dict[str, Any] = {
         "id": stream.id,
@@ -462,11 +475,13 @@ def search_query(raw: str | None) -> str | None:
 
 def list_chats_of(db: Session, uid: str, limit: int, query: str | None = None) -> list[Chat]:
     """The user's chats, most recently updated first; with ``query``, only those whose title
-    contains it, ignoring case (LIKE wildcards in it match themselves)."""
+    contains it, ignoring case (LIKE wildcards in it match themselves). Ties (chats updated
+    in the same instant) come in the same order on every call, so a poll does not reorder
+    an unchanged list."""
     stmt = select(Chat).where(Chat.user_id == uid)
     if query is not None:
         stmt = stmt.where(Chat.title.icontains(query, autoescape=True))
-    return list(db.scalars(stmt.order_by(Chat.updated_at.desc()).limit(limit)))
+    return list(db.scalars(stmt.order_by(Chat.updated_at.desc(), Chat.id.desc()).limit(limit)))
 
 
 def last_answer(db: Session, chat_id: str) -> tuple[Message, Stream | None] | None:
