@@ -1518,19 +1518,27 @@ function closeDeleted(chatId) {
 
 /** The list poll: every POLL_MS without the feed, FEED_POLL_MS while it is live. */
 let pollTimer = null;
+let polling = false; // a poll is being answered: it schedules the next one itself
 function schedulePoll() {
   clearTimeout(pollTimer);
+  pollTimer = null;
+  // The next poll is counted from the end of this one: polls started while one is answered
+  // would each make the one before stale, and on a slow server no list would ever be shown.
+  // So a call while a poll is answered (the feed going live) only changes the period, which
+  // the poll in flight picks up when it schedules the next: a second chain of polls started
+  // then would make every answer of the first stale, and the first every answer of it.
+  if (polling) return;
   const live = document.documentElement.dataset.feed === STATES.LIVE;
   const delay = testHooks.pollMs ?? (live ? FEED_POLL_MS : POLL_MS);
   if (!(delay > 0)) return;
-  // The next poll is counted from the end of this one: polls started while one is answered
-  // would each make the one before stale, and on a slow server no list would ever be shown.
   pollTimer = setTimeout(async () => {
     pollTimer = null;
+    polling = true;
     try {
       await refreshQuietly();
     } finally {
-      if (pollTimer === null) schedulePoll(); // unless something scheduled one meanwhile
+      polling = false;
+      schedulePoll();
     }
   }, delay);
 }
