@@ -23,6 +23,7 @@ from playwright.sync_api import (
     expect,
 )
 
+from models import keys
 from tests.chromium import PHONE, Session
 from tests.client import wait_for
 from tests.conftest import Stack
@@ -128,7 +129,12 @@ def assert_exact(page: Page, base_url: str, chat_id: str, status: str = "complet
 
 
 def log_length(stack: Stack, stream_id: str) -> int:
-    return int(stack.redis().xlen(f"relay:{{{stream_id}}}:log"))
+    return int(stack.redis().xlen(keys.log_key(stream_id)))
+
+
+def log_status(stack: Stack, stream_id: str) -> str:
+    status = stack.redis().hget(keys.state_key(stream_id), "status")
+    return status.decode() if isinstance(status, bytes) else str(status)
 
 
 def stream_id(page: Page) -> str:
@@ -529,6 +535,9 @@ def test_catch_up_comes_in_few_messages_and_the_page_takes_each_at_once(
     wait_for(lambda: log_length(stack, sid) > at_drop + 700, timeout=30)
     before_online = len(sockets.opened)
     session.context.set_offline(False)  # back: hundreds of chunks to catch up on
+    # The answer (2,460 pieces) ends at the worker's pace, which on a loaded two-core machine
+    # outlasted the page's wait (CI: 39 s): wait for its end in the log first.
+    wait_for(lambda: log_status(stack, sid) == "done", timeout=90)
     wait_status(page, "done")
     shown = assert_exact(page, stack.base_url, chat_id)
     sockets.until(lambda: any(m["type"] == "done" for m in sockets.messages()))

@@ -76,8 +76,13 @@ def test_make_run_serves_and_stops_everything_on_sigterm(tmp_path: Path) -> None
         client = Client(f"http://127.0.0.1:{port}")
         posted = client.post_chat("hello from make run [demo:words=15]")
         assert client.attach(posted["streamId"]).last["type"] == "done"
+        # launcher, supervisord, gunicorn (+worker), celery, redis; waited for, in case one
+        # is being restarted (once in CI, five were found: the tree says which was missing)
+        try:
+            wait_for(lambda: len(_descendants(proc.pid)) >= 6)
+        except AssertionError as exc:
+            raise AssertionError(_process_tree(proc.pid)) from exc
         started = _descendants(proc.pid)
-        assert len(started) >= 6  # launcher, supervisord, gunicorn (+worker), celery, redis
         os.killpg(proc.pid, signal.SIGTERM)
         assert proc.wait(60) is not None
         time.sleep(0.5)
@@ -299,6 +304,13 @@ def _parent(pid: int) -> int:
 
 def _children(pid: int) -> set[int]:
     return {child for child in _descendants(pid) if _parent(child) == pid}
+
+
+def _process_tree(pid: int) -> str:
+    """The descendants of ``pid`` as ``ps`` shows them (pid, parent, command)."""
+    out = subprocess.run(["ps", "-e", "-o", "pid=,ppid=,args="], capture_output=True, text=True)
+    found = _descendants(pid)
+    return "\n".join(line for line in out.stdout.splitlines() if int(line.split()[0]) in found)
 
 
 def _descendants(pid: int) -> set[int]:
