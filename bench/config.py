@@ -28,7 +28,7 @@ class Knobs:
     chunk_chars: int = 20
     catchup_chunks: int = 10_000
     catchup_readers: str = "1,100,1000"
-    catchup_reps: int = 5
+    catchup_reps: int = 20
     catchup_read_timeout_s: float = 120.0
     tp_streams: int = 20
     tp_chunks: int = 5_000

@@ -54,6 +54,7 @@ async def wait_idle(stack: Stack, spec: LiveSpec, sids: list[str], ctx: Ctx) -> 
     attach_meter = stack.meter.stop()
     before = await redis_counters(stack.redis_url)
     stack.meter.start()
+    log(f"idle: waiting {k.idle_wait_s:g} s (for a profiler to time its window)")
     await asyncio.sleep(k.idle_wait_s)
     waiting = stack.meter.stop()
     redis = redis_delta(before, await redis_counters(stack.redis_url), None, None)

@@ -82,7 +82,9 @@ def catchup_rows(out: dict[str, Any]) -> list[Row]:
             peer = _peer_catchup(p, mode, count, n_peer, pk)
             done = f"; {case['completed']}/{case['viewers'] * case['reps']} complete"
             bad = f", {case['bad_closes']} {X} 1011/1013" if case.get("bad_closes") else ""
-            relay = ms(case["ms"].get(pk)) + (done + bad if count != "1" else "")
+            first = case.get("runs", [{}])[0].get("ms") if count == "1" else None
+            cold = f" (first run: {ms(first)})" if first is not None else ""
+            relay = ms(case["ms"].get(pk)) + (done + bad if count != "1" else cold)
             who = f"1 viewer ({case['reps']} runs)" if count == "1" else f"{count} at once"
             rows.append((f"{mode}: {who}, connect → end {pk}", peer[0], relay,
                          times(case["ms"].get(pk), peer[1])))  # fmt: skip
