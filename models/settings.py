@@ -149,8 +149,9 @@ class Settings:
     openai_retry_backoff_s: float = 0.5
     # How to continue a partial answer: none | vllm | prefix | trailing (docs/providers.md).
     openai_continuation: str = "none"
-    # How to stream: httpx (lean, the default) | sdk (the official client; docs/providers.md).
-    openai_transport: str = "httpx"
+    # How to stream: urllib3 (lean, the default) | httpx (lean) | sdk (the official client);
+    # docs/providers.md.
+    openai_transport: str = "urllib3"
     max_output_tokens: int = 0  # 0: the provider's default
     system_prompt: str = ""
     # The conversation sent upstream is cut to the newest turns within this many characters.

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import select
+import ssl
 import threading
 import time
 from dataclasses import dataclass, field
@@ -62,10 +63,13 @@ class FakeOpenAI:
     exchanges: list[Exchange] = field(default_factory=list)
     seen: set[str] = field(default_factory=set)
     server: ThreadingHTTPServer | None = None
+    tls: ssl.SSLContext | None = None  # serve HTTPS with this context
 
     @property
     def base_url(self) -> str:
         assert self.server is not None
+        if self.tls is not None:
+            return f"https://127.0.0.1:{self.server.server_address[1]}/v1"
         return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
 
     def start(self) -> FakeOpenAI:
@@ -76,6 +80,8 @@ class FakeOpenAI:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
+        if self.tls is not None:  # each accept does the handshake (a failed one: no request)
+            self.server.socket = self.tls.wrap_socket(self.server.socket, server_side=True)
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         return self
 
@@ -157,7 +163,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._write(b"data: [DONE]\n\n")
             self._end_body()
             exchange.completed = True
-        except (BrokenPipeError, ConnectionResetError):
+        except (BrokenPipeError, ConnectionResetError, ssl.SSLError):
             exchange.disconnected = True
 
     def _start_body(self) -> None:

@@ -4,15 +4,19 @@ end to end through a real worker."""
 
 from __future__ import annotations
 
+import ssl
 import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
+from pathlib import Path
 
 import httpx
 import httpx_sse
 import pytest
+import trustme
+import urllib3
 
 from models.exceptions import GenerationError
 from models.settings import Settings
@@ -22,6 +26,7 @@ from tests.fake_openai import ANSWER, BAD_STORED, FakeOpenAI, answer_for
 from tests.procs import BIN, ROOT
 from workers.generators import GenerationRequest, Turn
 from workers.generators.openai_chat import TRANSPORTS, OpenAIChatGenerator, trim
+from workers.generators.openai_pool import env_proxy, pool_manager
 from workers.generators.openai_stream import SSEParser, sdk_env_headers
 
 KEY = "sk-test-secret-0123456789"
@@ -37,7 +42,7 @@ def fake() -> Iterator[FakeOpenAI]:
 
 @pytest.fixture(params=TRANSPORTS)
 def transport(request: pytest.FixtureRequest) -> str:
-    """Every behaviour holds for both transports."""
+    """Every behaviour holds for every transport."""
     return str(request.param)
 
 
@@ -208,8 +213,105 @@ def test_closing_the_generator_closes_the_upstream_connection(
 def test_an_unknown_transport_refuses_to_start() -> None:
     with pytest.raises(ValueError, match="RELAY_OPENAI_TRANSPORT"):
         OpenAIChatGenerator(replace(Settings(), generator="openai", openai_transport="curl"))
-    assert Settings.from_env({}).openai_transport == "httpx"
+    assert Settings.from_env({}).openai_transport == "urllib3"
+    assert Settings.from_env({"RELAY_OPENAI_TRANSPORT": "httpx"}).openai_transport == "httpx"
     assert Settings.from_env({"RELAY_OPENAI_TRANSPORT": "sdk"}).openai_transport == "sdk"
+
+
+# -- over TLS ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture
+def tls_fake(ca: trustme.CA) -> Iterator[FakeOpenAI]:
+    """The fake over HTTPS, with a certificate for 127.0.0.1 from a CA of the test's own."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.options |= ssl.OP_IGNORE_UNEXPECTED_EOF  # a client's hang-up reads as an end
+    ca.issue_cert("127.0.0.1").configure_cert(context)
+    server = FakeOpenAI(tls=context).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def trusting(ca: trustme.CA, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Trust the test's CA the way a deployment points at its own bundle: SSL_CERT_FILE."""
+    bundle = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(bundle))
+    monkeypatch.setenv("SSL_CERT_FILE", str(bundle))
+    return bundle
+
+
+def over_tls(fake: FakeOpenAI, transport: str, **overrides: object) -> OpenAIChatGenerator:
+    settings = replace(
+        Settings(), generator="openai", model="fake-ok", openai_base_url=fake.base_url,
+        openai_api_key=KEY, openai_retry_backoff_s=0.01, openai_transport=transport,
+    )  # fmt: skip
+    return OpenAIChatGenerator(replace(settings, **overrides))  # type: ignore[arg-type]
+
+
+@pytest.mark.usefixtures("trusting")
+def test_tls_an_answer_streams_from_a_server_the_bundle_trusts(
+    tls_fake: FakeOpenAI, transport: str
+) -> None:
+    assert "".join(over_tls(tls_fake, transport).generate(request())) == ANSWER
+    wait_for(lambda: tls_fake.exchanges[0].completed, timeout=5)
+
+
+@pytest.mark.usefixtures("trusting")
+def test_tls_abort_wakes_a_reader_blocked_on_a_silent_upstream(
+    tls_fake: FakeOpenAI, transport: str
+) -> None:
+    """The hang-up shuts a TLS socket down under a blocked read: the read ends at once."""
+    req = request("fake-silent")
+    pieces = over_tls(tls_fake, transport, openai_timeout_s=30).generate(req)
+    assert next(pieces)
+    rest: list[list[str]] = []
+    reader = threading.Thread(target=lambda: rest.append(list(pieces)))
+    reader.start()
+    time.sleep(0.3)  # the reader is now waiting for a byte that will not come
+    started = time.monotonic()
+    req.abort.abort()
+    reader.join(timeout=5)
+    assert rest == [[]] and time.monotonic() - started < 2  # not the 30 s read timeout
+    wait_for(lambda: tls_fake.exchanges[0].disconnected, timeout=2)
+
+
+def test_tls_a_certificate_from_an_unknown_authority_is_refused(
+    tls_fake: FakeOpenAI, transport: str
+) -> None:
+    """Certificates are verified (against certifi's bundle, SSL_CERT_FILE being unset): the
+    answer fails as a lost connection, and the model is never asked."""
+    with pytest.raises(GenerationError) as info:
+        "".join(over_tls(tls_fake, transport, openai_retries=0).generate(request()))
+    assert info.value.code == "upstream_disconnected"
+    assert tls_fake.exchanges == []
+
+
+def test_the_pool_takes_the_proxy_the_environment_names() -> None:
+    """HTTPS_PROXY / HTTP_PROXY / ALL_PROXY in either case, NO_PROXY exempting hosts (the
+    rules httpx follows); a SOCKS proxy refuses to start with a clear reason."""
+    url = "https://api.openai.com/v1/chat/completions"
+    assert env_proxy(url, {}) is None
+    assert env_proxy(url, {"HTTPS_PROXY": "http://proxy:3128"}) == "http://proxy:3128"
+    assert env_proxy(url, {"https_proxy": "http://proxy:3128"}) == "http://proxy:3128"
+    assert env_proxy(url, {"HTTP_PROXY": "http://proxy:3128"}) is None  # for http:// only
+    assert env_proxy(url, {"ALL_PROXY": "http://all:1"}) == "http://all:1"
+    both = {"HTTPS_PROXY": "http://proxy:3128", "ALL_PROXY": "http://all:1"}
+    assert env_proxy(url, both) == "http://proxy:3128"
+    for exempt in ("api.openai.com", ".openai.com", "openai.com", "*", "localhost,openai.com"):
+        assert env_proxy(url, {"HTTPS_PROXY": "http://p:1", "NO_PROXY": exempt}) is None, exempt
+    assert env_proxy(url, {"HTTPS_PROXY": "http://p:1", "NO_PROXY": "example.com"})
+    pooled = pool_manager(url, 5.0, {"HTTPS_PROXY": "http://proxy:3128"})
+    assert isinstance(pooled, urllib3.ProxyManager)
+    assert pooled.proxy is not None and pooled.proxy.host == "proxy"
+    assert type(pool_manager(url, 5.0, {})) is urllib3.PoolManager
+    with pytest.raises(ValueError, match="socks5 proxy"):
+        pool_manager(url, 5.0, {"ALL_PROXY": "socks5://proxy:1080"})
 
 
 # -- the SSE parser of the httpx transport ----------------------------------------------------
@@ -327,11 +429,13 @@ def test_e2e_a_model_sending_nul_and_lone_surrogates_is_stored(
 
 
 @pytestmark_e2e
+@pytest.mark.parametrize("lean", ["urllib3", "httpx"])
 def test_e2e_the_next_answer_reuses_the_upstream_connection(
-    isolated_stack: Stack, fake: FakeOpenAI
+    isolated_stack: Stack, fake: FakeOpenAI, lean: str
 ) -> None:
-    # httpx only: the official client closes its response at [DONE], so it never reuses one.
-    stack = talking_to(isolated_stack, fake, "httpx")
+    # The lean transports: the official client closes its response at [DONE], so it never
+    # reuses one.
+    stack = talking_to(isolated_stack, fake, lean)
     stack.start_worker("w1")
     client = stack.client()
     for question in ("first", "second"):
@@ -340,6 +444,30 @@ def test_e2e_the_next_answer_reuses_the_upstream_connection(
     first, second = fake.exchanges
     assert first.completed and second.completed
     assert first.peer == second.peer  # one TCP connection: no new handshake for the second
+
+
+@pytestmark_e2e
+@pytest.mark.parametrize("lean", ["urllib3", "httpx"])
+def test_e2e_over_tls_the_connection_is_kept_and_a_cancel_ends_it(
+    isolated_stack: Stack, tls_fake: FakeOpenAI, trusting: Path, lean: str
+) -> None:
+    """A worker (gevent) talking HTTPS: the second answer goes over the first one's TLS
+    connection, and a cancel shuts that connection down under the read that waits."""
+    stack = talking_to(isolated_stack, tls_fake, lean)
+    stack.env["SSL_CERT_FILE"] = str(trusting)
+    stack.start_worker("w1")
+    client = stack.client()
+    for question in ("first", "second"):
+        posted = client.post_chat(question, model="fake-keepalive")
+        assert client.attach(posted["streamId"]).text == ANSWER
+    posted = client.post_chat("a long one", model="fake-slow")
+    seen = client.attach(posted["streamId"], until=lambda a: len(a.events) >= 5)
+    client.request("POST", f"/api/v1/streams/{posted['streamId']}/cancel")
+    first, second, slow = tls_fake.exchanges
+    assert first.peer == second.peer == slow.peer  # one TLS connection, one handshake
+    wait_for(lambda: slow.disconnected, timeout=10)
+    rest = client.attach(posted["streamId"], after=seen.last["seq"])
+    assert rest.last["type"] == "cancelled" and not slow.completed
 
 
 @pytestmark_e2e

@@ -118,7 +118,7 @@ class HttpxTransport:
             if not response.is_success:
                 raise status_error(response)
             stream = events(response)
-            finished = yield from texts(chunks(stream, response), request.report)
+            finished = yield from texts(chunks(stream, response.request), request.report)
             if not finished and not request.abort.requested:
                 # The connection closed before the model said it was done: a cut answer.
                 raise httpx.RemoteProtocolError("the stream ended without a finish_reason")
@@ -176,14 +176,15 @@ def events(response: httpx.Response) -> Iterator[Event]:
     yield from parser.end()
 
 
-def chunks(stream: Iterable[Event], response: httpx.Response) -> Iterator[dict[str, Any]]:
-    """Yield each JSON chunk up to ``[DONE]``; raise the provider's error event."""
+def chunks(stream: Iterable[Event], request: httpx.Request) -> Iterator[dict[str, Any]]:
+    """Yield each JSON chunk up to ``[DONE]``; raise the provider's error event (``request``
+    goes into the SDK's error)."""
     for event, data in stream:
         if data.startswith(b"[DONE]"):
             return
         chunk = json.loads(data.decode())  # from str: skips json's encoding sniffing
         if event == b"error" or (type(chunk) is dict and chunk.get("error")):
-            raise stream_error(chunk, response)
+            raise stream_error(chunk, request)
         if type(chunk) is dict:  # anything else is no chat chunk: nothing to read in it
             yield chunk
 
@@ -218,13 +219,13 @@ def status_error(response: httpx.Response) -> openai.APIStatusError:
     return openai.APIStatusError(message, response=response, body=inner)
 
 
-def stream_error(payload: Any, response: httpx.Response) -> openai.APIError:
+def stream_error(payload: Any, request: httpx.Request) -> openai.APIError:
     """The SDK's error for an error event in the middle of a stream."""
     error = payload.get("error", payload) if isinstance(payload, dict) else payload
     message = error.get("message") if isinstance(error, dict) else None
     if not isinstance(message, str) or not message:
         message = "An error occurred during streaming"
-    return openai.APIError(message, response.request, body=error)
+    return openai.APIError(message, request, body=error)
 
 
 def sdk_env_headers(environ: Mapping[str, str]) -> dict[str, str]:
