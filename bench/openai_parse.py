@@ -5,10 +5,10 @@ A server in another process streams chat.completion.chunk events shaped like Ope
 this process consumes them and measures only its own CPU time (time.process_time) around
 the consuming loop. Two pacings: ``burst`` (events back to back: the consumer never waits)
 and ``paced`` (a pause between events, so the consumer waits for each one, as when a model
-streams tokens: a wake-up per event, on cold caches, costs more). Besides the two
-transports of the real generator (``sdk``, ``httpx``), the SSE parsers are compared on the
-same httpx stream, with ``read-only`` (no parsing) as the floor, and alone from memory.
-Prints one JSON object.
+streams tokens: a wake-up per event, on cold caches, costs more). Besides the three
+transports of the real generator (``sdk``, ``httpx``, ``urllib3``), the SSE parsers are
+compared on the same httpx stream, with ``read-only`` (no parsing) as the floor, and alone
+from memory. Prints one JSON object.
 
     .venv/bin/python -m bench.openai_parse [--chunks 20000] [--repeat 3] [--pace-us 300]
 """
@@ -192,6 +192,7 @@ def with_iter_lines(response: httpx.Response) -> Iterator[str]:
 VARIANTS: dict[str, Callable[[], Callable[[str, str], int]]] = {
     "sdk": lambda: via_generator("sdk"),
     "httpx": lambda: via_generator("httpx"),
+    "urllib3": lambda: via_generator("urllib3"),
     "read-only": lambda: via_client(read_only),
     "parse:httpx-sse": lambda: via_client(with_httpx_sse),
     "parse:relay-sse": lambda: via_client(with_parser),
@@ -282,7 +283,8 @@ def run(n: int, repeat: int, pace_us: int) -> dict[str, Any]:
             "mean_content_chars": round(statistics.mean(len(c) for c in contents(n)), 1),
             "mean_event_bytes": round(event_bytes, 1),
             "python": platform.python_version(),
-            **{pkg: metadata.version(pkg) for pkg in ("openai", "httpx", "httpx-sse", "pydantic")},
+            **{pkg: metadata.version(pkg)
+               for pkg in ("openai", "httpx", "httpx-sse", "pydantic", "urllib3")},
             "cpus": os.cpu_count(),
         },
         "cpu_us_per_chunk": results,
