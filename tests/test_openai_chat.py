@@ -23,6 +23,7 @@ from models.settings import Settings
 from tests.client import chunk_text, read_rest, wait_for
 from tests.conftest import Stack
 from tests.fake_openai import ANSWER, BAD_STORED, FakeOpenAI, answer_for
+from tests.tunnel_proxy import TunnelProxy
 from tests.procs import BIN, ROOT
 from workers.generators import GenerationRequest, Turn
 from workers.generators.openai_chat import TRANSPORTS, OpenAIChatGenerator, trim
@@ -279,6 +280,23 @@ def test_tls_abort_wakes_a_reader_blocked_on_a_silent_upstream(
     reader.join(timeout=5)
     assert rest == [[]] and time.monotonic() - started < 2  # not the 30 s read timeout
     wait_for(lambda: tls_fake.exchanges[0].disconnected, timeout=2)
+
+
+@pytest.mark.usefixtures("trusting")
+def test_tls_through_the_proxy_the_environment_names(
+    tls_fake: FakeOpenAI, transport: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HTTPS_PROXY: the answer goes through the proxy's tunnel (CONNECT), end to end."""
+    proxy = TunnelProxy().start()
+    try:
+        for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy", "https_proxy"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("HTTPS_PROXY", proxy.url)
+        assert "".join(over_tls(tls_fake, transport).generate(request())) == ANSWER
+        port = tls_fake.base_url.split(":")[2].split("/")[0]
+        assert proxy.tunnels == [f"127.0.0.1:{port}"]
+    finally:
+        proxy.stop()
 
 
 def test_tls_a_certificate_from_an_unknown_authority_is_refused(
