@@ -23,8 +23,8 @@ from models.settings import Settings
 from tests.client import chunk_text, read_rest, wait_for
 from tests.conftest import Stack
 from tests.fake_openai import ANSWER, BAD_STORED, FakeOpenAI, answer_for
-from tests.tunnel_proxy import TunnelProxy
 from tests.procs import BIN, ROOT
+from tests.tunnel_proxy import TunnelProxy
 from workers.generators import GenerationRequest, Turn
 from workers.generators.openai_chat import TRANSPORTS, OpenAIChatGenerator, trim
 from workers.generators.openai_pool import env_proxy, pool_manager
