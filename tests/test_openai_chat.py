@@ -1,6 +1,7 @@
-"""The OpenAI-compatible provider, through each transport (the lean httpx one and the real
-``openai`` client), against a local server speaking the streaming protocol: in-process, and
-end to end through a real worker."""
+"""The OpenAI-compatible provider, through each transport (the lean urllib3 and httpx ones and
+the real ``openai`` client), against a local server speaking the streaming protocol (over
+HTTP and HTTPS, directly and through a proxy): in-process, and end to end through a real
+worker."""
 
 from __future__ import annotations
 
