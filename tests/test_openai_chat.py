@@ -188,15 +188,21 @@ def test_any_line_ending_comments_fields_and_multi_line_data(
 def test_abort_wakes_a_reader_blocked_on_a_silent_upstream(
     fake: FakeOpenAI, generator: MakeGenerator
 ) -> None:
+    assert_abort_wakes_the_reader(fake, generator(openai_timeout_s=30))
+
+
+def assert_abort_wakes_the_reader(fake: FakeOpenAI, generator: OpenAIChatGenerator) -> None:
+    """An abort from another thread (as the worker's heartbeat sends it) ends a read that
+    waits on a silent model at once, and the upstream sees its connection close."""
     req = request("fake-silent")
-    pieces = generator(openai_timeout_s=30).generate(req)
+    pieces = generator.generate(req)
     assert next(pieces)
     rest: list[list[str]] = []
     reader = threading.Thread(target=lambda: rest.append(list(pieces)))
     reader.start()
     time.sleep(0.3)  # the reader is now waiting for a byte that will not come
     started = time.monotonic()
-    req.abort.abort()  # from another thread, as the worker's heartbeat does
+    req.abort.abort()
     reader.join(timeout=5)
     assert rest == [[]] and time.monotonic() - started < 2  # not the 30 s read timeout
     wait_for(lambda: fake.exchanges[0].disconnected, timeout=2)
@@ -269,18 +275,7 @@ def test_tls_abort_wakes_a_reader_blocked_on_a_silent_upstream(
     tls_fake: FakeOpenAI, transport: str
 ) -> None:
     """The hang-up shuts a TLS socket down under a blocked read: the read ends at once."""
-    req = request("fake-silent")
-    pieces = over_tls(tls_fake, transport, openai_timeout_s=30).generate(req)
-    assert next(pieces)
-    rest: list[list[str]] = []
-    reader = threading.Thread(target=lambda: rest.append(list(pieces)))
-    reader.start()
-    time.sleep(0.3)  # the reader is now waiting for a byte that will not come
-    started = time.monotonic()
-    req.abort.abort()
-    reader.join(timeout=5)
-    assert rest == [[]] and time.monotonic() - started < 2  # not the 30 s read timeout
-    wait_for(lambda: tls_fake.exchanges[0].disconnected, timeout=2)
+    assert_abort_wakes_the_reader(tls_fake, over_tls(tls_fake, transport, openai_timeout_s=30))
 
 
 @pytest.mark.usefixtures("trusting")
