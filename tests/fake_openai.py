@@ -56,6 +56,7 @@ class Exchange:
     chunks_sent: int = 0
     disconnected: bool = False
     completed: bool = False
+    raw: bytes = b""  # the request body as sent
 
 
 @dataclass
@@ -101,8 +102,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         length = int(self.headers.get("Content-Length", 0))
-        body = json.loads(self.rfile.read(length))
-        exchange = Exchange(body, dict(self.headers.items()), self.client_address)
+        raw = self.rfile.read(length)
+        body = json.loads(raw)
+        exchange = Exchange(body, dict(self.headers.items()), self.client_address, raw=raw)
         self.owner.exchanges.append(exchange)
         model = self._model = body["model"]
         key = json.dumps(body["messages"][:2])

@@ -5,6 +5,7 @@ worker."""
 
 from __future__ import annotations
 
+import json
 import ssl
 import subprocess
 import threading
@@ -79,6 +80,20 @@ def test_streams_the_answer_and_reports_usage(fake: FakeOpenAI, generator: MakeG
     assert sent.body["stream"] is True and sent.body["stream_options"] == {"include_usage": True}
     assert [m["role"] for m in sent.body["messages"]] == ["system", "user", "assistant", "user"]
     assert sent.body["messages"][0]["content"] == "Be brief."
+
+
+def test_the_body_is_compact_json_with_text_as_utf8(
+    fake: FakeOpenAI, generator: MakeGenerator
+) -> None:
+    """Every transport encodes the request as the official client does: compact JSON, the
+    conversation's text in UTF-8 as is (not as \\u escapes, which cost up to six bytes a
+    character on long non-English histories)."""
+    req = GenerationRequest("sid", (Turn("user", "Grüße, 世界 ✓"),), model="fake-ok")
+    assert "".join(generator().generate(req)) == ANSWER
+    raw = fake.exchanges[0].raw
+    assert "Grüße, 世界 ✓".encode() in raw and b"\\u" not in raw
+    assert raw == json.dumps(fake.exchanges[0].body, ensure_ascii=False,
+                             separators=(",", ":")).encode()  # fmt: skip
 
 
 def test_history_is_capped_to_the_newest_turns() -> None:

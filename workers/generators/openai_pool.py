@@ -78,7 +78,10 @@ class Urllib3Transport:
         self, request: GenerationRequest, params: dict[str, Any]
     ) -> Generator[str, None, None]:
         """Yield the answer's pieces from one upstream request."""
-        body = json.dumps(request_body(params)).encode()
+        # As httpx and the official client encode it: compact, UTF-8 as is.
+        body = json.dumps(
+            request_body(params), ensure_ascii=False, separators=(",", ":"), allow_nan=False
+        ).encode()
         try:
             response = self.pool.urlopen(
                 "POST", self.url, body=body, headers=self.headers, preload_content=False,
