@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Integer, String, Table, Update, bindparam, func, select, update
+from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 from sqlalchemy.types import TypeEngine
 
@@ -104,9 +105,15 @@ _CHECKPOINT_MESSAGE = (
 
 
 def checkpoint(
-    db: Session, stream_id: str, message_id: str, attempt: int, text: str, layout: Layout
+    db: Session | Connection,
+    stream_id: str,
+    message_id: str,
+    attempt: int,
+    text: str,
+    layout: Layout,
 ) -> bool:
-    """Copy the partial answer to SQL; False when another attempt owns the stream."""
+    """Copy the partial answer to SQL; False when another attempt owns the stream. ``db``: a
+    session, or a Core connection (the worker's: no ORM session to set up and tear down)."""
     now = utcnow()
     params = {"sid": stream_id, "b_attempt": attempt, "b_last": len(layout),
               "b_layout": json.dumps(layout), "b_now": now}  # fmt: skip

@@ -414,10 +414,10 @@ class LogWriter:
             return
         self.sync()  # SQL never holds text the log does not
         try:
-            with self.rt.sessions() as db:
+            with self.rt.connect() as conn:
                 job = self.job
                 ok = store.checkpoint(
-                    db, job.stream_id, job.message_id, self.attempt, self.text, self.layout
+                    conn, job.stream_id, job.message_id, self.attempt, self.text, self.layout
                 )
         except OUTAGE_ERRORS as exc:
             # The log holds every piece: the answer goes on, the copy waits for SQL.
