@@ -65,19 +65,21 @@ _MARK_STREAMING = (
 )
 
 
-def mark_running(db: Session, stream_id: str, message_id: str, attempt: int, task_id: str) -> bool:
+def mark_running(
+    db: Session | Connection, stream_id: str, message_id: str, attempt: int, task_id: str
+) -> bool:
     """Record that ``attempt`` (run by ``task_id``) now writes the stream; False when SQL has
     ended the stream or a later attempt owns it (the claim is void). Core statements: this
-    is on the path from a post to its first chunk."""
-    conn = db.connection()
+    is on the path from a post to its first chunk (``db``: a session, or a Core connection,
+    which the worker passes: no ORM session to set up)."""
     now = utcnow()
-    res = conn.execute(
+    res = db.execute(
         _MARK_RUNNING, {"sid": stream_id, "b_attempt": attempt, "b_task": task_id, "b_now": now}
     )
-    if res.rowcount == 0:
+    if res.rowcount == 0:  # type: ignore[attr-defined]
         db.rollback()
         return False
-    conn.execute(_MARK_STREAMING, {"mid": message_id})
+    db.execute(_MARK_STREAMING, {"mid": message_id})
     db.commit()
     return True
 
@@ -170,7 +172,7 @@ _FINALIZE_MESSAGE = (
 
 
 def finalize(
-    db: Session,
+    db: Session | Connection,
     stream_id: str,
     *,
     status: str,

@@ -105,9 +105,9 @@ _HISTORY = (
 
 
 def load_job(rt: WorkerRuntime, stream_id: str) -> Job | None:
-    """Load the stream and the conversation before its answer (two plain queries)."""
-    with rt.sessions() as db:
-        conn = db.connection()
+    """Load the stream and the conversation before its answer (two plain queries, on a Core
+    connection)."""
+    with rt.connect() as conn:
         row = conn.execute(_JOB, {"sid": stream_id}).first()
         if row is None:
             return None
@@ -199,8 +199,8 @@ def run_generation(rt: WorkerRuntime, stream_id: str, task_id: str) -> str:
 
 
 def _mark_running(rt: WorkerRuntime, job: Job, claim: Claim, task_id: str) -> bool:
-    with rt.sessions() as db:
-        return store.mark_running(db, job.stream_id, job.message_id, claim.attempt, task_id)
+    with rt.connect() as conn:
+        return store.mark_running(conn, job.stream_id, job.message_id, claim.attempt, task_id)
 
 
 def _claim_void(rt: WorkerRuntime, db: Session, stream_id: str, attempt: int) -> str:
@@ -480,9 +480,9 @@ class LogWriter:
         RELAY_BACKEND_BUDGET_S; None when it stayed unreachable."""
         while True:
             try:
-                with self.rt.sessions() as db:
+                with self.rt.connect() as conn:
                     ok = store.finalize(
-                        db, self.job.stream_id, status=status, text=self.text,
+                        conn, self.job.stream_id, status=status, text=self.text,
                         layout=self.layout, attempt=self.attempt, error=error,
                         usage=self.usage(), reason=reason,
                     )  # fmt: skip
