@@ -9,6 +9,7 @@ import threading
 import time
 from typing import Any
 
+from celery.backends.base import DisabledBackend
 from celery.signals import task_revoked, worker_ready, worker_shutting_down
 from redis.exceptions import LockError
 
@@ -17,6 +18,7 @@ from models.lifecycle import Sweeper, SweepReport
 from models.tables import Stream
 from ops.gctune import freeze_startup_objects
 from workers import waiting, webhooks
+from workers.celery_app import app
 from workers.generation import OUTAGES
 from workers.runtime import WorkerRuntime, get_runtime
 
@@ -41,8 +43,22 @@ def on_worker_ready(**_: Any) -> None:
         except OSError as exc:  # e.g. a second worker on the same machine and port
             log.warning("worker metrics not served on port %d: %s",
                         rt.settings.worker_metrics_port, exc)  # fmt: skip
+    share_result_backend()
     log.info("relay worker %s ready (generator=%s)", rt.worker_name, rt.generator.name)
     freeze_startup_objects()
+
+
+def share_result_backend() -> None:
+    """relay ignores task results (no ``result_backend``), yet Celery builds a result backend
+    for each thread that runs a task, and under the gevent pool every task is a thread of its
+    own: a DisabledBackend built for every answer (about 90 µs of the worker's CPU each, and
+    a share of the work when many answers end at once). relay's tasks get the process's one;
+    it holds no state. A configured backend keeps Celery's per-thread copies."""
+    backend = app.backend
+    if isinstance(backend, DisabledBackend):
+        for name, task in app.tasks.items():
+            if name.startswith("relay."):
+                task.backend = backend
 
 
 @worker_shutting_down.connect  # type: ignore[untyped-decorator]
