@@ -91,12 +91,12 @@ class Urllib3Transport:
             raise sdk_error(exc, self.request) from exc
         request.abort.on_abort(lambda: hang_up(response))
         try:
-            if not 200 <= response.status < 300:
-                raise status_error(as_httpx(response, self.request))
             stream = events(response)
             try:
+                if not 200 <= response.status < 300:
+                    raise status_error(as_httpx(response, self.request))
                 finished = yield from texts(chunks(stream, self.request), request.report)
-            except (urllib3.exceptions.HTTPError, OSError) as exc:
+            except (urllib3.exceptions.HTTPError, OSError) as exc:  # also reading an error
                 raise sdk_error(exc, self.request) from exc
             if not finished and not request.abort.requested:
                 # The connection closed before the model said it was done: a cut answer.
