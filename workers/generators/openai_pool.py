@@ -34,14 +34,14 @@ from urllib3.exceptions import TimeoutError as PoolTimeout
 from models.settings import Settings
 from workers.generators.base import GenerationRequest
 from workers.generators.openai_stream import (
-    DEFAULT_BASE_URL,
     LIMITS,
     Event,
     SSEParser,
     chunks,
+    completions_url,
     drain_for_reuse,
     request_body,
-    sdk_env_headers,
+    request_headers,
     status_error,
     texts,
 )
@@ -61,15 +61,8 @@ class Urllib3Transport:
     """Stream chat completions through a urllib3 pool, reading each chunk as a plain dict."""
 
     def __init__(self, settings: Settings) -> None:
-        base = settings.openai_base_url or DEFAULT_BASE_URL
-        self.url = base.rstrip("/") + "/chat/completions"
-        self.headers = {
-            # The SDK always sends a key; some servers reject a request without one.
-            "Authorization": f"Bearer {settings.openai_api_key or 'unused'}",
-            "Accept": "text/event-stream",
-            "Content-Type": "application/json",
-            **sdk_env_headers(os.environ),
-        }
+        self.url = completions_url(settings)
+        self.headers = {**request_headers(settings), "Content-Type": "application/json"}
         self.timeout = settings.openai_timeout_s
         self.pool = pool_manager(self.url, self.timeout, os.environ)
         self.request = httpx.Request("POST", self.url)  # named in the SDK's errors

@@ -92,16 +92,9 @@ class HttpxTransport:
     """Stream chat completions with httpx, reading each chunk as a plain dict."""
 
     def __init__(self, settings: Settings) -> None:
-        base = settings.openai_base_url or DEFAULT_BASE_URL
-        self.url = base.rstrip("/") + "/chat/completions"
-        headers = {
-            # The SDK always sends a key; some servers reject a request without one.
-            "Authorization": f"Bearer {settings.openai_api_key or 'unused'}",
-            "Accept": "text/event-stream",
-            **sdk_env_headers(os.environ),
-        }
+        self.url = completions_url(settings)
         self.client = httpx.Client(
-            headers=headers,
+            headers=request_headers(settings),
             timeout=settings.openai_timeout_s,
             limits=LIMITS,
             follow_redirects=True,  # as the official client does
@@ -125,6 +118,21 @@ class HttpxTransport:
             drain_for_reuse(stream)
         finally:
             response.close()  # also on .close() of this generator: stop paying for tokens
+
+
+def completions_url(settings: Settings) -> str:
+    """Where a lean transport posts: the server's ``/v1`` URL + ``/chat/completions``."""
+    return (settings.openai_base_url or DEFAULT_BASE_URL).rstrip("/") + "/chat/completions"
+
+
+def request_headers(settings: Settings) -> dict[str, str]:
+    """What a lean transport sends besides the body's type, as the official client does."""
+    return {
+        # The SDK always sends a key; some servers reject a request without one.
+        "Authorization": f"Bearer {settings.openai_api_key or 'unused'}",
+        "Accept": "text/event-stream",
+        **sdk_env_headers(os.environ),
+    }
 
 
 def hang_up(response: httpx.Response) -> None:
