@@ -3,6 +3,7 @@ flight share the next one, failures reach the generation, the fence still holds.
 
 from __future__ import annotations
 
+import gc
 import json
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -15,7 +16,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from models import keys
 from models.chunklog import ChunkLog
-from models.events import CHUNK, DONE, Event
+from models.events import CHUNK, DONE, RESUMED, Event, error_event
 from models.exceptions import LogUnavailable, StaleAttempt
 from models.redisconn import PinnedConnection
 from ops.redis_server import EmbeddedRedis, free_port
@@ -95,6 +96,33 @@ def test_pieces_that_arrive_during_an_append_share_the_next(
     assert [s for sid, s in published if sid == "s2"] == [[1], list(range(2, 41))]
     assert [s for sid, s in published if sid == "s3"] == [list(range(1, 40))]
     assert [e.seq for e in log.read("s2", 0, 100)] == list(range(1, 41))
+
+
+def test_a_log_that_lost_its_last_appends_is_refilled_from_the_kept_events(
+    log: ChunkLog, redis_client: redis.Redis
+) -> None:
+    """What a Sentinel failover can leave: a promoted replica whose log ends before what the
+    appender had confirmed. The next append finds the log behind and sends the missing
+    events again, rebuilt from what the appender keeps, at their seqs and as they were."""
+    group = GroupAppender(log)
+    stream = group.open("s9", started(log, "s9"), 0)
+    sent = [chunk(1), chunk(2), chunk(3), Event(4, RESUMED, attempt=2), chunk(5),
+            error_event(6, "upstream_error", "the model said no")]  # fmt: skip
+    for event in sent[:5]:
+        stream.submit(event)
+    stream.flush()
+    # The replica had received events 1 to 3 only (its stream's last ID is 0-3).
+    redis_client.delete(keys.log_key("s9"))
+    for event in sent[:3]:
+        redis_client.xadd(keys.log_key("s9"), {"t": event.type, "d": event.payload()},
+                          id=f"0-{event.seq}")  # fmt: skip
+    redis_client.hset(keys.state_key("s9"), "seq", 3)
+    stream.submit(sent[5])
+    stream.flush()
+    assert stream.acked == 6
+    assert log.read("s9", 0, 100) == sent
+    gc.collect()  # what the appender keeps is nothing the collector has to walk again
+    assert len(stream.kept) == 6 and not any(gc.is_tracked(k) for k in stream.kept)
 
 
 def test_a_coalescing_window_gathers_pieces(

@@ -56,6 +56,12 @@ Reply = bool | Exception  # cancel pending, or why the append failed
 # The connection failed mid round trip: each append in it may or may not have been applied.
 UNKNOWN_OUTCOME = (RedisConnectionError, RedisTimeoutError, OSError)
 KEEP_EVENTS = 4096  # confirmed events kept per stream, to refill a log a failover cut short
+# A kept event as the log stores it: (seq, type, data). CPython's collector stops tracking a
+# tuple of an int and two strings (it cannot be part of a cycle), so the tens of thousands a
+# busy worker keeps cost its full collections nothing; as Event objects, 30,000 of them made
+# each full collection take ~50 ms on the latency benchmark, every stream of the process
+# waiting (its p99.9; docs/performance.md).
+Kept = tuple[int, str, str]
 REFILLS = 3  # refills of one round trip (a failover during a refill needs another)
 
 
@@ -73,7 +79,7 @@ class StreamAppender:
         self.acked_at = 0.0  # when (monotonic): an append also refreshes the heartbeat
         self.cancel_requested = False  # an append reported a pending cancel
         self.pending: list[Event] = []
-        self.kept: deque[Event] = deque(maxlen=KEEP_EVENTS)  # the last confirmed, in order
+        self.kept: deque[Kept] = deque(maxlen=KEEP_EVENTS)  # the last confirmed, in order
         self.in_flight = False
         self.error: Exception | None = None
         self.waiters = 0  # threads in ``changed.wait``: the flusher notifies only then
@@ -284,7 +290,8 @@ class GroupAppender:
     def _refill(stream: StreamAppender, events: list[Event], have: int) -> list[Event] | None:
         """``events`` preceded by the kept ones after seq ``have``, or None if some of those
         are no longer kept."""
-        refill = [e for e in stream.kept if have < e.seq < events[0].seq] + events
+        kept = [Event.decode(*k) for k in stream.kept if have < k[0] < events[0].seq]
+        refill = kept + events
         return refill if refill[0].seq == have + 1 else None
 
     def _append_once(self, work: Sequence[tuple[StreamAppender, list[Event]]]) -> list[Reply]:
@@ -397,7 +404,7 @@ class GroupAppender:
                 if isinstance(reply, Exception):
                     stream.error = reply
                 else:
-                    stream.kept.extend(events)
+                    stream.kept.extend([(e.seq, e.type, e.payload()) for e in events])
                     stream.acked = events[-1].seq
                     appended += len(events)
                     stream.acked_at = now
