@@ -398,8 +398,14 @@ def test_readyz_fails_when_redis_is_gone_and_worker_metrics(
     client = stack.client()
     posted = client.post_chat("metrics [demo:words=20]")
     assert client.attach(posted["streamId"]).last["type"] == "done"
-    text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
-    assert 'relay_generations_total{outcome="done"} 1.0' in text
+
+    # The worker counts the answer once its terminal event is in the log, which a viewer
+    # can read first: the count comes right after, not necessarily before.
+    def counted() -> str:
+        text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+        return text if 'relay_generations_total{outcome="done"} 1.0' in text else ""
+
+    text = wait_for(counted, timeout=10)
     assert "relay_time_to_first_chunk_seconds_count 1.0" in text
     assert "relay_chunks_appended_total" in text
     # A web process pointed at a Redis that is not there is alive but not ready.
