@@ -31,7 +31,8 @@ keepalive = 30
 def post_worker_init(worker: Any) -> None:
     """Tell open streams the process is going away before gunicorn stops accepting, answer
     gunicorn's own refusals (414, 431, 400) as JSON (ops/httperrors.py), keep the start-up
-    objects out of garbage collections (ops/gctune.py), and connect the hub."""
+    objects out of garbage collections (ops/gctune.py), connect the hub, and on SQLite keep
+    the WAL's checkpoints off the event loop (models/sqlitewal.py)."""
     from ops.httperrors import install
 
     install()
@@ -54,6 +55,9 @@ def post_worker_init(worker: Any) -> None:
     runtime = getattr(worker, "wsgi", None) and worker.wsgi.extensions.get("relay")
     if runtime is not None:
         runtime.hub.start()
+        from models.sqlitewal import start_wal_checkpoints
+
+        start_wal_checkpoints(runtime.settings.database_url)
 
 
 def child_exit(server: Any, worker: Any) -> None:

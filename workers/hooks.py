@@ -15,6 +15,7 @@ from redis.exceptions import LockError
 
 from models import keys, lifecycle
 from models.lifecycle import Sweeper, SweepReport
+from models.sqlitewal import start_wal_checkpoints
 from models.tables import Stream
 from ops.gctune import freeze_startup_objects
 from workers import waiting, webhooks
@@ -44,6 +45,7 @@ def on_worker_ready(**_: Any) -> None:
             log.warning("worker metrics not served on port %d: %s",
                         rt.settings.worker_metrics_port, exc)  # fmt: skip
     share_result_backend()
+    start_wal_checkpoints(rt.settings.database_url)  # on SQLite: its syncs off the loop
     log.info("relay worker %s ready (generator=%s)", rt.worker_name, rt.generator.name)
     freeze_startup_objects()
 
