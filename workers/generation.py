@@ -477,10 +477,11 @@ class LogWriter:
         self, status: str, error: store.ErrorInfo | None, reason: str | None = None
     ) -> bool | None:
         """``store.finalize``, tried again with backoff while SQL is unreachable, for up to
-        RELAY_BACKEND_BUDGET_S; None when it stayed unreachable."""
+        RELAY_BACKEND_BUDGET_S; None when it stayed unreachable. Each try waits its turn
+        at the runtime's ``EndGate``, so the appends of the streams still running go first."""
         while True:
-            try:
-                with self.rt.connect() as conn:
+            try:  # one try per turn of the gate: a retry's backoff does not hold it
+                with self.rt.ends.turn(), self.rt.connect() as conn:
                     ok = store.finalize(
                         conn, self.job.stream_id, status=status, text=self.text,
                         layout=self.layout, attempt=self.attempt, error=error,

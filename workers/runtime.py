@@ -20,6 +20,7 @@ from models.lifecycle import Enqueue, Sweeper
 from models.redisconn import make_client
 from models.settings import Settings
 from workers.appender import GroupAppender
+from workers.endgate import EndGate
 from workers.generators import Generator, make_generator
 from workers.metrics import WorkerMetrics
 
@@ -57,6 +58,7 @@ class WorkerRuntime:
     shutdown: Shutdown
     appender: GroupAppender
     metrics: WorkerMetrics = field(default_factory=WorkerMetrics)
+    ends: EndGate = field(default_factory=EndGate)  # final SQL writes yield to the appends
     worker_name: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
 
     def shutting_down(self) -> bool:
