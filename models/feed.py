@@ -91,9 +91,18 @@ class Feed:
     def append(self, user_id: str, *events: dict[str, Any]) -> int:
         """Add ``events`` (without their seqs) to the user's feed in one step and publish
         them; the last one's seq."""
+        return int(self._append(keys=[keys.feed_key(user_id)], args=self._args(user_id, events)))
+
+    def append_command(self, user_id: str, *events: dict[str, Any]) -> list[Any]:
+        """``append`` as a command for a pipeline (the worker's flusher sends its answers'
+        events with the appends); the reply is the last one's seq. A NoScriptError reply
+        means the server lost the script: ``append`` loads it."""
+        return ["EVALSHA", self._append.sha, 1, keys.feed_key(user_id),
+                *self._args(user_id, events)]  # fmt: skip
+
+    def _args(self, user_id: str, events: tuple[dict[str, Any], ...]) -> list[str | int]:
         bodies = [json.dumps(event, separators=(",", ":")) for event in events]
-        args: list[str | int] = [keys.feed_channel(user_id), self.max_len, self.ttl_s, *bodies]
-        return int(self._append(keys=[keys.feed_key(user_id)], args=args))
+        return [keys.feed_channel(user_id), self.max_len, self.ttl_s, *bodies]
 
     def last_seq(self, user_id: str) -> int:
         entries = cast(

@@ -324,3 +324,51 @@ def test_the_fate_of_an_append_comes_from_the_state_it_left() -> None:
     assert outcome(["3", "4", "running", None], 2, 5, 7) == "stale"  # taken over
     assert outcome(["2", "4", "cancelled", None], 2, 5, 7) == "stale"
     assert outcome([None, None, None, None], 2, 5, 7) == "gone"
+
+
+class _Recording(PinnedConnection):
+    """A real connection that records the command names of each round trip."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        super().__init__(client)
+        self.rounds: list[list[str]] = []
+
+    def pipeline(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
+        self.rounds.append([str(c[0]) for c in commands])
+        return super().pipeline(commands)
+
+
+def test_a_rider_goes_with_the_next_round_trip_after_its_appends(
+    log: ChunkLog, redis_client: redis.Redis
+) -> None:
+    """A command handed to the flusher (a feed event) takes no round trip of its own: it goes
+    in the next one, after the appends gathered for it, and its reply comes back."""
+    group = GroupAppender(log)
+    group._conn = conn = _Recording(log.redis)
+    stream = group.open("s12", started(log, "s12"), 0)
+    redis_client.client_pause(1000, all=False)  # the first append hangs; the rest gather
+    stream.submit(chunk(1))
+    wait_for(lambda: stream.in_flight)
+    for seq in range(2, 6):
+        stream.submit(chunk(seq))
+    ride = group.ride(ChunkLog.position_command("s12"))
+    assert ride.result(timeout=10)[1] == "5"  # the log's seq when it ran: every append before
+    stream.flush()
+    assert conn.rounds == [["EVALSHA"], ["EVALSHA", "HMGET"]]
+
+
+def test_a_rider_gets_its_own_error_and_a_failed_round_trip_answers_every_rider(
+    log: ChunkLog, redis_client: redis.Redis
+) -> None:
+    group = GroupAppender(log)
+    stream = group.open("s13", started(log, "s13"), 0)
+    stream.submit(chunk(1))
+    forgotten = group.ride(["EVALSHA", "0" * 40, 0])  # a script Redis does not have
+    stream.flush()
+    with pytest.raises(redis.exceptions.NoScriptError):
+        forgotten.result(timeout=10)
+    assert stream.acked == 1  # the appends of the same round trip stand
+    dead = GroupAppender(ChunkLog(redis.Redis(port=free_port(), socket_connect_timeout=1)),
+                         budget_s=0.5)  # fmt: skip
+    with pytest.raises(RedisConnectionError):
+        dead.ride(["PING"]).result(timeout=30)

@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import json
 import time
+from types import SimpleNamespace
+from typing import Any
 
+import pytest
+import redis
+
+from models import feed
+from models.chunklog import ChunkLog
 from tests.client import Client, wait_for
 from tests.conftest import Stack
-from workers.generation import StorableText
+from workers.appender import GroupAppender
+from workers.generation import News, StorableText
 
 LONG = "[demo:words=400]"
 
@@ -127,3 +135,22 @@ def test_model_text_is_made_storable_piece_by_piece() -> None:
     out = [storable.clean(p) for p in pieces] + [storable.rest()]
     assert out == ["a\ufffdb", " c\ufffdd", " e", "\U0001f600f", "\ufffd", "g", "\ufffd"]
     assert all(s.encode("utf-8") for s in out)  # UTF-8 takes every one
+
+
+def test_feed_news_rides_the_flusher_and_goes_alone_when_the_ride_fails(
+    redis_client: redis.Redis,
+) -> None:
+    """An answer's feed events go with the appender's round trips; one whose ride failed
+    (here: Redis forgot the feed's script) is published the ordinary way: on the feed once,
+    in order."""
+    chunks = ChunkLog(redis_client)
+    rt: Any = SimpleNamespace(appender=GroupAppender(chunks), log=chunks)
+    News(rt, "u1", feed.event_of(feed.ANSWER_STARTED, streamId="a")).wait()
+    redis_client.script_flush()
+    finished = News(rt, "u1", feed.event_of(feed.ANSWER_FINISHED, streamId="a", status="done"))
+    with pytest.raises(redis.exceptions.NoScriptError):
+        finished.ride.result(timeout=10)
+    finished.wait()
+    page = feed.Feed(redis_client).read("u1", 0)
+    assert [seq for seq, _ in page.events] == [1, 2]
+    assert [json.loads(e)["type"] for _, e in page.events] == ["answer.started", "answer.finished"]

@@ -24,6 +24,11 @@ that saw them from the old master sees nothing new and one that attaches sees no
 ``wait_replicas`` (RELAY_REDIS_WAIT_REPLICAS) adds Redis's ``WAIT`` to every round trip, so
 an append is confirmed only once that many replicas have it.
 
+Other commands can ride a round trip (``ride``: the feed's ``answer.*`` events): they go
+after the appends of the same pipeline, on the flusher's connection. Answers that end
+together then need no pool connection each (200 ends at once opened as many) and no round
+trip of their own.
+
 On a Redis Cluster the round trip is a ``ClusterPipeline``: each stream's append goes to the
 master that owns its slot (every key of a stream shares its hash tag), all nodes' shares are
 written before any reply is read, and a MOVED or ASK reply (the append did not run) is sent
@@ -41,6 +46,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
@@ -63,6 +69,33 @@ KEEP_EVENTS = 4096  # confirmed events kept per stream, to refill a log a failov
 # waiting (its p99.9; docs/performance.md).
 Kept = tuple[int, str, str]
 REFILLS = 3  # refills of one round trip (a failover during a refill needs another)
+
+
+class Ride:
+    """A command sent with the flusher's next round trip, and its reply once it came."""
+
+    def __init__(self, command: Sequence[Any]) -> None:
+        self.command = command
+        self.reply: Any = None
+        self._done = threading.Event()
+
+    def answer(self, reply: Any) -> None:
+        self.reply = reply
+        self._done.set()
+
+    @property
+    def answered(self) -> bool:
+        return self._done.is_set()
+
+    def result(self, timeout: float | None = None) -> Any:
+        """The reply; raises it when it is an error (a NoScriptError, a cluster node that
+        did not answer, the connection lost: whether it ran is then unknown), and
+        TimeoutError when it did not come within ``timeout``."""
+        if not self._done.wait(timeout):
+            raise TimeoutError("the flusher's round trip did not come back in time")
+        if isinstance(self.reply, Exception):
+            raise self.reply
+        return self.reply
 
 
 class StreamAppender:
@@ -130,6 +163,8 @@ class GroupAppender:
         self.lock = threading.Lock()
         self._work = threading.Condition(self.lock)  # the flusher waits here for ready streams
         self._ready: dict[StreamAppender, None] = {}  # streams with events to send, in order
+        self._riders: list[Ride] = []  # commands for the next round trip
+        self._riding: list[Ride] = []  # this round trip's, until its first pipeline sends them
         self._thread: threading.Thread | None = None
         # The flusher's own connection (on a cluster: one per node), made on first use.
         self._conn: PinnedConnection | ClusterPipeline | None = None
@@ -150,6 +185,17 @@ class GroupAppender:
                 self._ready[stream] = None
                 if not self._holding:
                     self._work.notify()
+
+    def ride(self, command: Sequence[Any]) -> Ride:
+        """Send ``command`` with the next round trip, after its appends (a rider does not
+        wait for a round trip of its own)."""
+        ride = Ride(command)
+        with self.lock:
+            self._ensure_thread()
+            self._riders.append(ride)
+            if not self._holding:
+                self._work.notify()
+        return ride
 
     def flush(self, stream: StreamAppender, timeout: float | None = None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -187,13 +233,17 @@ class GroupAppender:
 
     def _run(self) -> None:
         while True:
-            work = self._take()
+            work, self._riding = self._take()
+            riders = self._riding
             replies = self._send(work)
+            for ride in riders:  # the round trip failed before its pipeline was sent
+                if not ride.answered:
+                    ride.answer(LogUnavailable("the round trip was not sent"))
             self._settle(work, replies)
 
-    def _take(self) -> list[tuple[StreamAppender, list[Event]]]:
+    def _take(self) -> tuple[list[tuple[StreamAppender, list[Event]]], list[Ride]]:
         with self.lock:
-            while not self._ready:
+            while not self._ready and not self._riders:
                 if not self._appended:
                     self._work.wait()
                 elif (left := self._reported_at + 1.0 - time.monotonic()) > 0:
@@ -218,7 +268,8 @@ class GroupAppender:
                 stream.in_flight = True
                 work.append((stream, events))
             self._ready.clear()
-            return work
+            riders, self._riders = self._riders, []
+            return work, riders
 
     def _yield(self, turns: int) -> None:
         """Let the other threads run ``turns`` times, the lock released (under gevent,
@@ -366,11 +417,22 @@ class GroupAppender:
         if self._conn is None:
             self._conn = pipeliner(self.chunks.redis, self.recheck_idle_s)
         append = self.chunks.append_command
-        commands = [append(s.stream_id, s.attempt, ev) for s, ev in work]
-        if not self.wait_replicas:
-            return self._conn.pipeline(commands)
-        replies = self._conn.pipeline([*commands, ["WAIT", self.wait_replicas, self.wait_ms]])
-        self._check_wait(replies.pop())
+        commands: list[Sequence[Any]] = [append(s.stream_id, s.attempt, ev) for s, ev in work]
+        riders, self._riding = self._riding, []  # the round trip's first pipeline takes them
+        commands += [ride.command for ride in riders]
+        if self.wait_replicas:
+            commands.append(["WAIT", self.wait_replicas, self.wait_ms])
+        try:
+            replies = self._conn.pipeline(commands)
+        except Exception as exc:
+            for ride in riders:
+                ride.answer(exc)
+            raise
+        if self.wait_replicas:
+            self._check_wait(replies.pop())
+        for ride, reply in zip(riders, replies[len(work) :], strict=True):
+            ride.answer(reply)
+        del replies[len(work) :]
         return replies
 
     def _check_wait(self, acknowledged: object) -> None:

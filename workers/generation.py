@@ -77,10 +77,34 @@ class Job:
     user_id: str = ""  # the chat's owner, and the chat (for the owner's feed)
     chat_id: str = ""
 
-    def announce(self, rt: WorkerRuntime, kind: str, **fields: str | None) -> None:
-        """An ``answer.*`` event on the owner's feed (never raises)."""
-        feed.publish(rt, self.user_id, kind, chatId=self.chat_id, streamId=self.stream_id,
-                     messageId=self.message_id, **fields)  # fmt: skip
+    def announce(self, rt: WorkerRuntime, kind: str, **fields: str | None) -> News:
+        """An ``answer.*`` event on its way to the owner's feed (``wait`` for it)."""
+        event = feed.event_of(kind, chatId=self.chat_id, streamId=self.stream_id,
+                              messageId=self.message_id, **fields)  # fmt: skip
+        return News(rt, self.user_id, event)
+
+
+class News:
+    """A feed event that rides the appender's next round trip (``GroupAppender.ride``): no
+    pool connection or round trip of its own, so answers that end together cost one
+    pipeline, not a connection each. If the ride fails (its connection lost: it may have
+    run; a script Redis forgot; the flusher busy past the timeout), ``wait`` publishes it
+    the ordinary way: the feed may repeat an event, as redis-py's own retry can, but does
+    not miss one that was waited for. Never raises."""
+
+    def __init__(self, rt: WorkerRuntime, user_id: str, event: dict[str, Any]) -> None:
+        self.rt = rt
+        self.user_id = user_id
+        self.event = event
+        self.ride = rt.appender.ride(feed.Feed(rt.log.redis).append_command(user_id, event))
+
+    def wait(self, timeout: float = 10.0) -> None:
+        try:
+            self.ride.result(timeout)
+        except Exception as exc:
+            log.info("feed user=%s %s: sending it again alone (%s)", self.user_id,
+                     self.event["type"], type(exc).__name__)  # fmt: skip
+            feed.publish_events(self.rt, self.user_id, [self.event])
 
 
 class HandedOff(Exception):
@@ -167,12 +191,9 @@ def run_generation(rt: WorkerRuntime, stream_id: str, task_id: str) -> str:
         with rt.sessions() as db:
             return _claim_void(rt, db, stream_id, claim.attempt)
     writer = LogWriter(rt, job, claim.attempt, claim.last_seq, task_id)
-    # Off the path to the first chunk (a Redis round trip); the end waits for it, so the
-    # owner's feed always has "started" before "finished".
-    writer.started_news = threading.Thread(
-        target=job.announce, args=(rt, feed.ANSWER_STARTED), name="feed-started", daemon=True
-    )
-    writer.started_news.start()
+    # With the first chunk's round trip; the end waits for it, so the owner's feed always
+    # has "started" before "finished".
+    writer.started_news = job.announce(rt, feed.ANSWER_STARTED)
     try:
         with watch(rt, writer):
             return writer.begin(claim)
@@ -278,7 +299,7 @@ class LogWriter:
         self.first_chunk_at: float | None = None
         self.sql = SqlOutage(interval)
         self.request = GenerationRequest(job.stream_id, job.history, partial=text, model=job.model)
-        self.started_news: threading.Thread | None = None  # the feed's "answer.started"
+        self.started_news: News | None = None  # the feed's "answer.started"
 
     @property
     def text(self) -> str:
@@ -455,8 +476,8 @@ class LogWriter:
         self.submit(event)
         self.sync()
         if self.started_news is not None:
-            self.started_news.join(5.0)
-        self.job.announce(self.rt, feed.ANSWER_FINISHED, status=status, reason=reason)
+            self.started_news.wait()
+        self.job.announce(self.rt, feed.ANSWER_FINISHED, status=status, reason=reason).wait()
         self.rt.metrics.finished(status, time.monotonic() - self.started, self.ttfc())
         if reason == ABANDONED:
             self.rt.metrics.abandoned()
