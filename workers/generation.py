@@ -191,8 +191,8 @@ def run_generation(rt: WorkerRuntime, stream_id: str, task_id: str) -> str:
         with rt.sessions() as db:
             return _claim_void(rt, db, stream_id, claim.attempt)
     writer = LogWriter(rt, job, claim.attempt, claim.last_seq, task_id)
-    # With the first chunk's round trip; the end waits for it, so the owner's feed always
-    # has "started" before "finished".
+    # With the appender's next round trip (no thread, no pool connection of its own); the
+    # end waits for it, so the owner's feed always has "started" before "finished".
     writer.started_news = job.announce(rt, feed.ANSWER_STARTED)
     try:
         with watch(rt, writer):
