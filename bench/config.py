@@ -56,6 +56,7 @@ class Knobs:
     bench_results_dir: str = ""
     bench_keep_tmp: int = 0
     bench_log_redis: str = "one"  # relay's data: one (the bench's Redis), cluster, sentinel
+    bench_database_url: str = ""  # relay's SQL: "" a SQLite file; a PostgreSQL URL: a schema
     bench_repeat: int = 1  # runs of each workload; above 1, the medians too (bench/repeat.py)
 
     @classmethod

@@ -57,7 +57,7 @@ async def relay_stack(ctx: Ctx, sizing: Sizing) -> AsyncIterator[Stack]:
     """Start relay's processes for the workload; stop them all (by pid) whatever happens."""
     stack = Stack(ctx.knobs.relay_root, ctx.tmp, (ctx.redis_url, ctx.redis_pid), sizing,
                   ctx.knobs.chunk_chars, Tools.from_knobs(ctx.knobs),
-                  ctx.log_redis_url)  # fmt: skip
+                  ctx.log_redis_url, ctx.knobs.bench_database_url)  # fmt: skip
     try:
         await stack.start()
         ctx.out["results"]["pids"] = dict(stack.pids)
@@ -79,7 +79,11 @@ def envelope(name: str, knobs: Knobs) -> dict[str, Any]:
     """Return the fields every result carries (the peer's JSON has the same ones)."""
     return {
         "workload": name,
-        "relay": {"root": str(knobs.relay_root), "commit": git_describe(knobs.relay_root)},
+        "relay": {
+            "root": str(knobs.relay_root),
+            "commit": git_describe(knobs.relay_root),
+            "database": "postgresql" if knobs.bench_database_url else "sqlite",
+        },
         "python": platform.python_version(),
         "tools": {"loadgen": knobs.bench_loadgen, "upstream": knobs.bench_upstream},
         "host": host(),

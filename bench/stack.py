@@ -1,8 +1,9 @@
 """relay's processes for one workload, started the way ``make run`` starts them.
 
 One gunicorn process (gunicorn.conf.py, gevent, ``--workers 1``), one Celery worker
-(the Procfile's command), a migrated SQLite database with an API user, the fake upstream,
-and the load generators (Node or Python: bench/tools.py). The code under test comes from
+(the Procfile's command), a migrated SQLite database with an API user (or, with
+BENCH_DATABASE_URL, a PostgreSQL schema of the workload's own, dropped after it), the fake
+upstream, and the load generators (Node or Python: bench/tools.py). The code under test comes from
 BENCH_RELAY_ROOT (default: this checkout), with that checkout's own .venv.
 """
 
@@ -14,13 +15,16 @@ import re
 import shlex
 import socket
 import subprocess
+import sys
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import psutil
+import sqlalchemy
 
 from bench.api import RelayApi, UpstreamCtl
 from bench.config import PROJECT_ROOT
@@ -41,14 +45,16 @@ class Sizing:
     loadgens: int  # load generator processes
 
 
-def relay_env(root: Path, tmp: Path, redis_url: str, upstream_port: int) -> dict[str, str]:
+def relay_env(
+    root: Path, tmp: Path, redis_url: str, upstream_port: int, database_url: str = ""
+) -> dict[str, str]:
     """Return the environment of relay's processes (as make run builds it, plus the upstream)."""
     env = {k: v for k, v in os.environ.items() if k not in _DROP and "proxy" not in k.lower()}
     (tmp / "prometheus").mkdir(exist_ok=True)
     env.update(
         PATH=f"{root / '.venv' / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}",
         REDIS_URL=redis_url,
-        DATABASE_URL=f"sqlite:///{tmp / 'relay.db'}",
+        DATABASE_URL=database_url or f"sqlite:///{tmp / 'relay.db'}",
         PROMETHEUS_MULTIPROC_DIR=str(tmp / "prometheus"),
         SECRET_KEY="bench",
         RELAY_VAR_DIR=str(tmp),
@@ -92,9 +98,11 @@ class Stack:
     """Start, address and stop relay's processes, the upstream and the load generators."""
 
     def __init__(self, root: Path, tmp: Path, redis: tuple[str, int | None], sizing: Sizing,
-                 chars: int, tools: Tools, log_redis_url: str | None = None) -> None:  # fmt: skip
+                 chars: int, tools: Tools, log_redis_url: str | None = None,
+                 postgres_url: str = "") -> None:  # fmt: skip
         self.root, self.tmp, self.sizing, self.chars = root, tmp, sizing, chars
         self.tools = tools
+        self.schema = PgSchema(postgres_url) if postgres_url else None
         self.redis_url = redis[0]
         self.log_redis_url = log_redis_url  # relay's data elsewhere (BENCH_LOG_REDIS)
         self.bin = root / ".venv" / "bin"
@@ -122,7 +130,8 @@ class Stack:
             raise RuntimeError(f"{self.bin} has no gunicorn: run make install in {self.root}")
         await self.tools.prepare(self.tmp)
         port = await self._start_upstream()
-        env = relay_env(self.root, self.tmp, self.redis_url, port)
+        database_url = await asyncio.to_thread(self.schema.create) if self.schema else ""
+        env = relay_env(self.root, self.tmp, self.redis_url, port, database_url)
         if self.log_redis_url is not None:
             env["RELAY_LOG_REDIS_URL"] = self.log_redis_url
         await self._run([str(self.bin / "python"), "-m", "models.migrate"], env)
@@ -224,11 +233,55 @@ class Stack:
         for client in (self.api, self.upstream):
             if client is not None:
                 await client.close()
+        if self.schema is not None:
+            await asyncio.to_thread(self.schema.drop)
 
     def kill(self) -> None:
         """SIGKILL every process this stack started (last resort)."""
         for child in self.children:
             child.kill()
+        if self.schema is not None:
+            try:
+                self.schema.drop()
+            except sqlalchemy.exc.SQLAlchemyError as exc:
+                print(f"could not drop schema {self.schema.name}: {exc}", file=sys.stderr)
+
+
+class PgSchema:
+    """A schema of its own in the PostgreSQL database of ``url`` (BENCH_DATABASE_URL), so
+    that every workload starts from an empty database as with SQLite; dropped after it."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.name = f"relay_bench_{uuid.uuid4().hex[:10]}"
+        self.created = False
+
+    def _admin(self) -> sqlalchemy.Engine:
+        driver = re.sub(r"^postgres(ql)?://", "postgresql+psycopg://", self.url)
+        return sqlalchemy.create_engine(driver)
+
+    def create(self) -> str:
+        """Create the schema; the URL relay's processes use it through (search_path)."""
+        engine = self._admin()
+        try:
+            with engine.begin() as conn:
+                conn.execute(sqlalchemy.text(f'CREATE SCHEMA "{self.name}"'))
+        finally:
+            engine.dispose()
+        self.created = True
+        sep = "&" if "?" in self.url else "?"
+        return f"{self.url}{sep}options=-csearch_path%3D{self.name}"
+
+    def drop(self) -> None:
+        if not self.created:
+            return
+        engine = self._admin()
+        try:
+            with engine.begin() as conn:
+                conn.execute(sqlalchemy.text(f'DROP SCHEMA "{self.name}" CASCADE'))
+        finally:
+            engine.dispose()
+        self.created = False
 
 
 def _free_port() -> int:
