@@ -14,6 +14,7 @@ from models import feed
 from models.chunklog import ChunkLog
 from tests.client import Client, wait_for
 from tests.conftest import Stack
+from tests.test_appender import _LosesOneReply
 from workers.appender import GroupAppender
 from workers.generation import News, StorableText
 
@@ -154,3 +155,26 @@ def test_feed_news_rides_the_flusher_and_goes_alone_when_the_ride_fails(
     page = feed.Feed(redis_client).read("u1", 0)
     assert [seq for seq, _ in page.events] == [1, 2]
     assert [json.loads(e)["type"] for _, e in page.events] == ["answer.started", "answer.finished"]
+
+
+def test_feed_news_whose_reply_was_lost_is_sent_again_so_it_may_repeat_but_not_go_missing(
+    redis_client: redis.Redis,
+) -> None:
+    """The flusher's connection drops after Redis ran the round trip (the reply is lost):
+    whether the event was written is unknown, so it is published again alone. The feed then
+    holds it twice; a reader that treats ``answer.finished`` as a state sees no difference,
+    and none misses it."""
+    chunks = ChunkLog(redis_client)
+    group = GroupAppender(chunks)
+    group._conn = _LosesOneReply(chunks.redis)
+    rt: Any = SimpleNamespace(appender=group, log=chunks)
+    news = News(rt, "u2", feed.event_of(feed.ANSWER_FINISHED, streamId="b", status="done"))
+    with pytest.raises(redis.exceptions.ConnectionError):
+        news.ride.result(timeout=10)
+    news.wait()
+    page = feed.Feed(redis_client).read("u2", 0)
+    assert [json.loads(e)["type"] for _, e in page.events] == ["answer.finished"] * 2
+    # The flusher goes on, on a new connection: the next event rides and arrives once.
+    News(rt, "u2", feed.event_of(feed.ANSWER_STARTED, streamId="c")).wait()
+    page = feed.Feed(redis_client).read("u2", 2)
+    assert [json.loads(e)["type"] for _, e in page.events] == ["answer.started"]
