@@ -256,32 +256,26 @@ class PgSchema:
         self.name = f"relay_bench_{uuid.uuid4().hex[:10]}"
         self.created = False
 
-    def _admin(self) -> sqlalchemy.Engine:
+    def _execute(self, statement: str) -> None:
         driver = re.sub(r"^postgres(ql)?://", "postgresql+psycopg://", self.url)
-        return sqlalchemy.create_engine(driver)
+        engine = sqlalchemy.create_engine(driver)
+        try:
+            with engine.begin() as conn:
+                conn.execute(sqlalchemy.text(statement))
+        finally:
+            engine.dispose()
 
     def create(self) -> str:
         """Create the schema; the URL relay's processes use it through (search_path)."""
-        engine = self._admin()
-        try:
-            with engine.begin() as conn:
-                conn.execute(sqlalchemy.text(f'CREATE SCHEMA "{self.name}"'))
-        finally:
-            engine.dispose()
+        self._execute(f'CREATE SCHEMA "{self.name}"')
         self.created = True
         sep = "&" if "?" in self.url else "?"
         return f"{self.url}{sep}options=-csearch_path%3D{self.name}"
 
     def drop(self) -> None:
-        if not self.created:
-            return
-        engine = self._admin()
-        try:
-            with engine.begin() as conn:
-                conn.execute(sqlalchemy.text(f'DROP SCHEMA "{self.name}" CASCADE'))
-        finally:
-            engine.dispose()
-        self.created = False
+        if self.created:
+            self._execute(f'DROP SCHEMA "{self.name}" CASCADE')
+            self.created = False
 
 
 def _free_port() -> int:
