@@ -32,6 +32,7 @@ from bench.meter import Meter
 from bench.procs import Child, Rpc, die_with_parent, spawn
 from bench.stats import now_us, r3
 from bench.tools import Tools
+from models.db import normalize_url
 
 _DROP = {"VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME", "CELERY_BROKER_URL", "DATABASE_URL", "PORT"}
 
@@ -257,8 +258,7 @@ class PgSchema:
         self.created = False
 
     def _execute(self, statement: str) -> None:
-        driver = re.sub(r"^postgres(ql)?://", "postgresql+psycopg://", self.url)
-        engine = sqlalchemy.create_engine(driver)
+        engine = sqlalchemy.create_engine(normalize_url(self.url))
         try:
             with engine.begin() as conn:
                 conn.execute(sqlalchemy.text(statement))
