@@ -31,11 +31,14 @@ keepalive = 30
 def post_worker_init(worker: Any) -> None:
     """Tell open streams the process is going away before gunicorn stops accepting, answer
     gunicorn's own refusals (414, 431, 400) as JSON (ops/httperrors.py), keep the start-up
-    objects out of garbage collections (ops/gctune.py), connect the hub, and on SQLite keep
-    the WAL's checkpoints off the event loop (models/sqlitewal.py)."""
+    objects out of garbage collections (ops/gctune.py), let redis-py's readiness checks skip
+    the event loop (ops/geventfix.py), connect the hub, and on SQLite keep the WAL's
+    checkpoints off the event loop (models/sqlitewal.py)."""
+    from ops.geventfix import readiness_checks_without_yield
     from ops.httperrors import install
 
     install()
+    readiness_checks_without_yield()
     original = worker.handle_exit
 
     def handle_exit(sig: int, frame: Any) -> None:

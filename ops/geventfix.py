@@ -1,4 +1,4 @@
-"""Repair what gevent's monkey-patching missed in Celery's worker.
+"""Repair what gevent's monkey-patching missed in Celery's worker, and what it made slow.
 
 ``celery worker --pool gevent`` calls ``gevent.monkey.patch_all()`` before it imports
 anything else. While ``patch_all`` patches ``threading`` it looks at every existing object to
@@ -8,12 +8,22 @@ before ``time`` is patched. kombu then retries a lost broker connection with the
 ``time.sleep``, which froze the whole worker (every generation, every heartbeat) for each
 back-off step while Redis was down: 6 s in a 4 s outage. This points such early imports at
 gevent's versions; it does nothing when the process is not patched.
+
+``readiness_checks_without_yield``: redis-py checks every connection it takes from a pool
+for unread data or a closed socket (``can_read``, then a peek), with ``select.poll()`` and a
+zero timeout. gevent's ``poll`` waits for that zero timeout on its event loop: two greenlet
+switches, a whole turn of the loop (every other ready greenlet runs first) and an io watcher
+started and stopped, before each command of the web process and of the worker (a post's
+feed event, the log's init and Celery's send; the worker's claim, its feed events and
+Celery's acks). The check asks the kernel a question that cannot block, so with a zero
+timeout the process's own ``poll`` answers it; any other timeout still waits on gevent's.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+from typing import Any
 
 log = logging.getLogger("relay.worker")
 
@@ -41,3 +51,60 @@ def repair_early_imports() -> list[str]:
     if repaired:
         log.info("gevent: rebound %s to the patched versions", ", ".join(repaired))
     return repaired
+
+
+class _Poll:
+    """``select.poll()`` for redis-py's readiness checks: a zero timeout asks the kernel
+    directly (the check cannot block); any other goes through the patched ``poll``."""
+
+    __slots__ = ("_fds", "_original", "_patched")
+
+    def __init__(self, original: Any, patched: Any) -> None:
+        self._original = original
+        self._patched = patched
+        self._fds: list[tuple[Any, int | None]] = []
+
+    def register(self, fd: Any, eventmask: int | None = None) -> None:
+        self._fds.append((fd, eventmask))
+
+    def poll(self, timeout: float | None = None) -> list[tuple[int, int]]:
+        poller = self._original() if timeout == 0 else self._patched()
+        for fd, mask in self._fds:
+            if mask is None:
+                poller.register(fd)  # select's default mask
+            else:
+                poller.register(fd, mask)
+        events: list[tuple[int, int]] = poller.poll(timeout)
+        return events
+
+
+class _SelectForChecks:
+    """The ``select`` module as redis-py's hiredis parser sees it: the same, but ``poll``."""
+
+    def __init__(self, module: Any, original_poll: Any) -> None:
+        self._module = module
+        self._original_poll = original_poll
+
+    def poll(self) -> _Poll:
+        return _Poll(self._original_poll, self._module.poll)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._module, name)
+
+
+def readiness_checks_without_yield() -> bool:
+    """Let redis-py's zero-timeout readiness checks skip gevent's event loop; return whether
+    this call changed anything (False: not patched by gevent, or done already)."""
+    try:
+        import gevent.monkey
+        from redis._parsers import hiredis as parser
+    except ImportError:  # pragma: no cover - both are dependencies
+        return False
+    if not gevent.monkey.is_module_patched("select") or not hasattr(parser, "_socket_can_read"):
+        return False
+    module = getattr(parser, "select", None)
+    if module is None or isinstance(module, _SelectForChecks):
+        return False
+    shim = _SelectForChecks(module, gevent.monkey.get_original("select", "poll"))
+    setattr(parser, "select", shim)  # noqa: B010 (mypy: the module does not export it)
+    return True

@@ -1,10 +1,12 @@
-"""The worker's start-up under gevent: nothing kombu uses to wait may block the process."""
+"""gevent's repairs (ops/geventfix.py): nothing kombu uses to wait may block the worker, and
+redis-py's readiness checks of pooled connections do not turn the event loop."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 
+from ops.redis_server import EmbeddedRedis
 from tests.procs import ROOT
 
 # What `celery -A workers worker --pool gevent` does first: patch, then load the app.
@@ -26,3 +28,70 @@ def test_kombu_waits_with_gevent_not_with_a_blocking_sleep() -> None:
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["True", "True"]
+
+
+# A patched process, a pool on the test's Redis: how many greenlet switches redis-py's check
+# of a pooled connection (``can_read``) makes before and after the repair, what it answers,
+# and whether a check with a timeout still lets other greenlets run while it waits.
+READINESS = """
+import gevent.monkey
+gevent.monkey.patch_all()
+import sys, time, gevent, greenlet, redis
+from ops.geventfix import readiness_checks_without_yield
+
+pool = redis.BlockingConnectionPool.from_url(sys.argv[1], max_connections=2)
+client = redis.Redis(connection_pool=pool)
+client.ping()
+conn = pool.get_connection()
+
+def switches(check):
+    count = [0]
+    greenlet.settrace(lambda event, args: count.__setitem__(0, count[0] + 1))
+    try:
+        answer = check()
+    finally:
+        greenlet.settrace(None)
+    return count[0], answer
+
+print("before", *switches(conn.can_read))
+print("repaired", readiness_checks_without_yield(), readiness_checks_without_yield())
+print("idle", *switches(conn.can_read))
+conn.send_command("PING")
+deadline = time.monotonic() + 5
+while not conn._parser._reader.has_data() and time.monotonic() < deadline:
+    if conn.can_read():
+        break
+    time.sleep(0.001)
+print("pending", *switches(conn.can_read))
+conn.read_response()
+ticks = []
+ticker = gevent.spawn(lambda: [ticks.append(gevent.sleep(0.01)) for _ in range(1000)])
+started = time.monotonic()
+answer = conn.can_read(timeout=0.3)
+print("timeout", answer, round(time.monotonic() - started, 1), len(ticks) > 5)
+ticker.kill()
+pool.release(conn)
+killed = client.client_id()
+other = redis.Redis.from_url(sys.argv[1])
+other.client_kill_filter(_id=killed)
+time.sleep(0.1)
+print("after kill", client.ping(), client.client_id() != killed)
+"""
+
+
+def test_redis_readiness_checks_do_not_turn_the_event_loop(redis_server: EmbeddedRedis) -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", READINESS, redis_server.url],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0] == "before 2 False"  # gevent's poll: to the loop and back
+    assert lines[1] == "repaired True False"  # once per process
+    assert lines[2] == "idle 0 False"  # nothing to read: answered without a switch
+    assert lines[3] == "pending 0 True"  # a reply waiting: seen, still without one
+    assert lines[4] == "timeout False 0.3 True"  # a real wait still lets others run
+    assert lines[5] == "after kill True True"  # a closed pooled connection is replaced

@@ -9,10 +9,11 @@ from celery import Celery
 from celery.signals import user_preload_options
 
 from models.settings import Settings, redis_notice
-from ops.geventfix import repair_early_imports
+from ops.geventfix import readiness_checks_without_yield, repair_early_imports
 from ops.kombufix import repair_late_restore, reuse_clients
 
 repair_early_imports()  # before the worker connects to its broker
+readiness_checks_without_yield()  # a Redis command must not turn the event loop first
 repair_late_restore()  # a broker restart must not kill the worker
 reuse_clients()  # one redis-py client per channel, not one per command
 
