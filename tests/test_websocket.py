@@ -8,6 +8,8 @@ import json
 import os
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import zlib
 from dataclasses import dataclass
@@ -17,6 +19,7 @@ import pytest
 
 from tests.client import Client, chunk_text, expand, wait_for
 from tests.conftest import Stack
+from tests.procs import ROOT
 
 OFFER = "permessage-deflate; client_max_window_bits"
 
@@ -136,6 +139,29 @@ def _with_sizes(data: list[Frame]) -> list[tuple[Frame, bytes]]:
 
 
 def test_a_direct_write_that_would_block_keeps_the_rest_in_order() -> None:
+    direct_writes_keep_order()
+
+
+# The same under gevent, where a direct write is gevent's send with a zero timeout.
+UNDER_GEVENT = """
+import gevent.monkey
+gevent.monkey.patch_all()
+from tests.test_websocket import direct_writes_keep_order
+print(direct_writes_keep_order().startswith("gevent"))
+"""
+
+
+def test_direct_writes_under_gevent_keep_the_rest_in_order() -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", UNDER_GEVENT], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True"]
+
+
+def direct_writes_keep_order() -> str:
+    """Fill a socket with direct writes until the kernel takes no more, then write through
+    the backlog: everything arrives once, in order. Returns the socket's module."""
     from web.websocket import _WholeWrites
 
     listener = socket.create_server(("127.0.0.1", 0))
@@ -169,6 +195,7 @@ def test_a_direct_write_that_would_block_keeps_the_rest_in_order() -> None:
     assert bytes(received) == sent + b"after"
     server.close()
     client.close()
+    return type(server).__module__
 
 
 # -- waiting viewers park: they hold no request while they wait --------------------------------

@@ -12,7 +12,7 @@ import json
 import struct
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from models.events import (
@@ -39,6 +39,12 @@ class Deflate:
     window_bits: int = 15
     min_bytes: int = 1024
     level: int = 1
+    # What a batch files this connection's frames under: a str hashes once and for all,
+    # where the dataclass's generated __hash__ ran for every viewer of every batch.
+    key: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key", f"{self.window_bits}/{self.min_bytes}/{self.level}")
 
     def compress(self, payload: bytes) -> bytes:
         compressor = zlib.compressobj(self.level, zlib.DEFLATED, -self.window_bits)
@@ -78,7 +84,7 @@ class Batch:
         self.datas = datas
         self._events: list[Event] | None = None
         self._messages: dict[bool, list[Message]] = {}
-        self._ws: dict[tuple[bool, Deflate | None], bytes] = {}
+        self._ws: dict[tuple[bool, str | None], bytes] = {}
         self._sse: dict[bool, str] = {}
 
     @classmethod
@@ -147,7 +153,7 @@ class Batch:
 
     def ws_bytes(self, batched: bool, deflate: Deflate | None) -> bytes:
         """Every message of the batch as WebSocket frames, ready for one ``sendall``."""
-        key = (batched, deflate)
+        key = (batched, None if deflate is None else deflate.key)
         out = self._ws.get(key)
         if out is None:
             out = b"".join(encode_ws(m, deflate) for m in self.messages(batched))

@@ -104,15 +104,17 @@ class Subscription:
         """Write ``batch`` to the waiting viewer's socket now, if it follows what the viewer
         has and needs no waiting; a terminal event always goes the normal way (the viewer
         decides when the stream ends)."""
+        if batch.types[-1] in TERMINAL_TYPES:
+            return False
+        return self.direct_after(batch, batch.first - 1, batch.last)
+
+    def direct_after(self, batch: Batch, after: int, last: int) -> bool:
+        """``try_direct`` for a batch without a terminal event, running from ``after`` + 1
+        to ``last`` (the hub works those out once for all the stream's viewers)."""
         with self._lock:
-            if (
-                self._parked_at != batch.first - 1
-                or self.direct is None
-                or batch.types[-1] in TERMINAL_TYPES
-                or not self.direct(batch)
-            ):
+            if self._parked_at != after or self.direct is None or not self.direct(batch):
                 return False
-            self._parked_at = batch.last
+            self._parked_at = last
         return True
 
     def offer(self, batch: Batch) -> None:
@@ -444,9 +446,14 @@ class Hub:
                 return
             channel.seen = max(channel.seen, batch.last)
             subs = list(channel.subs)
-        for sub in subs:
-            if not sub.try_direct(batch):
+        if batch.types[-1] in TERMINAL_TYPES:  # the viewer decides when the stream ends
+            for sub in subs:
                 sub.offer(batch)
+        else:
+            after, last = batch.first - 1, batch.last
+            for sub in subs:
+                if not sub.direct_after(batch, after, last):
+                    sub.offer(batch)
         if timed:
             HUB_DISPATCH.observe(time.perf_counter() - started)
 
