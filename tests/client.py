@@ -141,17 +141,69 @@ class Client:
         with self.http.get(self.url(path), headers=headers, stream=True, timeout=30) as resp:
             if resp.status_code != 200:
                 return resp.status_code, []
-            events: list[dict[str, Any]] = []
-            for fields in _sse_fields(resp.iter_lines(decode_unicode=True)):
-                event = json.loads(fields["data"])
-                if fields.get("event") == "queued":  # a notice: no id, not an event of the log
-                    assert "id" not in fields and event["type"] == "queued", fields
-                    continue
-                assert int(fields["id"]) == last_seq(event) and fields["event"] == event["type"]
-                events.append(event)
-                if limit is not None and len(events) >= limit:
-                    break
+            turn, events = _read_sse(resp, limit)
+            assert turn is None, turn
             return 200, events
+
+    def post_events(
+        self,
+        path: str,
+        body: dict[str, Any] | None,
+        *,
+        last_event_id: int | None = None,
+        limit: int | None = None,
+        **headers: str,
+    ) -> Streamed:
+        """POST asking for the answer on the response (Accept: text/event-stream)."""
+        headers = {"Accept": "text/event-stream", **headers}
+        if last_event_id is not None:
+            headers["Last-Event-ID"] = str(last_event_id)
+        with self.http.post(
+            self.url(path), json=body, headers=headers, stream=True, timeout=30
+        ) as resp:
+            if resp.status_code != 200:
+                return Streamed(resp.status_code, resp.headers, None, [], resp.json())
+            assert resp.headers["Content-Type"].startswith("text/event-stream"), resp.headers
+            turn, events = _read_sse(resp, limit)
+            return Streamed(200, resp.headers, turn, events, None)
+
+
+@dataclass
+class Streamed:
+    """What a POST that asked for events got: the ``turn`` event, then the answer's."""
+
+    status: int
+    headers: Any
+    turn: dict[str, Any] | None
+    events: list[dict[str, Any]]
+    error: dict[str, Any] | None  # the JSON body of a refusal
+
+    @property
+    def text(self) -> str:
+        return "".join(e["text"] for e in self.events if e["type"] == "chunk")
+
+
+def _read_sse(
+    resp: requests.Response, limit: int | None
+) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+    """The ``turn`` event (first, if any) and the events of an SSE response."""
+    turn: dict[str, Any] | None = None
+    events: list[dict[str, Any]] = []
+    for fields in _sse_fields(resp.iter_lines(decode_unicode=True)):
+        event = json.loads(fields["data"])
+        if fields.get("event") == "turn":  # a streamed post's ids: no id, first, once
+            assert "id" not in fields and turn is None and not events, fields
+            assert event["type"] == "turn", fields
+            turn = event
+            continue
+        if fields.get("event") == "queued":  # a notice: no id, not an event of the log
+            assert "id" not in fields and event["type"] == "queued", fields
+            continue
+        assert int(fields["id"]) == last_seq(event) and fields["event"] == event["type"]
+        events.append(event)
+        if limit is not None and len(events) >= limit:
+            break
+    return turn, events
 
 
 def _sse_fields(lines: Iterator[str]) -> Iterator[dict[str, str]]:

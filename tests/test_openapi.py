@@ -133,6 +133,11 @@ class Checker:
         Draft202012Validator({**self.doc, "$ref": pointer}).validate(instance)
         target = self.resolve(pointer)
         target = self.resolve(target["$ref"]) if "$ref" in target else target
+        for branch in target.get("oneOf", []):  # the branch the instance matched
+            branch = self.resolve(branch["$ref"]) if "$ref" in branch else branch
+            if Draft202012Validator({**self.doc, **branch}).is_valid(instance):
+                target = branch
+                break
         data_schema = target.get("properties", {}).get("data", {})
         branches = data_schema.get("anyOf", [data_schema])
         content = [b["contentSchema"] for b in branches if "contentSchema" in b]
@@ -207,6 +212,16 @@ def test_chat_responses_match_the_document(client: Client, checker: Checker) -> 
     assert resumed is None or [e["event"] for e in resumed] == ["chunk", "done"]
     cancel = client.request("POST", f"/api/v1/streams/{sid}/cancel")
     c.error("/api/v1/streams/{stream_id}/cancel", "post", cancel, "stream_finished")
+    accept = {"Accept": "text/event-stream"}
+    streamed = c.check("/api/v1/chat", "post", post(client, {"message": f"Hi {SHORT}"}, **accept))
+    assert streamed[0]["event"] == "turn" and streamed[-1]["event"] == "done"
+    resuming = post(client, {"message": "x"}, **accept, **{"Last-Event-ID": "2"})
+    c.error("/api/v1/chat", "post", resuming, "invalid_after")
+    regenerated = client.request(
+        "POST", f"/api/v1/chats/{cid}/regenerate", headers={"Accept": "text/event-stream"}
+    )
+    turn = c.check("/api/v1/chats/{chat_id}/regenerate", "post", regenerated)[0]
+    sid = json.loads(turn["data"])["streamId"]
     running = post(client, {"message": "Long [demo:words=400]", "chatId": cid})
     new_sid = c.check("/api/v1/chat", "post", running)["streamId"]
     busy = post(client, {"message": "Again", "chatId": cid})

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -13,6 +15,7 @@ from models import feed, lifecycle
 from models.exceptions import (
     BadRequest,
     ChatNotFound,
+    InvalidAfter,
     InvalidMessage,
     InvalidParameter,
     MessageTooLarge,
@@ -52,6 +55,8 @@ from web.runtime import Runtime, get_db, get_runtime
 from web.streaming import parse_after, parse_batch, snapshot_response, sse_response
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
+JSON = "application/json"
+EVENT_STREAM = "text/event-stream"
 
 
 def message_text(body: dict[str, Any], max_chars: int) -> str:
@@ -133,8 +138,44 @@ def start_turn(rt: Runtime, db: Session, uid: str, turn: Turn) -> idempotency.An
     }, 202
 
 
+def wants_events() -> bool:
+    """Whether the client asked for the answer on the post's own response: an Accept header
+    that prefers ``text/event-stream`` to JSON (``*/*`` alone keeps JSON)."""
+    best = request.accept_mimetypes.best_match([JSON, EVENT_STREAM])
+    return best == EVENT_STREAM
+
+
+def answer_turn(
+    rt: Runtime, db: Session, uid: str, key: str | None, produce: Callable[[], idempotency.Answer]
+) -> Response | tuple[Response, int]:
+    """A turn-starting post's answer: 202 with the turn as JSON; or, when the client asked for
+    events, 200 SSE: a ``turn`` event (the same fields, no ``id``), then the answer's events
+    as ``GET /api/v1/streams/<streamId>/events`` serves them. A retry with the first post's
+    Idempotency-Key starts nothing and resumes after ``Last-Event-ID`` (or ``?after``)."""
+    if not wants_events():
+        return idempotency.answer_once(rt.log.redis, uid, key, produce)
+    after = last_event_id()  # checked before anything is written
+    batched = parse_batch(request.args.get("batch"))
+    if after and key is None:
+        raise InvalidAfter("after / Last-Event-ID resumes a retried post: send its Idempotency-Key")
+
+    def first() -> idempotency.Answer:
+        if after:  # this key starts a turn: there is nothing of it to skip yet
+            raise InvalidAfter(f"after={after}: no post with this Idempotency-Key was answered")
+        return produce()
+
+    body, _, replayed = idempotency.run_once(rt.log.redis, uid, key, first)
+    sid = body["streamId"]
+    stream = stream_ref(db, uid, sid) if replayed else StreamRef(sid, "queued", 0)
+    preface = f"event: turn\ndata: {json.dumps({'type': 'turn', **body})}\n\n"
+    response = sse_response(rt, stream, after, batched, preface)
+    if replayed:
+        response.headers[idempotency.REPLAYED_HEADER] = "true"
+    return response
+
+
 @bp.post("/chat")
-def post_chat() -> tuple[Response, int]:
+def post_chat() -> Response | tuple[Response, int]:
     rt = get_runtime()
     db = get_db()
     body = json_object()
@@ -159,7 +200,7 @@ def post_chat() -> tuple[Response, int]:
             commit_turn(db, turn)  # the rows exist before any worker can look for them
         return start_turn(rt, db, uid, turn)
 
-    return idempotency.answer_once(rt.log.redis, uid, key, post)
+    return answer_turn(rt, db, uid, key, post)
 
 
 @bp.get("/chat")
@@ -243,7 +284,7 @@ def rename(chat_id: str) -> Response:
 
 
 @bp.post("/chats/<chat_id>/regenerate")
-def regenerate(chat_id: str) -> tuple[Response, int]:
+def regenerate(chat_id: str) -> Response | tuple[Response, int]:
     """Replace the chat's last answer, once it has ended, with a new answer to the same user
     message: the old message, stream and log are deleted. Admitted like a post (limits,
     Idempotency-Key); the body is optional (``{"model": ...}``)."""
@@ -265,7 +306,7 @@ def regenerate(chat_id: str) -> tuple[Response, int]:
             commit_turn(db, turn)
         return start_turn(rt, db, uid, turn)
 
-    return idempotency.answer_once(rt.log.redis, uid, key, produce)
+    return answer_turn(rt, db, uid, key, produce)
 
 
 def _kept_model(model: str | None, settings: Settings) -> str:

@@ -7,8 +7,9 @@ request with the key while the first is still being answered gets 409
 ``idempotency_in_progress`` (retry shortly); with another body, 422
 ``idempotency_key_reused``. A first request that fails releases the key, so the retry runs.
 
-POST /api/v1/chat stores its JSON answer (``answer_once``); the AI SDK's send stores the
-stream it started and answers a repeat with that stream from its start (``claim``).
+POST /api/v1/chat stores its JSON answer (``answer_once``, or ``run_once`` when the answer
+goes out as the turn's events); the AI SDK's send stores the stream it started and answers a
+repeat with that stream from its start (``claim``).
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ REPLAYED_HEADER = "Idempotent-Replayed"
 MAX_KEY_CHARS = 255
 
 Answer = tuple[dict[str, Any], int]
+# An answer and whether it is the first request's, replayed.
+Outcome = tuple[dict[str, Any], int, bool]
 
 
 def requested_key() -> str | None:
@@ -74,25 +77,35 @@ def claim(client: RedisClient, user_id: str, key: str) -> Claim | Answer:
     return _recorded(client.get(slot), body_digest)
 
 
-def answer_once(
+def run_once(
     client: RedisClient, user_id: str, key: str | None, produce: Callable[[], Answer]
-) -> tuple[Response, int]:
-    """``produce()``'s JSON answer, or, for a key this user used before, the first answer."""
+) -> Outcome:
+    """``produce()``'s answer, or, for a key this user used before, the first answer
+    (``replayed``): the caller renders it (JSON, or the turn's events on the response)."""
     if key is None:
         body, status = produce()
-        return jsonify(body), status
+        return body, status, False
     claimed = claim(client, user_id, key)
     if not isinstance(claimed, Claim):
-        response = jsonify(claimed[0])
-        response.headers[REPLAYED_HEADER] = "true"
-        return response, claimed[1]
+        return claimed[0], claimed[1], True
     try:
         body, status = produce()
     except BaseException:
         claimed.release()  # nothing was started: let the retry run
         raise
     claimed.store(body, status)
-    return jsonify(body), status
+    return body, status, False
+
+
+def answer_once(
+    client: RedisClient, user_id: str, key: str | None, produce: Callable[[], Answer]
+) -> tuple[Response, int]:
+    """``produce()``'s JSON answer, or, for a key this user used before, the first answer."""
+    body, status, replayed = run_once(client, user_id, key, produce)
+    response = jsonify(body)
+    if replayed:
+        response.headers[REPLAYED_HEADER] = "true"
+    return response, status
 
 
 def _recorded(raw: Any, body_digest: str) -> Answer:

@@ -119,6 +119,12 @@ def accepted(description: str) -> JSON:
     return {**ok(description, schema("PostAccepted"), replayed), "links": POSTED_LINKS}
 
 
+def turn_events(description: str) -> JSON:
+    """The 200 of a turn-starting post that asked for events (Accept: text/event-stream)."""
+    replayed = ("Idempotent-Replayed", *SSE_HEADERS)
+    return sse(description, "PostedSseEvent", replayed)
+
+
 def send_errors() -> JSON:
     """The errors both ways of sending a message share (POST /api/v1/chat, the AI SDK's)."""
     return {
@@ -180,6 +186,14 @@ ID: JSON = {"type": "string", "description": "A UUID4 string."}
 def schemas(settings: Settings) -> JSON:
     models = sorted({settings.model, *settings.allowed_models})
     error_info = obj(["code", "message"], {"code": STRING, "message": STRING})
+    posted = {  # a turn-starting post's answer: 202's body, or a streamed post's first event
+        "chatId": ID,
+        "messageId": {**ID, "description": "The assistant message of the answer."},
+        "userMessageId": ID,
+        "streamId": ID,
+        "ws": {"type": "string", "description": "/api/v1/streams/<streamId>/ws"},
+        "events": {"type": "string", "description": "/api/v1/streams/<streamId>/events"},
+    }
     text_part = obj(
         ["type", "text"],
         {"type": {"const": "text"}, "text": STRING, "state": {"enum": ["streaming", "done"]}},
@@ -236,16 +250,11 @@ def schemas(settings: Settings) -> JSON:
             "description": f"Other fields are ignored. The whole body is at most "
             f"{settings.max_request_bytes} bytes (413 `request_too_large`).",
         },
-        "PostAccepted": obj(
-            ["chatId", "messageId", "userMessageId", "streamId", "ws", "events"],
-            {
-                "chatId": ID,
-                "messageId": {**ID, "description": "The assistant message of the answer."},
-                "userMessageId": ID,
-                "streamId": ID,
-                "ws": {"type": "string", "description": "/api/v1/streams/<streamId>/ws"},
-                "events": {"type": "string", "description": "/api/v1/streams/<streamId>/events"},
-            },
+        "PostAccepted": obj(ALL, posted),
+        "PostTurn": obj(
+            ALL,
+            {"type": {"const": "turn"}, **posted},
+            description="A streamed post's first event: the fields of its 202 body.",
         ),
         "ChatSummary": obj(
             ["id", "title", "createdAt", "updatedAt"],
@@ -462,6 +471,26 @@ def schemas(settings: Settings) -> JSON:
             description="One SSE event block of a stream (docs/api.md#sse); the body starts "
             "with `retry: 1000` and may carry `: keepalive` comments.",
         ),
+        "PostedSseEvent": {
+            "description": "One SSE event block of a post that asked for events: first a "
+            "`turn` event (no `id`: Last-Event-ID stays put), then the stream's events as "
+            "GET /api/v1/streams/{stream_id}/events serves them.",
+            "oneOf": [
+                obj(
+                    ["event", "data"],
+                    {
+                        "event": {"const": "turn"},
+                        "data": {
+                            "type": "string",
+                            "contentMediaType": "application/json",
+                            "contentSchema": schema("PostTurn"),
+                        },
+                        "retry": {"type": "integer"},
+                    },
+                ),
+                schema("SseEvent"),
+            ],
+        },
         "UIStreamPart": {
             "description": "A part of the AI SDK's UI message stream (docs/ai-sdk.md).",
             "oneOf": [
@@ -760,6 +789,15 @@ WRITE_NOTE = (
     "Origin and no cross-site Sec-Fetch-Site (403 `forbidden_origin` otherwise)."
 )
 PUBLIC: list[JSON] = [{}]  # no identity needed
+STREAMED_NOTE = (
+    "With `Accept: text/event-stream` (preferred to JSON): the turn is stored and queued as "
+    "for 202, and the answer comes on this response: a `turn` event with the 202's fields, "
+    "then the stream's events. A retry with the same Idempotency-Key starts nothing and "
+    "resumes after Last-Event-ID / `after` (400 `invalid_after` without a key, or for a key "
+    "no post has used)."
+)
+# A turn-starting post: its key, and (with Accept: text/event-stream) where a retry resumes.
+TURN_PARAMETERS = [param("IdempotencyKey"), param("After"), param("Batch"), param("LastEventId")]
 
 
 def link(op_id: str, parameter: str, source: str) -> JSON:
@@ -793,9 +831,10 @@ def chat_paths(settings: Settings) -> JSON:
                 "chats",
                 "Post a user message and start its answer",
                 description=WRITE_NOTE,
-                parameters=[param("IdempotencyKey")],
+                parameters=TURN_PARAMETERS,
                 requestBody={"required": True, "content": json_body(schema("PostChat"))},
                 responses={
+                    "200": turn_events(STREAMED_NOTE),
                     "202": accepted("Accepted: the turn is stored and its answer queued."),
                     "400": error(
                         "The body or a header is not acceptable",
@@ -804,6 +843,7 @@ def chat_paths(settings: Settings) -> JSON:
                         "bad_request",
                         "model_not_allowed",
                         "invalid_parameter",
+                        "invalid_after",
                     ),
                     "404": error("No such chat for this user", "chat_not_found"),
                     **send_errors(),
@@ -909,15 +949,18 @@ def chat_paths(settings: Settings) -> JSON:
                 description="The last answer must have ended (done, failed or cancelled). It "
                 "is deleted (message, stream and log) and a new answer is generated for the "
                 f"same user message, admitted like a post. {WRITE_NOTE}",
-                parameters=[param("IdempotencyKey")],
+                parameters=TURN_PARAMETERS,
                 requestBody={"required": False, "content": json_body(schema("Regenerate"))},
                 responses={
+                    "200": turn_events(STREAMED_NOTE),
                     "202": accepted("Accepted: the old answer is gone and the new one is queued."),
                     "400": error(
                         "The body or a header is not acceptable",
                         "invalid_json",
                         "bad_request",
                         "model_not_allowed",
+                        "invalid_parameter",
+                        "invalid_after",
                     ),
                     "404": error("No such chat for this user", "chat_not_found", "not_found"),
                     "409": error(

@@ -89,9 +89,18 @@ def follower(
     )
 
 
-def sse_response(rt: Runtime, stream: StreamRef, after: int, batched: bool = False) -> Response:
-    """Serve the events after ``after`` as Server-Sent Events (204 when nothing is left)."""
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def sse_response(
+    rt: Runtime, stream: StreamRef, after: int, batched: bool = False, preface: str = ""
+) -> Response:
+    """Serve the events after ``after`` as Server-Sent Events (204 when nothing is left).
+    ``preface``: SSE text that goes before the events (a streamed post's ``turn`` event);
+    with one, nothing left is a 200 with the preface alone."""
     if nothing_after(rt, stream, after):
+        if preface:
+            return Response(preface, mimetype="text/event-stream", headers=SSE_HEADERS)
         return Response(status=204)
     wake = threading.Event()
     finished = stream.status in TERMINAL_STREAM_STATUSES
@@ -100,9 +109,9 @@ def sse_response(rt: Runtime, stream: StreamRef, after: int, batched: bool = Fal
     log.info("stream=%s attach transport=sse after=%d", stream.id, after)
     idle_s = min(rt.settings.idle_tick_s, SSE_KEEPALIVE_S)
     return Response(
-        _sse_body(events, batched, wake, idle_s),
+        _sse_body(events, batched, wake, idle_s, preface),
         mimetype="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        headers=SSE_HEADERS,
     )
 
 
@@ -121,8 +130,9 @@ def _sse_body(
     batched: bool,
     wake: threading.Event,
     idle_s: float,
+    preface: str = "",
 ) -> Iterator[str]:
-    yield "retry: 1000\n\n"
+    yield "retry: 1000\n\n" + preface
     VIEWERS.labels("sse").inc()
     with closing(events), _finally(VIEWERS.labels("sse").dec):
         try:
