@@ -127,6 +127,7 @@ RULES = [
     Rule(re.compile(r"-X POST \S*/api/v1/streams/\S+/cancel\b"), "streaming", 202),
     Rule(re.compile(r'\\"interrupt\\": true'), "streaming", 202),
     Rule(re.compile(r"/api/v1/chat\?chatId="), "just posted", 200),
+    Rule(re.compile(r"text/event-stream.* -d .*/api/v1/chat\"?$"), "nothing", 200),
     Rule(re.compile(r"-d .*/api/v1/chat\"?$"), "nothing", 202),
     Rule(re.compile(r"/(readyz|healthz|api/v1/openapi\.json)\b"), "nothing", 200),
     Rule(re.compile(r"-N .*/api/v1/streams/\S+/events"), "finished", 200),
