@@ -97,7 +97,7 @@ class Knobs:
             return self.timeout_s
         own = {"latency": self.d + 150, "fanout": self.d + 150, "catchup": 1200,
                "throughput": 400, "throughput10": 400, "idle": self.idle_wait_s + 400,
-               "dispatch": 120 + 3 * self.dispatch_n, "log": 300, "sweep": 300}  # fmt: skip
+               "dispatch": 120 + 6 * self.dispatch_n, "log": 300, "sweep": 300}  # fmt: skip
         return own[workload]
 
     def public(self) -> dict[str, Any]:

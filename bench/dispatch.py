@@ -1,9 +1,15 @@
-"""dispatch: DISPATCH_N chats one after another, POST to the first chunk at the viewer.
+"""dispatch: DISPATCH_N chats one after another, POST to the first chunk at the viewer, in
+each of the two ways a client can start an answer, alternating (chat by chat, so both meet
+the same moments of a noisy machine):
 
-Each chat: POST /api/v1/chat, open the WebSocket for the returned streamId, read to the end.
+- post, then attach: POST /api/v1/chat (202), open the WebSocket for the returned streamId,
+  read to the end (the figure and its breakdown, as before);
+- streamed post: POST /api/v1/chat with ``Accept: text/event-stream``, read the ``turn``
+  event and then the answer's events on the same response (``streamed``).
+
 The figure is (first chunk received - POST start) - (upstream's first delta - its request
-arrival): what relay adds in front of the generator. The first DISPATCH_WARMUP chats are run
-but not counted.
+arrival): what relay adds in front of the generator. The first DISPATCH_WARMUP chats of each
+way are run but not counted.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from bench.loadgen_runs import STREAMED
 from bench.runner import Ctx, relay_stack
 from bench.stack import Sizing
 from bench.stats import summarize
@@ -25,15 +32,22 @@ PARTS = {
     "upstream_delay_ms": ("first_us", "arrived_us"),
     "upstream_to_viewer_ms": ("first_chunk_us", "first_us"),
 }
+STREAMED_PARTS = {
+    "turn_event_ms": ("turn_us", "post_start_us"),
+    "post_to_upstream_ms": ("arrived_us", "post_start_us"),
+    "upstream_delay_ms": ("first_us", "arrived_us"),
+    "upstream_to_viewer_ms": ("first_chunk_us", "first_us"),
+}
 
 
 async def run(ctx: Ctx) -> dict[str, np.ndarray]:
     """Run the chats one after another and time each against the upstream's records."""
     k = ctx.knobs
-    total = k.dispatch_n + k.dispatch_warmup
+    total = 2 * (k.dispatch_n + k.dispatch_warmup)  # each way, alternating
     ctx.out["config"] = {"chats": k.dispatch_n, "warmup": k.dispatch_warmup,
-                         "chunks_per_chat": k.dispatch_chunks, "sequential": True}  # fmt: skip
-    items = [{"s": s, "n": k.dispatch_chunks,
+                         "chunks_per_chat": k.dispatch_chunks, "sequential": True,
+                         "ways": ["post, then attach", "streamed post"]}  # fmt: skip
+    items = [{"s": s, "n": k.dispatch_chunks, "flow": STREAMED if s % 2 else "ws",
               "message": plan_message(s, k.dispatch_chunks, 0, 0, False, False)}
              for s in range(total)]  # fmt: skip
     async with relay_stack(ctx, Sizing(16, 1, 1)) as stack:
@@ -46,8 +60,12 @@ async def run(ctx: Ctx) -> dict[str, np.ndarray]:
         )  # fmt: skip
         meter = stack.meter.stop()
         up = (await stack.upstream.stats())["streams"]
-    rows = [join(r, up.get(str(r["s"]))) for r in reply["results"][k.dispatch_warmup :]]
-    return describe(ctx.out["results"], rows, meter)
+    rows = [join(r, up.get(str(r["s"]))) for r in reply["results"][2 * k.dispatch_warmup :]]
+    arrays = describe(ctx.out["results"], [r for r in rows if r["s"] % 2 == 0], meter)
+    streamed: dict[str, Any] = {}
+    ctx.out["results"]["streamed"] = streamed
+    arrays.update(describe_streamed(streamed, [r for r in rows if r["s"] % 2]))
+    return arrays
 
 
 def join(row: dict[str, Any], up: dict[str, Any] | None) -> dict[str, Any]:
@@ -83,3 +101,21 @@ def describe(
     res["processes"] = meter["procs"]
     res["other_processes_cpu_pct"] = meter["others_cpu_pct"]
     return arrays
+
+
+def describe_streamed(res: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+    """The same figure for the streamed posts, and its parts."""
+    ok = [r for r in rows if r["ok"]]
+    adjusted = np.asarray([((r["first_chunk_us"] - r["post_start_us"])
+                            - (r["first_us"] - r["arrived_us"])) / 1000 for r in ok])  # fmt: skip
+    res["what"] = "Accept: text/event-stream on the POST; " + WHAT
+    res["adjusted_ms"] = summarize(adjusted)
+    res["breakdown_ms"] = {
+        name: summarize([(r[end] - r[start]) / 1000 for r in ok])
+        for name, (end, start) in STREAMED_PARTS.items()
+    }
+    res["chats_ok"] = len(ok)
+    res["chats_failed"] = len(rows) - len(ok)
+    res["error_samples"] = [r.get("error") for r in rows if not r["ok"]][:3]
+    res["every_chat_complete"] = all(r.get("complete") for r in ok) and len(ok) == len(rows)
+    return {"streamed post: relay's own delay": adjusted}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from array import array
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -15,6 +16,7 @@ from bench.stats import now_us, r3
 from bench.viewer import Tally
 
 Opener = Callable[[str, str], Awaitable[ClientConnection]]
+STREAMED = "streamed"  # a dispatch item's flow: the answer on the post's own response
 
 
 async def catchup(
@@ -102,7 +104,10 @@ async def dispatch(
         for item in items:
             try:
                 async with asyncio.timeout(timeout_s):
-                    results.append(await _dispatch_one(open_ws, http, ws_url, token, item))
+                    if item.get("flow") == STREAMED:
+                        results.append(await _dispatch_streamed(http, item))
+                    else:
+                        results.append(await _dispatch_one(open_ws, http, ws_url, token, item))
             except Exception as exc:
                 results.append({"s": item["s"], "error": repr(exc)[:200]})
     return {"results": results}
@@ -134,4 +139,43 @@ async def _dispatch_one(
         "s": item["s"], "stream_id": sid, "post_start_us": t_post, "post_end_us": t_posted,
         "ws_start_us": t_ws, "ws_open_us": t_open, "first_chunk_us": first,
         "close_code": ws.close_code, "complete": tally.complete, "terminal": tally.terminal,
+    }  # fmt: skip
+
+
+async def _dispatch_streamed(http: httpx.AsyncClient, item: dict[str, Any]) -> dict[str, Any]:
+    """POST asking for the answer on the response (Accept: text/event-stream): the ``turn``
+    event, then the events, read to the terminal one."""
+    t_post = now_us()
+    tally = Tally(item["s"], item["n"])
+    lat: array[int] = array("q")
+    first = t_turn = sid = None
+    headers = {"Accept": "text/event-stream"}
+    body = {"message": item["message"]}
+    async with http.stream("POST", "/api/v1/chat?batch=1", json=body, headers=headers) as resp:
+        resp.raise_for_status()
+        kind, data = "", ""
+        async for line in resp.aiter_lines():
+            if line:
+                name, _, value = line.partition(":")
+                if name == "event":
+                    kind = value.strip()
+                elif name == "data":
+                    data = value.removeprefix(" ")
+                continue
+            if not data:
+                continue
+            t = now_us()
+            if kind == "turn":
+                sid, t_turn = json.loads(data)["streamId"], t
+            else:
+                tally.feed(data, t, lat)
+                if first is None and tally.chars:
+                    first = t
+            kind, data = "", ""
+            if tally.terminal:
+                break
+    return {
+        "s": item["s"], "stream_id": sid, "post_start_us": t_post, "turn_us": t_turn,
+        "first_chunk_us": first, "close_code": None, "complete": tally.complete,
+        "terminal": tally.terminal, "flow": STREAMED,
     }  # fmt: skip

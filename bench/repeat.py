@@ -43,7 +43,10 @@ def figures(name: str, out: dict[str, Any]) -> Figures:
         }
     if name == "dispatch":
         adjusted = r.get("adjusted_ms", {})
-        return {"relay p50": adjusted.get("p50"), "relay p99": adjusted.get("p99")}
+        streamed = r.get("streamed", {}).get("adjusted_ms", {})
+        return {"relay p50": adjusted.get("p50"), "relay p99": adjusted.get("p99"),
+                "relay streamed p50": streamed.get("p50"),
+                "relay streamed p99": streamed.get("p99")}  # fmt: skip
     return {
         "relay p50": _get(r, "latency_ms", "p50"),
         "relay p99": _get(r, "latency_ms", "p99"),

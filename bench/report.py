@@ -122,6 +122,10 @@ def dispatch_rows(out: dict[str, Any]) -> list[Row]:
                         pair(ms(adj.get("p50")), ms(adj.get("p99"))), "")]  # fmt: skip
     for name, s in parts.items():
         rows.append((f"… {name.removesuffix('_ms').replace('_', ' ')} p50", "—", ms(s["p50"]), ""))
+    streamed = r.get("streamed", {}).get("adjusted_ms")
+    if streamed:  # the answer on the post's own response (Accept: text/event-stream)
+        rows.append(("streamed post → first chunk, minus the generator's delay, p50 / p99", "—",
+                     pair(ms(streamed.get("p50")), ms(streamed.get("p99"))), ""))  # fmt: skip
     return rows
 
 

@@ -378,9 +378,12 @@ async function dispatch({ http_url, ws_url, token, items, timeout_s }) {
         timer = setTimeout(() => reject(new Error("TimeoutError()")), timeout_s * 1000);
       });
       try {
-        results.push(await Promise.race([dispatchOne(agent, http_url, ws_url, token, item, abort), limit]));
+        const one = item.flow === STREAMED ? dispatchStreamed(agent, http_url, token, item, abort)
+          : dispatchOne(agent, http_url, ws_url, token, item, abort);
+        results.push(await Promise.race([one, limit]));
       } catch (err) {
         if (abort.ws) abort.ws.terminate();
+        if (abort.req) abort.req.destroy();
         results.push({ s: item.s, error: describe(err) });
       } finally {
         clearTimeout(timer);
@@ -439,6 +442,90 @@ async function dispatchOne(agent, httpUrl, wsUrl, token, item, abort) {
     complete: tally.complete,
     terminal: tally.terminal,
   };
+}
+
+// POST asking for the answer on the response (Accept: text/event-stream): the turn event,
+// then the events (batch form), read to the terminal one (bench/loadgen_runs.py).
+const STREAMED = "streamed";
+
+function dispatchStreamed(agent, httpUrl, token, item, abort) {
+  const body = JSON.stringify({ message: item.message });
+  const tPost = nowUs();
+  const tally = new Tally(item.s, item.n);
+  const lat = new Samples();
+  let first = null;
+  let tTurn = null;
+  let sid = null;
+  return new Promise((resolve, reject) => {
+    const req = http.request(
+      new URL("/api/v1/chat?batch=1", httpUrl),
+      {
+        method: "POST",
+        agent,
+        headers: {
+          Authorization: `Bearer ${token}`,
+          Accept: "text/event-stream",
+          "Content-Type": "application/json",
+          "Content-Length": Buffer.byteLength(body),
+        },
+      },
+      (res) => {
+        if (res.statusCode !== 200) {
+          res.resume();
+          reject(new Error(`POST /api/v1/chat (events): HTTP ${res.statusCode}`));
+          return;
+        }
+        res.setEncoding("utf8");
+        let buf = "";
+        res.on("data", (text) => {
+          const t = nowUs();
+          buf += text;
+          let end;
+          while ((end = buf.indexOf("\n\n")) >= 0) {
+            const block = buf.slice(0, end);
+            buf = buf.slice(end + 2);
+            let kind = "";
+            let data = "";
+            for (const line of block.split("\n")) {
+              if (line.startsWith("event:")) kind = line.slice(6).trim();
+              else if (line.startsWith("data:")) data = line.slice(5).replace(/^ /, "");
+            }
+            if (!data) continue;
+            try {
+              if (kind === "turn") {
+                sid = JSON.parse(data).streamId;
+                tTurn = t;
+              } else {
+                tally.feed(data, t, lat);
+                if (first === null && tally.chars) first = t;
+              }
+            } catch (err) {
+              req.destroy();
+              reject(err);
+              return;
+            }
+          }
+        });
+        res.on("end", () =>
+          resolve({
+            s: item.s,
+            stream_id: sid,
+            post_start_us: tPost,
+            turn_us: tTurn,
+            first_chunk_us: first,
+            close_code: null,
+            complete: tally.complete,
+            terminal: tally.terminal,
+            flow: STREAMED,
+          }),
+        );
+        res.on("error", reject);
+      },
+    );
+    abort.req = req;
+    req.on("error", reject);
+    req.end(body);
+  });
 }
 
 // ----------------------------------------------------------------------------------------
