@@ -189,7 +189,7 @@ def _read_sse(
     """The ``turn`` event (first, if any) and the events of an SSE response."""
     turn: dict[str, Any] | None = None
     events: list[dict[str, Any]] = []
-    for fields in _sse_fields(resp.iter_lines(decode_unicode=True)):
+    for fields in sse_fields(resp.iter_lines(decode_unicode=True)):
         event = json.loads(fields["data"])
         if fields.get("event") == "turn":  # a streamed post's ids: no id, first, once
             assert "id" not in fields and turn is None and not events, fields
@@ -206,7 +206,7 @@ def _read_sse(
     return turn, events
 
 
-def _sse_fields(lines: Iterator[str]) -> Iterator[dict[str, str]]:
+def sse_fields(lines: Iterator[str]) -> Iterator[dict[str, str]]:
     fields: dict[str, str] = {}
     for line in lines:
         if not line:

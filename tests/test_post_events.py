@@ -5,9 +5,13 @@ worker, Redis), on SQLite and (when configured) PostgreSQL."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 from typing import Any
 
-from tests.client import Client, expand
+import requests
+
+from tests.client import Client, expand, sse_fields, wait_for
 from tests.conftest import Stack
 
 LONG = "[demo:words=400]"  # several seconds at the tests' pace: long enough to drop mid-answer
@@ -132,3 +136,53 @@ def test_a_regenerated_answer_on_the_posts_response(client: Client, stack: Stack
     assert got.events[-1]["type"] == "done"
     assert client.answer(posted["chatId"])["content"] == got.text
     assert client.request("GET", f"/api/v1/streams/{posted['streamId']}").status_code == 404
+
+
+def test_a_web_crash_mid_answer_then_a_retry_of_the_post(stack: Stack) -> None:
+    """The web process serving a streamed post is SIGKILLed mid-answer; the client retries
+    the same post (its key, Last-Event-ID) on the restarted process and misses nothing."""
+    web, port = stack.start_web()
+    client = stack.client(f"http://127.0.0.1:{port}")
+    body = {"message": f"Survive a web crash {LONG}"}
+    key = {"Idempotency-Key": "crash-1"}
+    headers = {"Accept": "text/event-stream", **key}
+    seen: list[dict[str, Any]] = []
+    turn: dict[str, Any] | None = None
+    resp = client.http.post(client.url("/api/v1/chat"), json=body, headers=headers, stream=True,
+                            timeout=30)  # fmt: skip
+    try:
+        assert resp.status_code == 200
+        for fields in sse_fields(resp.iter_lines(decode_unicode=True)):
+            event = json.loads(fields["data"])
+            if fields.get("event") == "turn":
+                turn = event
+            elif fields.get("event") != "queued":
+                seen.append(event)
+            if len(seen) >= 10:
+                break
+        web.kill()  # SIGKILL, mid-answer, while the response is open
+        tail: list[str] = []  # what was in flight; then the read fails or just ends
+        with contextlib.suppress(requests.exceptions.RequestException):
+            tail.extend(resp.iter_lines(decode_unicode=True))
+        assert "event: done" not in tail
+    finally:
+        resp.close()
+        web.kill()
+    assert turn is not None
+    sid = turn["streamId"]
+    # Generation never paused: the answer goes on while no web process is up.
+    log = f"relay:{{{sid}}}:log"
+    wait_for(lambda: int(stack.redis().xlen(log)) > seen[-1]["seq"] + 5, timeout=10)
+    restarted, _ = stack.start_web(port=port)
+    try:
+        rest = client.post_events("/api/v1/chat", body, last_event_id=seen[-1]["seq"], **key)
+        assert rest.status == 200 and rest.turn == turn
+        assert rest.headers["Idempotent-Replayed"] == "true"
+        events = seen + rest.events
+        assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+        assert events[-1]["type"] == "done"
+        text = "".join(e["text"] for e in events if e["type"] == "chunk")
+        assert rest.text and text == client.answer(turn["chatId"])["content"]
+        assert len(_chats(client)) == 1  # the retry started nothing
+    finally:
+        restarted.stop()
