@@ -17,12 +17,20 @@ started and stopped, before each command of the web process and of the worker (a
 feed event, the log's init and Celery's send; the worker's claim, its feed events and
 Celery's acks). The check asks the kernel a question that cannot block, so with a zero
 timeout the process's own ``poll`` answers it; any other timeout still waits on gevent's.
+urllib3 checks a kept-alive upstream connection the same way before each request
+(``is_connection_dropped``): under gevent a turn of the loop between the worker asking a model
+and the request leaving, so a request sent in the background (workers/prefetch.py) left only
+after the work it was meant to overlap.
+
+``start_background``: a background task that does not wait for its greenlet to begin.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+import threading
+from collections.abc import Callable
 from typing import Any
 
 log = logging.getLogger("relay.worker")
@@ -54,8 +62,8 @@ def repair_early_imports() -> list[str]:
 
 
 class _Poll:
-    """``select.poll()`` for redis-py's readiness checks: a zero timeout asks the kernel
-    directly (the check cannot block); any other goes through the patched ``poll``."""
+    """``select.poll()`` for a readiness check: a zero timeout asks the kernel directly (the
+    check cannot block); any other goes through the patched ``poll``."""
 
     __slots__ = ("_fds", "_original", "_patched")
 
@@ -79,7 +87,7 @@ class _Poll:
 
 
 class _SelectForChecks:
-    """The ``select`` module as redis-py's hiredis parser sees it: the same, but ``poll``."""
+    """The ``select`` module as a readiness check sees it: the same, but ``poll``."""
 
     def __init__(self, module: Any, original_poll: Any) -> None:
         self._module = module
@@ -93,18 +101,60 @@ class _SelectForChecks:
 
 
 def readiness_checks_without_yield() -> bool:
-    """Let redis-py's zero-timeout readiness checks skip gevent's event loop; return whether
-    this call changed anything (False: not patched by gevent, or done already)."""
+    """Let the zero-timeout readiness checks of redis-py (a pooled connection, before each
+    command) and of urllib3 (a kept-alive upstream connection, before each request) skip
+    gevent's event loop; return whether this call changed anything (False: not patched by
+    gevent, or done already)."""
     try:
         import gevent.monkey
+    except ImportError:  # pragma: no cover - a dependency
+        return False
+    if not gevent.monkey.is_module_patched("select"):
+        return False
+    original_poll = gevent.monkey.get_original("select", "poll")
+    changed = False
+    for checker in _checkers():
+        module = getattr(checker, "select", None)
+        if module is None or isinstance(module, _SelectForChecks):
+            continue
+        setattr(checker, "select", _SelectForChecks(module, original_poll))  # noqa: B010
+        changed = True
+    return changed
+
+
+def _checkers() -> list[Any]:
+    """The modules whose ``select`` makes the checks: redis-py's hiredis parser
+    (``can_read``) and urllib3's ``wait_for_read`` (``is_connection_dropped``)."""
+    found: list[Any] = []
+    try:
         from redis._parsers import hiredis as parser
-    except ImportError:  # pragma: no cover - both are dependencies
-        return False
-    if not gevent.monkey.is_module_patched("select") or not hasattr(parser, "_socket_can_read"):
-        return False
-    module = getattr(parser, "select", None)
-    if module is None or isinstance(module, _SelectForChecks):
-        return False
-    shim = _SelectForChecks(module, gevent.monkey.get_original("select", "poll"))
-    setattr(parser, "select", shim)  # noqa: B010 (mypy: the module does not export it)
-    return True
+    except ImportError:  # pragma: no cover - a dependency
+        pass
+    else:
+        if hasattr(parser, "_socket_can_read"):
+            found.append(parser)
+    try:
+        from urllib3.util import wait
+    except ImportError:  # pragma: no cover - a dependency
+        pass
+    else:
+        found.append(wait)
+    return found
+
+
+def start_background(target: Callable[[], None], name: str) -> None:
+    """Run ``target`` beside the caller without waiting for it to begin. Under gevent a
+    greenlet: a patched ``Thread.start`` waits for the new greenlet to run first, a whole
+    turn of the event loop (every other ready greenlet runs, and the new one up to its first
+    wait) before the caller goes on. Otherwise a daemon thread."""
+    try:
+        import gevent
+        import gevent.monkey
+    except ImportError:  # pragma: no cover - a dependency
+        patched = False
+    else:
+        patched = gevent.monkey.is_module_patched("threading")
+    if patched:
+        gevent.spawn(target).name = name
+    else:
+        threading.Thread(target=target, name=name, daemon=True).start()

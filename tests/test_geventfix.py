@@ -95,3 +95,106 @@ def test_redis_readiness_checks_do_not_turn_the_event_loop(redis_server: Embedde
     assert lines[3] == "pending 0 True"  # a reply waiting: seen, still without one
     assert lines[4] == "timeout False 0.3 True"  # a real wait still lets others run
     assert lines[5] == "after kill True True"  # a closed pooled connection is replaced
+
+
+# The same for urllib3 (the worker's upstream transport): its check of a kept-alive
+# connection before each request (``is_connection_dropped``) with a zero timeout; and a
+# pooled connection the server closed is still seen as dropped and replaced.
+UPSTREAM_CHECKS = """
+import gevent.monkey
+gevent.monkey.patch_all()
+import socket, time, gevent, greenlet, urllib3
+from urllib3.util.wait import wait_for_read
+from ops.geventfix import readiness_checks_without_yield
+
+def switches(check):
+    count = [0]
+    greenlet.settrace(lambda event, args: count.__setitem__(0, count[0] + 1))
+    try:
+        answer = check()
+    finally:
+        greenlet.settrace(None)
+    return count[0], answer
+
+ours, theirs = socket.socketpair()
+wait_for_read(ours, timeout=0)  # the first call also picks poll (one more check)
+print("before", *switches(lambda: wait_for_read(ours, timeout=0)))
+readiness_checks_without_yield()
+print("idle", *switches(lambda: wait_for_read(ours, timeout=0)))
+theirs.send(b"x")
+print("pending", *switches(lambda: wait_for_read(ours, timeout=0)))
+ticks = []
+ticker = gevent.spawn(lambda: [ticks.append(gevent.sleep(0.01)) for _ in range(1000)])
+ours.recv(1)
+started = time.monotonic()
+answer = wait_for_read(ours, timeout=0.3)
+print("timeout", answer, round(time.monotonic() - started, 1), len(ticks) > 5)
+ticker.kill()
+
+# A server that keeps a connection for two requests, then closes it while it is idle (as a
+# keep-alive timeout does). No retries: a dropped connection not seen as dropped would fail.
+peers = []
+def serve(conn, addr):
+    for _ in range(2):
+        if not conn.recv(65536):
+            break
+        peers.append(addr[1])
+        conn.sendall(b"HTTP/1.1 200 OK\\r\\nContent-Length: 2\\r\\n\\r\\nok")
+    conn.close()
+listener = socket.create_server(("127.0.0.1", 0))
+gevent.spawn(lambda: [gevent.spawn(serve, *listener.accept()) for _ in range(10)])
+pool = urllib3.PoolManager(retries=False)
+url = f"http://127.0.0.1:{listener.getsockname()[1]}/"
+bodies = [pool.request("GET", url).data]
+bodies.append(pool.request("GET", url).data)
+gevent.sleep(0.1)  # the server has closed the idle connection
+bodies.append(pool.request("GET", url).data)
+print("reuse", bodies == [b"ok"] * 3, peers[0] == peers[1], peers[2] != peers[1])
+"""
+
+
+def test_upstream_readiness_checks_do_not_turn_the_event_loop() -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", UPSTREAM_CHECKS], cwd=ROOT, capture_output=True, text=True,
+        timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == [
+        "before 2 False",  # gevent's poll: to the loop and back
+        "idle 0 False",  # nothing to read: answered without a switch
+        "pending 0 True",  # data waiting: seen, still without one
+        "timeout False 0.3 True",  # a real wait still lets others run
+        "reuse True True True",  # kept alive and reused; replaced once the server closed it
+    ]
+
+
+# A background task does not wait for its greenlet to begin (a patched Thread.start does:
+# a turn of the loop, running every ready greenlet first); without gevent it is a thread.
+BACKGROUND = """
+import sys
+if sys.argv[1] == "gevent":
+    import gevent.monkey
+    gevent.monkey.patch_all()
+import threading, time, greenlet
+from ops.geventfix import start_background
+
+ran = threading.Event()
+count = [0]
+greenlet.settrace(lambda event, args: count.__setitem__(0, count[0] + 1))
+start_background(ran.set, "test")
+greenlet.settrace(None)
+print(count[0], ran.wait(5), [t.name for t in threading.enumerate() if t.name == "test"])
+"""
+
+
+def test_a_background_task_starts_without_a_switch_under_gevent() -> None:
+    runs = {}
+    for mode in ("gevent", "threads"):
+        out = subprocess.run(
+            [sys.executable, "-c", BACKGROUND, mode], cwd=ROOT, capture_output=True, text=True,
+            timeout=60,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        runs[mode] = out.stdout.split(maxsplit=2)
+    assert runs["gevent"][:2] == ["0", "True"]  # no switch to start it; it ran once we waited
+    assert runs["threads"][:2] == ["0", "True"]

@@ -4,8 +4,8 @@ new-turn transaction, cancel, and the JSON shapes."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
-import threading
 import unicodedata
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -36,6 +36,7 @@ from models.tables import (
     new_id,
     utcnow,
 )
+from ops.geventfix import start_background
 from web.inputs import storable
 from web.runtime import Runtime
 from workers.celery_app import GENERATE
@@ -246,9 +247,9 @@ def enqueue(rt: Runtime, db: Session, stream_id: str, detach_after_s: int | None
         raise BrokerUnavailable("the task queue is unreachable; try again shortly") from exc
     # Sent: without this mark (this process died just before it), the sweeper sends the
     # committed stream's task itself after a few seconds. Only the sweeper reads it, so the
-    # post does not wait for its round trip (a greenlet of its own under gevent, else a
-    # thread): one Redis round trip less between a post and its 202.
-    threading.Thread(target=_mark_sent, args=(rt, stream_id), name="mark-sent").start()
+    # post does not wait for its round trip (a greenlet of its own under gevent, not even
+    # for it to start; else a thread): one Redis round trip less between a post and its 202.
+    start_background(functools.partial(_mark_sent, rt, stream_id), "mark-sent")
 
 
 def _mark_sent(rt: Runtime, stream_id: str) -> None:

@@ -27,6 +27,7 @@ from models.events import ABANDONED, CHUNK, TERMINAL_FOR_STATUS, Event, error_ev
 from models.exceptions import GenerationError, LogUnavailable, StaleAttempt
 from models.lifecycle import TOO_MANY_ATTEMPTS
 from models.tables import TERMINAL_STREAM_STATUSES, Chat, Message, Stream
+from ops.geventfix import start_background
 from workers.generators import GenerationRequest, Turn
 from workers.runtime import WorkerRuntime
 
@@ -609,8 +610,9 @@ def watch(rt: WorkerRuntime, writer: LogWriter) -> Iterator[None]:
             except Exception:  # keep beating through a Redis blip; the next beat retries
                 log.warning("stream=%s heartbeat failed", sid, exc_info=True)
 
-    thread = threading.Thread(target=beat, name=f"heartbeat-{sid[:8]}", daemon=True)
-    thread.start()
+    # Not waiting for it to begin: under gevent that is a turn of the event loop between the
+    # claim and the upstream request (the beat's first wait is an interval away anyway).
+    start_background(beat, f"heartbeat-{sid[:8]}")
     try:
         yield
     finally:
