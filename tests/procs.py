@@ -162,3 +162,14 @@ def stack_env(redis_url: str, database_url: str) -> dict[str, str]:
         RELAY_NEW_GUESTS_PER_MINUTE="0",
     )
     return env
+
+
+def run_snippet(code: str, *args: str, timeout: float = 60) -> str:
+    """Run ``code`` in a Python process of its own, from the project root (one that gevent
+    patches, say); its standard output. A non-zero exit fails the test, with its stderr."""
+    out = subprocess.run(
+        [sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True, text=True,
+        timeout=timeout,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    return out.stdout

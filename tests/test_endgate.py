@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import threading
 import time
 
-from tests.procs import ROOT
+from tests.procs import run_snippet
 from workers.endgate import EndGate
 
 # A gevent worker's process: patched first, as `celery worker --pool gevent` does.
 UNDER_GEVENT = """
 from gevent import monkey; monkey.patch_all()
 import json, socket, time, gevent
+from tests.procs import run_snippet
 from workers.endgate import EndGate
 
 def run(churn_s, patience_s):
@@ -48,12 +47,7 @@ print(json.dumps({"idle": run(0.2, 5.0), "busy": run(1.0, 0.05), "most": exclusi
 
 
 def test_under_gevent_an_end_goes_after_the_ready_work_but_never_waits_past_patience() -> None:
-    out = subprocess.run(
-        [sys.executable, "-c", UNDER_GEVENT], cwd=ROOT, capture_output=True, text=True,
-        timeout=60,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr
-    found = json.loads(out.stdout)
+    found = json.loads(run_snippet(UNDER_GEVENT))
     idle, busy = found["idle"], found["busy"]
     # The loop had work ready for 0.2 s (less than the patience): the end went after all of it.
     assert idle["churn"] > 100 and idle["before"] == idle["churn"], idle

@@ -1,13 +1,11 @@
-"""gevent's repairs (ops/geventfix.py): nothing kombu uses to wait may block the worker, and
-redis-py's readiness checks of pooled connections do not turn the event loop."""
+"""gevent's repairs (ops/geventfix.py): nothing kombu uses to wait may block the worker;
+the readiness checks of redis-py's pooled connections and of urllib3's kept-alive upstream
+connections do not turn the event loop; a background greenlet starts without a turn."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 from ops.redis_server import EmbeddedRedis
-from tests.procs import ROOT
+from tests.procs import run_snippet
 
 # What `celery -A workers worker --pool gevent` does first: patch, then load the app.
 STARTUP = """
@@ -23,26 +21,15 @@ print(kombu.utils.functional.sleep is not blocking, kombu.resource.LifoQueue is 
 
 
 def test_kombu_waits_with_gevent_not_with_a_blocking_sleep() -> None:
-    out = subprocess.run(
-        [sys.executable, "-c", STARTUP], cwd=ROOT, capture_output=True, text=True, timeout=60
-    )
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["True", "True"]
+    assert run_snippet(STARTUP).split() == ["True", "True"]
 
 
 # A patched process, a pool on the test's Redis: how many greenlet switches redis-py's check
 # of a pooled connection (``can_read``) makes before and after the repair, what it answers,
 # and whether a check with a timeout still lets other greenlets run while it waits.
-READINESS = """
-import gevent.monkey
-gevent.monkey.patch_all()
-import sys, time, gevent, greenlet, redis
-from ops.geventfix import readiness_checks_without_yield
-
-pool = redis.BlockingConnectionPool.from_url(sys.argv[1], max_connections=2)
-client = redis.Redis(connection_pool=pool)
-client.ping()
-conn = pool.get_connection()
+# How many greenlet switches ``check()`` makes, and its answer.
+SWITCHES = """
+import greenlet
 
 def switches(check):
     count = [0]
@@ -52,6 +39,21 @@ def switches(check):
     finally:
         greenlet.settrace(None)
     return count[0], answer
+"""
+
+READINESS = (
+    """
+import gevent.monkey
+gevent.monkey.patch_all()
+import sys, time, gevent, greenlet, redis
+from ops.geventfix import readiness_checks_without_yield
+"""
+    + SWITCHES
+    + """
+pool = redis.BlockingConnectionPool.from_url(sys.argv[1], max_connections=2)
+client = redis.Redis(connection_pool=pool)
+client.ping()
+conn = pool.get_connection()
 
 print("before", *switches(conn.can_read))
 print("repaired", readiness_checks_without_yield(), readiness_checks_without_yield())
@@ -77,18 +79,11 @@ other.client_kill_filter(_id=killed)
 time.sleep(0.1)
 print("after kill", client.ping(), client.client_id() != killed)
 """
+)
 
 
 def test_redis_readiness_checks_do_not_turn_the_event_loop(redis_server: EmbeddedRedis) -> None:
-    out = subprocess.run(
-        [sys.executable, "-c", READINESS, redis_server.url],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert out.returncode == 0, out.stderr
-    lines = out.stdout.splitlines()
+    lines = run_snippet(READINESS, redis_server.url).splitlines()
     assert lines[0] == "before 2 False"  # gevent's poll: to the loop and back
     assert lines[1] == "repaired True False"  # once per process
     assert lines[2] == "idle 0 False"  # nothing to read: answered without a switch
@@ -100,22 +95,16 @@ def test_redis_readiness_checks_do_not_turn_the_event_loop(redis_server: Embedde
 # The same for urllib3 (the worker's upstream transport): its check of a kept-alive
 # connection before each request (``is_connection_dropped``) with a zero timeout; and a
 # pooled connection the server closed is still seen as dropped and replaced.
-UPSTREAM_CHECKS = """
+UPSTREAM_CHECKS = (
+    """
 import gevent.monkey
 gevent.monkey.patch_all()
 import socket, time, gevent, greenlet, urllib3
 from urllib3.util.wait import wait_for_read
 from ops.geventfix import readiness_checks_without_yield
-
-def switches(check):
-    count = [0]
-    greenlet.settrace(lambda event, args: count.__setitem__(0, count[0] + 1))
-    try:
-        answer = check()
-    finally:
-        greenlet.settrace(None)
-    return count[0], answer
-
+"""
+    + SWITCHES
+    + """
 ours, theirs = socket.socketpair()
 wait_for_read(ours, timeout=0)  # the first call also picks poll (one more check)
 print("before", *switches(lambda: wait_for_read(ours, timeout=0)))
@@ -151,15 +140,11 @@ gevent.sleep(0.1)  # the server has closed the idle connection
 bodies.append(pool.request("GET", url).data)
 print("reuse", bodies == [b"ok"] * 3, peers[0] == peers[1], peers[2] != peers[1])
 """
+)
 
 
 def test_upstream_readiness_checks_do_not_turn_the_event_loop() -> None:
-    out = subprocess.run(
-        [sys.executable, "-c", UPSTREAM_CHECKS], cwd=ROOT, capture_output=True, text=True,
-        timeout=60,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.splitlines() == [
+    assert run_snippet(UPSTREAM_CHECKS).splitlines() == [
         "before 2 False",  # gevent's poll: to the loop and back
         "idle 0 False",  # nothing to read: answered without a switch
         "pending 0 True",  # data waiting: seen, still without one
@@ -175,7 +160,7 @@ import sys
 if sys.argv[1] == "gevent":
     import gevent.monkey
     gevent.monkey.patch_all()
-import threading, time, greenlet
+import threading, greenlet
 from ops.geventfix import start_background
 
 ran = threading.Event()
@@ -183,18 +168,11 @@ count = [0]
 greenlet.settrace(lambda event, args: count.__setitem__(0, count[0] + 1))
 start_background(ran.set, "test")
 greenlet.settrace(None)
-print(count[0], ran.wait(5), [t.name for t in threading.enumerate() if t.name == "test"])
+print(count[0], ran.wait(5))
 """
 
 
 def test_a_background_task_starts_without_a_switch_under_gevent() -> None:
-    runs = {}
-    for mode in ("gevent", "threads"):
-        out = subprocess.run(
-            [sys.executable, "-c", BACKGROUND, mode], cwd=ROOT, capture_output=True, text=True,
-            timeout=60,
-        )  # fmt: skip
-        assert out.returncode == 0, out.stderr
-        runs[mode] = out.stdout.split(maxsplit=2)
-    assert runs["gevent"][:2] == ["0", "True"]  # no switch to start it; it ran once we waited
-    assert runs["threads"][:2] == ["0", "True"]
+    # No switch to start it under gevent; it ran once we waited. A thread ran without.
+    assert run_snippet(BACKGROUND, "gevent").split() == ["0", "True"]
+    assert run_snippet(BACKGROUND, "threads").split() == ["0", "True"]
