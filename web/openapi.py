@@ -18,6 +18,7 @@ from flask import Flask, Response, jsonify
 
 from models.exceptions import RelayError
 from models.settings import DETACH_POLICIES, MAX_DETACH_S, MIN_DETACH_S, Settings
+from ops.httperrors import CODES as GUNICORN_CODES
 from web.idempotency import HEADER as IDEMPOTENCY_HEADER
 from web.idempotency import MAX_KEY_CHARS
 
@@ -41,8 +42,9 @@ def relay_version() -> str:
 
 
 def error_codes() -> list[str]:
-    """Every ``code`` an HTTP error can carry: relay's errors and Werkzeug's."""
-    codes: set[str] = set(EXTRA_CODES)
+    """Every ``code`` an HTTP error can carry: relay's, Werkzeug's and gunicorn's own refusals
+    (ops/httperrors.py: 414, 431, ... answered before relay reads the request)."""
+    codes: set[str] = {*EXTRA_CODES, *GUNICORN_CODES.values()}
     todo: list[type[RelayError]] = [RelayError]
     while todo:
         cls = todo.pop()
