@@ -106,6 +106,67 @@ _CHECKPOINT_MESSAGE = (
 )
 
 
+# A later checkpoint of the same attempt sends only what came since the one before: SQL adds
+# the new text and layout items to what it holds. Written whole, the answer's text and its
+# layout's JSON (an item per piece) were encoded and sent again every interval, a cost that
+# grew with the answer's length (a 40 s answer: 14 % of the worker's CPU; docs/performance.md).
+# Only when SQL holds exactly the checkpoint before (``last_seq`` = ``b_since`` for this
+# attempt, still running): anything else, and the caller writes the whole answer.
+_CHECKPOINT_STREAM_MORE = (
+    _STREAMS.update()
+    .where(
+        _STREAMS.c.id == bindparam("sid"),
+        _STREAMS.c.attempt == bindparam("b_attempt"),
+        _STREAMS.c.status == "running",
+        _STREAMS.c.last_seq == bindparam("b_since"),
+    )
+    .values(
+        last_seq=bindparam("b_last"),
+        # "[a, b]" + "c, d" -> "[a, b, c, d]": the JSON json.dumps writes for the whole list
+        seq_layout=func.substr(_STREAMS.c.seq_layout, 1, func.length(_STREAMS.c.seq_layout) - 1)
+        + bindparam("b_items", type_=String())
+        + "]",
+        updated_at=bindparam("b_now"),
+    )
+)
+_CHECKPOINT_MESSAGE_MORE = (
+    _MESSAGES.update()
+    .where(_MESSAGES.c.id == bindparam("mid"))
+    .values(
+        content=_MESSAGES.c.content + bindparam("b_more", type_=String()),
+        updated_at=bindparam("b_now"),
+    )
+)
+
+
+def checkpoint_more(
+    db: Session | Connection,
+    stream_id: str,
+    message_id: str,
+    attempt: int,
+    since: int,
+    items: Layout,
+    more: str,
+) -> bool:
+    """Add to SQL's copy what came after the checkpoint that stored ``since`` layout items
+    (at least one): ``items`` (at least one) and their text ``more``. False, with nothing
+    written, when SQL does not hold that checkpoint for ``attempt`` of a running stream:
+    then ``checkpoint`` writes the whole answer (or finds the attempt stale)."""
+    if since < 1 or not items:
+        raise ValueError("checkpoint_more adds at least one item to at least one")
+    now = utcnow()
+    params = {"sid": stream_id, "b_attempt": attempt, "b_since": since,
+              "b_last": since + len(items), "b_items": ", " + json.dumps(items)[1:-1],
+              "b_now": now}  # fmt: skip
+    res = db.execute(_CHECKPOINT_STREAM_MORE, params)
+    if res.rowcount == 0:  # type: ignore[attr-defined]
+        db.rollback()
+        return False
+    db.execute(_CHECKPOINT_MESSAGE_MORE, {"mid": message_id, "b_more": more, "b_now": now})
+    db.commit()
+    return True
+
+
 def checkpoint(
     db: Session | Connection,
     stream_id: str,

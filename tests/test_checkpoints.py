@@ -11,12 +11,13 @@ from __future__ import annotations
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from itertools import pairwise
 from typing import Any
 
 import pytest
 import redis
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from models import store
@@ -42,13 +43,17 @@ def test_answers_whose_first_pieces_come_together_checkpoint_at_different_moment
         heartbeat_interval_s=0.5, heartbeat_stale_s=3.0, backend_budget_s=1.0,
     )  # fmt: skip
     checkpoints: dict[str, list[float]] = defaultdict(list)
-    copy = store.checkpoint
 
-    def recorded(db: Session, stream_id: str, *args: Any) -> bool:
-        checkpoints[stream_id].append(time.monotonic())
-        return copy(db, stream_id, *args)
+    def recorded(copy: Callable[..., bool]) -> Callable[..., bool]:
+        def call(db: Session, stream_id: str, *args: Any) -> bool:
+            checkpoints[stream_id].append(time.monotonic())
+            return copy(db, stream_id, *args)
 
-    monkeypatch.setattr(store, "checkpoint", recorded)  # relay's own, called through
+        return call
+
+    # relay's own, called through: the first of an answer is whole, the others add to it
+    monkeypatch.setattr(store, "checkpoint", recorded(store.checkpoint))
+    monkeypatch.setattr(store, "checkpoint_more", recorded(store.checkpoint_more))
     go = threading.Event()
 
     def script() -> Iterator[str]:
@@ -80,3 +85,90 @@ def test_answers_whose_first_pieces_come_together_checkpoint_at_different_moment
     gaps = [b - a for times in checkpoints.values() for a, b in pairwise(times)]
     assert gaps, "each answer checkpoints more than once"
     assert min(gaps) >= (1 - CHECKPOINT_JITTER) * INTERVAL
+
+
+def copies_in_sql(w: Any, sid: str) -> tuple[int, str, list[Any], str, list[Any]]:
+    """SQL's copy of a running answer (its seq, text and layout), and the log's up to it."""
+    stream, message = w.stored(sid)
+    text, layout = w.rt.log.text(sid, stream.last_seq)
+    return stream.last_seq, message.content, store.load_layout(stream), text, layout
+
+
+def test_each_checkpoint_adds_to_the_last_and_sql_holds_the_log_up_to_its_seq(
+    fresh_database_url: str, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After its first checkpoint a writer sends only what is new (``checkpoint_more``);
+    between any two pieces SQL holds exactly the log's text and layout up to its seq."""
+    settings = Settings(
+        database_url=fresh_database_url, redis_url="", checkpoint_interval_s=0.05,
+        heartbeat_interval_s=0.5, heartbeat_stale_s=3.0, backend_budget_s=1.0,
+    )  # fmt: skip
+    calls: list[str] = []
+    whole, more = store.checkpoint, store.checkpoint_more
+    monkeypatch.setattr(store, "checkpoint", lambda *a: calls.append("whole") or whole(*a))
+    monkeypatch.setattr(store, "checkpoint_more", lambda *a: calls.append("more") or more(*a))
+    seen: list[int] = []
+
+    with in_process_worker(fresh_database_url, redis_client, settings) as w:
+        sid = w.new_stream("checkpoints").id
+
+        def script() -> Iterator[str]:
+            for n in range(80):
+                time.sleep(0.005)
+                if n % 5 == 0:
+                    seq, content, layout, text, expected = copies_in_sql(w, sid)
+                    assert (content, layout) == (text, expected), seq
+                    seen.append(seq)
+                yield f"w{n}" if n % 7 else f"ü{n}😀 "  # offsets count code points
+
+        w.generator.script = script
+        assert run_generation(w.rt, sid, "task") == "done"
+        final, message = w.stored(sid)
+    assert calls[0] == "whole" and calls.count("whole") == 1, calls
+    assert calls.count("more") >= 5, calls
+    assert len(set(seen)) >= 5, seen  # the copies compared were many different checkpoints
+    assert message.content == w.generator.text
+    assert final.last_seq == 81  # 80 pieces and done
+
+
+def test_a_checkpoint_whose_commit_went_through_unseen_is_followed_by_a_whole_one(
+    fresh_database_url: str, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A checkpoint that committed but answered with an outage error (the reply was lost)
+    leaves SQL ahead of what the writer believes; the next addition is refused and the
+    writer writes the answer whole: SQL never holds a piece twice or misses one."""
+    settings = Settings(
+        database_url=fresh_database_url, redis_url="", checkpoint_interval_s=0.05,
+        heartbeat_interval_s=0.5, heartbeat_stale_s=3.0, backend_budget_s=1.0,
+    )  # fmt: skip
+    calls: list[str] = []
+    whole, more = store.checkpoint, store.checkpoint_more
+
+    def lost_reply(*args: Any) -> bool:
+        calls.append("more")
+        applied = more(*args)
+        if calls.count("more") == 2:
+            assert applied
+            raise OperationalError("COMMIT", {}, Exception("server closed the connection"))
+        return applied
+
+    monkeypatch.setattr(store, "checkpoint", lambda *a: calls.append("whole") or whole(*a))
+    monkeypatch.setattr(store, "checkpoint_more", lost_reply)
+
+    with in_process_worker(fresh_database_url, redis_client, settings) as w:
+        sid = w.new_stream("lost reply").id
+
+        def script() -> Iterator[str]:
+            for n in range(80):
+                time.sleep(0.005)
+                seq, content, layout, text, expected = copies_in_sql(w, sid)
+                assert (content, layout) == (text, expected), seq
+                yield f"w{n} "
+
+        w.generator.script = script
+        assert run_generation(w.rt, sid, "task") == "done"
+        _final, message = w.stored(sid)
+    # whole, more, more (lost), more (refused: SQL is ahead), whole, more, ...
+    assert calls[:5] == ["whole", "more", "more", "more", "whole"], calls
+    assert "more" in calls[5:], calls
+    assert message.content == w.generator.text

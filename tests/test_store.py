@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from models import store
@@ -36,6 +37,46 @@ def test_checkpoint_and_finalize_are_fenced_by_attempt(db: Session) -> None:
     assert row.content_hash == store.content_hash("Hello")
     message = db.get(Message, stream.message_id)
     assert message is not None and (message.content, message.status) == ("Hello", "complete")
+
+
+def test_checkpoint_more_adds_to_the_checkpoint_before_it(db: Session) -> None:
+    """A later checkpoint sends only what is new; SQL then holds what one whole write of
+    the answer would (the same text, the same layout, other events' items included)."""
+    stream = make_stream(db)
+    sid, mid = stream.id, stream.message_id
+    store.mark_running(db, sid, mid, 1, "task")
+    assert store.checkpoint(db, sid, mid, 1, "Hé", [2])
+    assert store.checkpoint_more(db, sid, mid, 1, 1, [5, ["tool", '{"a": "ü]"}']], "llo")
+    assert store.checkpoint_more(db, sid, mid, 1, 3, [8], " 😀!")
+    db.expire_all()
+    row, message = db.get(Stream, sid), db.get(Message, mid)
+    assert row is not None and message is not None
+    whole = [2, 5, ["tool", '{"a": "ü]"}'], 8]
+    assert (message.content, row.last_seq, store.load_layout(row)) == ("Héllo 😀!", 4, whole)
+    texts = [e.text for e in store.events_from_sql(row, message.content, 0) if e.type == "chunk"]
+    assert texts == ["Hé", "llo", " 😀!"]
+
+
+@pytest.mark.parametrize(
+    ("since", "attempt", "status"),
+    [(1, 2, "running"), (2, 1, "running"), (2, 2, "cancelled")],
+    ids=["sql-holds-another-checkpoint", "a-stale-attempt", "not-running"],
+)
+def test_checkpoint_more_writes_nothing_unless_sql_holds_the_checkpoint_before(
+    db: Session, since: int, attempt: int, status: str
+) -> None:
+    stream = make_stream(db)
+    sid, mid = stream.id, stream.message_id
+    store.mark_running(db, sid, mid, 2, "task")
+    assert store.checkpoint(db, sid, mid, 2, "abc", [1, 3])
+    if status != "running":
+        db.execute(update(Stream).where(Stream.id == sid).values(status=status))
+        db.commit()
+    assert not store.checkpoint_more(db, sid, mid, attempt, since, [7], "defg")
+    db.expire_all()
+    row, message = db.get(Stream, sid), db.get(Message, mid)
+    assert row is not None and message is not None
+    assert (message.content, row.last_seq, store.load_layout(row)) == ("abc", 2, [1, 3])
 
 
 def test_finalize_stores_the_reported_usage_and_keeps_it_when_an_end_reports_none(

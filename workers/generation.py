@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from sqlalchemy import bindparam, select
+from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
 from models import feed, lifecycle, store
@@ -295,6 +296,9 @@ class LogWriter:
         # whole answer on every append.
         self.parts = [text] if text else []
         self.length = len(text)
+        # What this writer's last checkpoint stored (None: unknown, write the answer whole):
+        # the number of parts and of layout items it covered.
+        self.saved: tuple[int, int] | None = None
         self.started = time.monotonic()
         interval = rt.settings.checkpoint_interval_s
         self.checkpointed_at = self.started  # the clock starts at the first piece (below)
@@ -431,6 +435,7 @@ class LogWriter:
         del self.layout[acked:]  # item i is seq i + 1
         length = next((i for i in reversed(self.layout) if isinstance(i, int)), 0)
         self.parts = [self.text[:length]]
+        self.saved = None  # the parts were joined: the next checkpoint writes it whole
         self.length = length
         self.next_seq = acked + 1
 
@@ -440,10 +445,7 @@ class LogWriter:
         self.sync()  # SQL never holds text the log does not
         try:
             with self.rt.connect() as conn:
-                job = self.job
-                ok = store.checkpoint(
-                    conn, job.stream_id, job.message_id, self.attempt, self.text, self.layout
-                )
+                ok = self.store_checkpoint(conn)
         except OUTAGE_ERRORS as exc:
             # The log holds every piece: the answer goes on, the copy waits for SQL.
             self.sql.failed(self.job.stream_id, "checkpoint", exc)
@@ -456,6 +458,24 @@ class LogWriter:
         # by the same upstream stall, say) drift apart again.
         jitter = random.uniform(0, CHECKPOINT_JITTER * self.sql.interval_s)
         self.checkpointed_at = time.monotonic() - jitter
+
+    def store_checkpoint(self, conn: Connection) -> bool:
+        """Copy the answer so far to SQL: what came since the last checkpoint when SQL holds
+        that one, else the whole of it. False: another attempt owns the stream."""
+        job, saved = self.job, self.saved
+        parts, items = len(self.parts), len(self.layout)
+        if saved is not None and saved[1] < items and store.checkpoint_more(
+            conn, job.stream_id, job.message_id, self.attempt, saved[1],
+            self.layout[saved[1]:], "".join(self.parts[saved[0]:]),
+        ):  # fmt: skip
+            self.saved = (parts, items)
+            return True
+        text = self.text
+        if not store.checkpoint(conn, job.stream_id, job.message_id, self.attempt, text,
+                                self.layout):  # fmt: skip
+            return False
+        self.saved = (parts, items) if items else None
+        return True
 
     def fail(self, code: str, message: str) -> str:
         return self.finish("failed", store.ErrorInfo(code, message))
