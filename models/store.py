@@ -73,26 +73,21 @@ def mark_running(
     is on the path from a post to its first chunk (``db``: a session, or a Core connection,
     which the worker passes: no ORM session to set up)."""
     now = utcnow()
-    res = db.execute(
-        _MARK_RUNNING, {"sid": stream_id, "b_attempt": attempt, "b_task": task_id, "b_now": now}
-    )
-    if res.rowcount == 0:  # type: ignore[attr-defined]
-        db.rollback()
-        return False
-    db.execute(_MARK_STREAMING, {"mid": message_id})
-    db.commit()
-    return True
+    params = {"sid": stream_id, "b_attempt": attempt, "b_task": task_id, "b_now": now}
+    return _fenced(db, _MARK_RUNNING, params, _MARK_STREAMING, {"mid": message_id})
 
 
 # Core statements (no ORM bulk-update machinery): a worker checkpoints every running answer
 # every few seconds, so this is the hottest SQL relay runs.
+# The stream's row while this attempt writes it.
+_CHECKPOINTING = (
+    _STREAMS.c.id == bindparam("sid"),
+    _STREAMS.c.attempt == bindparam("b_attempt"),
+    _STREAMS.c.status == "running",
+)
 _CHECKPOINT_STREAM = (
     _STREAMS.update()
-    .where(
-        _STREAMS.c.id == bindparam("sid"),
-        _STREAMS.c.attempt == bindparam("b_attempt"),
-        _STREAMS.c.status == "running",
-    )
+    .where(*_CHECKPOINTING)
     .values(
         last_seq=bindparam("b_last"),
         seq_layout=bindparam("b_layout"),
@@ -114,12 +109,7 @@ _CHECKPOINT_MESSAGE = (
 # attempt, still running): anything else, and the caller writes the whole answer.
 _CHECKPOINT_STREAM_MORE = (
     _STREAMS.update()
-    .where(
-        _STREAMS.c.id == bindparam("sid"),
-        _STREAMS.c.attempt == bindparam("b_attempt"),
-        _STREAMS.c.status == "running",
-        _STREAMS.c.last_seq == bindparam("b_since"),
-    )
+    .where(*_CHECKPOINTING, _STREAMS.c.last_seq == bindparam("b_since"))
     .values(
         last_seq=bindparam("b_last"),
         # "[a, b]" + "c, d" -> "[a, b, c, d]": the JSON json.dumps writes for the whole list
@@ -158,13 +148,8 @@ def checkpoint_more(
     params = {"sid": stream_id, "b_attempt": attempt, "b_since": since,
               "b_last": since + len(items), "b_items": ", " + json.dumps(items)[1:-1],
               "b_now": now}  # fmt: skip
-    res = db.execute(_CHECKPOINT_STREAM_MORE, params)
-    if res.rowcount == 0:  # type: ignore[attr-defined]
-        db.rollback()
-        return False
-    db.execute(_CHECKPOINT_MESSAGE_MORE, {"mid": message_id, "b_more": more, "b_now": now})
-    db.commit()
-    return True
+    more_params = {"mid": message_id, "b_more": more, "b_now": now}
+    return _fenced(db, _CHECKPOINT_STREAM_MORE, params, _CHECKPOINT_MESSAGE_MORE, more_params)
 
 
 def checkpoint(
@@ -180,11 +165,24 @@ def checkpoint(
     now = utcnow()
     params = {"sid": stream_id, "b_attempt": attempt, "b_last": len(layout),
               "b_layout": json.dumps(layout), "b_now": now}  # fmt: skip
-    res = db.execute(_CHECKPOINT_STREAM, params)
+    text_params = {"mid": message_id, "b_text": text, "b_now": now}
+    return _fenced(db, _CHECKPOINT_STREAM, params, _CHECKPOINT_MESSAGE, text_params)
+
+
+def _fenced(
+    db: Session | Connection,
+    fence: Update,
+    params: dict[str, Any],
+    then: Update,
+    then_params: dict[str, Any],
+) -> bool:
+    """``fence`` (the stream's row, where the attempt may write it), then ``then`` (its
+    message), in one transaction; False, rolled back, when the fence matched no row."""
+    res = db.execute(fence, params)
     if res.rowcount == 0:  # type: ignore[attr-defined]
         db.rollback()
         return False
-    db.execute(_CHECKPOINT_MESSAGE, {"mid": message_id, "b_text": text, "b_now": now})
+    db.execute(then, then_params)
     db.commit()
     return True
 

@@ -29,6 +29,15 @@ INTERVAL = 0.4
 ANSWERS = 16
 PIECES = 60
 PIECE_EVERY_S = 0.02
+PIECES_SEEN = 120  # 5 ms apart: a dozen checkpoints at 0.05 s
+
+
+def fast(database_url: str, checkpoint_interval_s: float) -> Settings:
+    """A worker's settings with short intervals, so checkpoints come many times a second."""
+    return Settings(
+        database_url=database_url, redis_url="", checkpoint_interval_s=checkpoint_interval_s,
+        heartbeat_interval_s=0.5, heartbeat_stale_s=3.0, backend_budget_s=1.0,
+    )  # fmt: skip
 
 
 def test_answers_whose_first_pieces_come_together_checkpoint_at_different_moments(
@@ -38,10 +47,7 @@ def test_answers_whose_first_pieces_come_together_checkpoint_at_different_moment
     model slow to start), then stream together. Each answer's checkpoints start from its
     first piece at a random phase: their first checkpoints spread over the interval, and no
     two checkpoints of one answer come closer than 1 - CHECKPOINT_JITTER intervals."""
-    settings = Settings(
-        database_url=fresh_database_url, redis_url="", checkpoint_interval_s=INTERVAL,
-        heartbeat_interval_s=0.5, heartbeat_stale_s=3.0, backend_budget_s=1.0,
-    )  # fmt: skip
+    settings = fast(fresh_database_url, checkpoint_interval_s=INTERVAL)
     checkpoints: dict[str, list[float]] = defaultdict(list)
 
     def recorded(copy: Callable[..., bool]) -> Callable[..., bool]:
@@ -99,10 +105,7 @@ def test_each_checkpoint_adds_to_the_last_and_sql_holds_the_log_up_to_its_seq(
 ) -> None:
     """After its first checkpoint a writer sends only what is new (``checkpoint_more``);
     between any two pieces SQL holds exactly the log's text and layout up to its seq."""
-    settings = Settings(
-        database_url=fresh_database_url, redis_url="", checkpoint_interval_s=0.05,
-        heartbeat_interval_s=0.5, heartbeat_stale_s=3.0, backend_budget_s=1.0,
-    )  # fmt: skip
+    settings = fast(fresh_database_url, checkpoint_interval_s=0.05)
     calls: list[str] = []
     whole, more = store.checkpoint, store.checkpoint_more
     monkeypatch.setattr(store, "checkpoint", lambda *a: calls.append("whole") or whole(*a))
@@ -113,7 +116,7 @@ def test_each_checkpoint_adds_to_the_last_and_sql_holds_the_log_up_to_its_seq(
         sid = w.new_stream("checkpoints").id
 
         def script() -> Iterator[str]:
-            for n in range(80):
+            for n in range(PIECES_SEEN):
                 time.sleep(0.005)
                 if n % 5 == 0:
                     seq, content, layout, text, expected = copies_in_sql(w, sid)
@@ -128,7 +131,7 @@ def test_each_checkpoint_adds_to_the_last_and_sql_holds_the_log_up_to_its_seq(
     assert calls.count("more") >= 5, calls
     assert len(set(seen)) >= 5, seen  # the copies compared were many different checkpoints
     assert message.content == w.generator.text
-    assert final.last_seq == 81  # 80 pieces and done
+    assert final.last_seq == PIECES_SEEN + 1  # the pieces and done
 
 
 def test_a_checkpoint_whose_commit_went_through_unseen_is_followed_by_a_whole_one(
@@ -137,10 +140,7 @@ def test_a_checkpoint_whose_commit_went_through_unseen_is_followed_by_a_whole_on
     """A checkpoint that committed but answered with an outage error (the reply was lost)
     leaves SQL ahead of what the writer believes; the next addition is refused and the
     writer writes the answer whole: SQL never holds a piece twice or misses one."""
-    settings = Settings(
-        database_url=fresh_database_url, redis_url="", checkpoint_interval_s=0.05,
-        heartbeat_interval_s=0.5, heartbeat_stale_s=3.0, backend_budget_s=1.0,
-    )  # fmt: skip
+    settings = fast(fresh_database_url, checkpoint_interval_s=0.05)
     calls: list[str] = []
     whole, more = store.checkpoint, store.checkpoint_more
 
@@ -159,7 +159,9 @@ def test_a_checkpoint_whose_commit_went_through_unseen_is_followed_by_a_whole_on
         sid = w.new_stream("lost reply").id
 
         def script() -> Iterator[str]:
-            for n in range(80):
+            # Long enough for the checkpoint after the lost reply (an outage's first backoff
+            # is 0.25 s), the whole one after it, and one more.
+            for n in range(200):
                 time.sleep(0.005)
                 seq, content, layout, text, expected = copies_in_sql(w, sid)
                 assert (content, layout) == (text, expected), seq
