@@ -78,8 +78,8 @@ def mark_running(
 
 
 # Core statements (no ORM bulk-update machinery): a worker checkpoints every running answer
-# every few seconds, so this is the hottest SQL relay runs.
-# The stream's row while this attempt writes it.
+# every few seconds, so this is the hottest SQL relay runs. Both kinds of checkpoint write
+# the stream's row only while this attempt owns it and it is running:
 _CHECKPOINTING = (
     _STREAMS.c.id == bindparam("sid"),
     _STREAMS.c.attempt == bindparam("b_attempt"),
