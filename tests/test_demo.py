@@ -57,3 +57,19 @@ def test_chunks_and_remaining() -> None:
     assert "".join(pieces) == "abcdefghij"
     assert all(1 <= len(p) <= 6 for p in pieces)
     assert "".join(remaining(pieces, "abcd")) == "efghij"
+
+
+def test_a_continuation_goes_at_its_own_rate(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``continue-rate`` paces only an attempt that continues a partial answer (a retry)."""
+    pauses: list[float] = []
+    monkeypatch.setattr("workers.generators.demo.time.sleep", pauses.append)
+    gen = DemoGenerator(chunks_per_second=30)
+    prompt = "Tell me about tides [demo:words=40] [demo:rate=20] [demo:continue-rate=400]"
+    full = "".join(gen.generate(request(prompt)))
+    assert set(pauses) == {1 / 20}
+    pauses.clear()
+    rest = "".join(gen.generate(request(prompt, partial=full[:30])))
+    assert full[:30] + rest == full and set(pauses) == {1 / 400}
+    pauses.clear()
+    "".join(gen.generate(request("Tell me about tides [demo:rate=20]", partial="")))
+    assert set(pauses) == {1 / 20}

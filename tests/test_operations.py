@@ -112,9 +112,10 @@ def test_streams_commands(isolated_stack: Stack) -> None:
     stack = isolated_stack
     stack.start_worker("w1")
     client = stack.client()
-    # Long enough (~12 s) to outlast two rounds of CLI runs (each starts Celery: seconds on a
-    # busy machine) before the cancel.
-    posted = client.post_chat("Admin me [demo:words=1000]")
+    # Long enough (~100 s) to outlast two rounds of CLI runs before the cancel (each starts
+    # Celery: seconds, and a busy CI machine took more than 12 s for them); the retry's
+    # continuation goes fast.
+    posted = client.post_chat("Admin me [demo:words=3000] [demo:continue-rate=400]")
     sid = posted["streamId"]
     seen = client.attach(sid, until=lambda a: len(a.events) >= 5)
     listed, shown, refused = celery_all(

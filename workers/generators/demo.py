@@ -5,7 +5,9 @@ that is what lets a new attempt continue a partial answer exactly where the last
 
 Directives in the prompt (demo only, off with RELAY_DEMO_DIRECTIVES=0):
 ``[demo:words=N]`` answer length, ``[demo:rate=N]`` chunks per second,
-``[demo:fail-after=N]`` raise after N chunks, ``[demo:echo]`` answer with the prompt verbatim.
+``[demo:continue-rate=N]`` chunks per second when continuing a partial answer (a retry; default
+the rate), ``[demo:fail-after=N]`` raise after N chunks, ``[demo:echo]`` answer with the prompt
+verbatim.
 """
 
 from __future__ import annotations
@@ -162,7 +164,10 @@ class DemoGenerator:
             raise GenerationError(
                 "the partial answer does not match this generator's output", "cannot_continue"
             )
-        rate = max(0.5, min(float(found.get("rate", self.chunks_per_second)), 1000.0))
+        rate = float(found.get("rate", self.chunks_per_second))
+        if request.partial:
+            rate = float(found.get("continue-rate", rate))
+        rate = max(0.5, min(rate, 1000.0))
         fail_after = found.get("fail-after")
         pieces = chunk(text, request.stream_id)
         for n, piece in enumerate(remaining(pieces, request.partial), start=1):
