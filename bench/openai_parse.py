@@ -32,6 +32,7 @@ from typing import Any
 
 import httpx
 import httpx_sse
+import orjson
 
 from models.settings import Settings
 from workers.generators import GenerationRequest, Turn
@@ -44,11 +45,6 @@ TEXT = (
     "it missed while the worker goes on appending tokens from the model as they arrive"
 )
 WORDS = TEXT.split()
-
-try:  # measured when importable; not a dependency of relay
-    import orjson  # type: ignore[import-not-found, unused-ignore]
-except ImportError:  # pragma: no cover
-    orjson = None
 
 
 # -- the upstream (its own process) -----------------------------------------------------------
@@ -197,8 +193,7 @@ VARIANTS: dict[str, Callable[[], Callable[[str, str], int]]] = {
     "parse:httpx-sse": lambda: via_client(with_httpx_sse),
     "parse:relay-sse": lambda: via_client(with_parser),
 }
-if orjson is not None:
-    VARIANTS["parse:relay-sse+orjson"] = lambda: via_client(with_parser, orjson.loads)
+VARIANTS["parse:relay-sse+orjson"] = lambda: via_client(with_parser, orjson.loads)
 
 
 def measure(consume: Callable[[str, str], int], base_url: str, n: int, pace_us: int) -> float:
@@ -240,12 +235,9 @@ def json_costs(n: int) -> dict[str, float | None]:
     out: dict[str, float | None] = {}
     decoders: dict[str, Any] = {
         "json": lambda data: json.loads(data.decode()),
-        "orjson": orjson and orjson.loads,
+        "orjson": orjson.loads,
     }
     for name, loads in decoders.items():
-        if loads is None:
-            out[name] = None
-            continue
         started = time.process_time()
         for data in payloads:
             loads(data)

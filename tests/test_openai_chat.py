@@ -30,7 +30,7 @@ from tests.tunnel_proxy import TunnelProxy
 from workers.generators import GenerationRequest, Turn
 from workers.generators.openai_chat import TRANSPORTS, OpenAIChatGenerator, trim
 from workers.generators.openai_pool import env_proxy, pool_manager
-from workers.generators.openai_stream import SSEParser, sdk_env_headers
+from workers.generators.openai_stream import SSEParser, loads, sdk_env_headers
 
 KEY = "sk-test-secret-0123456789"
 MakeGenerator = Callable[..., OpenAIChatGenerator]
@@ -387,6 +387,35 @@ def test_the_parser_skips_keep_alives_after_an_id() -> None:
     """A comment-only block after an ``id:``, or an event with no data, is no event
     (httpx-sse and the official client emit empty ones, which then fail to parse as JSON)."""
     assert parse([b"id: 1\ndata: {}\n\n: ping\n\nevent: ping\n\n"]) == [(b"", b"{}")]
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b'{"choices":[{"delta":{"content":"caf\xc3\xa9 \\u00e9 \\ud83d\\ude00"}}]}',
+        b'{"a":NaN,"b":-Infinity}',  # json reads these; orjson does not
+        b'{"text":"\\ud800"}',  # a lone surrogate's escape
+        b"[1, 2.5e3, null, true]",
+    ],
+)
+def test_a_chunk_is_read_exactly_as_json_reads_it(data: bytes) -> None:
+    got = loads(data)
+    want = json.loads(data.decode())
+    assert json.dumps(got) == json.dumps(want) and type(got) is type(want)
+
+
+def test_an_integer_past_64_bits_is_read_as_a_float() -> None:
+    """orjson's one difference from json that ``loads`` keeps: relay reads only strings and
+    token counts from a chunk."""
+    assert loads(b'{"n":123456789012345678901234567890}') == {"n": 1.2345678901234568e29}
+
+
+@pytest.mark.parametrize("data", [b'{"a":', b"\xff\xfe", b"{'a': 1}", b""])
+def test_a_chunk_json_does_not_read_is_refused_as_json_refuses_it(data: bytes) -> None:
+    with pytest.raises(ValueError):
+        json.loads(data.decode())
+    with pytest.raises(ValueError):
+        loads(data)
 
 
 def test_the_sdks_environment_headers_are_kept() -> None:

@@ -1,5 +1,5 @@
 """The lean transport of the OpenAI-compatible provider: one ``httpx.Client`` per generator,
-a small server-sent-events parser over the raw bytes, and ``json.loads`` per chunk.
+a small server-sent-events parser over the raw bytes, and ``loads`` (orjson) per chunk.
 
 The official client builds a pydantic model per streamed chunk; reading the chunk's dict
 directly costs a fraction of that (bench/openai_parse.py, docs/providers.md "Streaming
@@ -19,6 +19,7 @@ from typing import Any
 
 import httpx
 import openai
+import orjson
 
 from models.settings import Settings
 from workers.generators.base import GenerationReport, GenerationRequest
@@ -190,11 +191,22 @@ def chunks(stream: Iterable[Event], request: httpx.Request) -> Iterator[dict[str
     for event, data in stream:
         if data.startswith(b"[DONE]"):
             return
-        chunk = json.loads(data.decode())  # from str: skips json's encoding sniffing
+        chunk = loads(data)
         if event == b"error" or (type(chunk) is dict and chunk.get("error")):
             raise stream_error(chunk, request)
         if type(chunk) is dict:  # anything else is no chat chunk: nothing to read in it
             yield chunk
+
+
+def loads(data: bytes) -> Any:
+    """An event's JSON: orjson's (a third of json's CPU, 2 against 7 µs for a chunk), or
+    json's for what orjson refuses and json takes (NaN, a lone surrogate's escape), so what
+    json accepts is read, the same, except that orjson makes an integer past 64 bits a float
+    (relay reads only strings and token counts from a chunk)."""
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return json.loads(data.decode())  # from str: skips json's encoding sniffing
 
 
 def texts(stream: Iterable[dict[str, Any]], report: GenerationReport) -> Generator[str, None, bool]:
