@@ -109,7 +109,7 @@ return {'claimed', attempt, last, cancel, tries}
 # webhook, from the viewers key, given only then: a key that may not exist in a multi-key call
 # makes Redis Cluster refuse it while the slot migrates). The keys' running TTL is refreshed
 # on an attempt's first append and then whenever a tenth of it has passed ('xt': when; every
-# script that starts an attempt or queues the stream clears it). {'ok', 1 if a cancel is
+# script that starts an attempt or changes a TTL clears it). {'ok', 1 if a cancel is
 # pending else 0}, {'stale', 0} (another attempt owns the stream) or {'behind', the log's
 # last seq} (the log ends before first - 1: a failover lost appends).
 _APPEND_EVENTS = """
