@@ -411,34 +411,3 @@ def test_a_round_trip_is_one_script_call_per_max_events_each_stream_on_its_own(
         assert seqs == list(range(1, stream.acked + 1))
     wait_for(lambda: sum(len(s) for _, s in published) == 4 + 2 * 4)
     assert not [sid for sid, _ in published if sid == fenced.stream_id]
-
-
-def test_submits_from_many_threads_racing_the_flusher_to_sleep_all_get_sent(
-    log: ChunkLog,
-) -> None:
-    """Each thread's next piece often arrives just as the flusher goes back to sleep (the
-    last round trip done, nothing ready): no wake-up is lost, no piece left behind."""
-    group = GroupAppender(log)
-    names = [f"s-race-{i}" for i in range(8)]
-    streams = [group.open(sid, started(log, sid), 0) for sid in names]
-    errors: list[BaseException] = []
-
-    def write(stream: StreamAppender) -> None:
-        try:
-            for seq in range(1, 201):
-                stream.submit(chunk(seq))
-                if seq % 7 == 0:
-                    stream.flush(timeout=10)
-            stream.flush(timeout=10)
-        except BaseException as exc:  # reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=write, args=(s,)) for s in streams]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert errors == []
-    for stream in streams:
-        assert stream.acked == 200
-        assert [e.seq for e in log.read(stream.stream_id, 0, 300)] == list(range(1, 201))

@@ -159,15 +159,11 @@ class GroupAppender:
         self.gather = gather  # turns given to other threads under load before a round trip
         self.busy_s = busy_s  # a round trip this soon after the last one: under load
         self._round_at = -1e9  # when the last round trip was taken (monotonic)
-        # The flusher sleeps on ``_wake`` when it has nothing to send (``_idle``, under the
-        # lock), and a submit sets it only then. Not a Condition: under gevent a notify and
-        # the lock handed back and forth around it cost a submit ~25 µs, a plain Event
-        # ~1.5 µs (docs/performance.md).
-        self._idle = False
-        self._wake = threading.Event()
+        self._holding = False  # the flusher is gathering on purpose: submits need not wake it
         self.max_events = max_events  # per stream per round trip
         self.max_pending = max_pending  # a generation waits when Redis falls this far behind
         self.lock = threading.Lock()
+        self._work = threading.Condition(self.lock)  # the flusher waits here for ready streams
         self._ready: dict[StreamAppender, None] = {}  # streams with events to send, in order
         self._riders: list[Ride] = []  # commands for the next round trip
         self._riding: list[Ride] = []  # this round trip's, until its first pipeline sends them
@@ -189,7 +185,8 @@ class GroupAppender:
             stream.pending.append(event)
             if not stream.in_flight and stream not in self._ready:
                 self._ready[stream] = None
-                self._wake_flusher()
+                if not self._holding:
+                    self._work.notify()
 
     def ride(self, command: Sequence[Any]) -> Ride:
         """Send ``command`` with the next round trip, after its appends (a rider does not
@@ -198,14 +195,9 @@ class GroupAppender:
         with self.lock:
             self._ensure_thread()
             self._riders.append(ride)
-            self._wake_flusher()
+            if not self._holding:
+                self._work.notify()
         return ride
-
-    def _wake_flusher(self) -> None:
-        """(Holding the lock.) There is work: wake the flusher if it sleeps."""
-        if self._idle:
-            self._idle = False
-            self._wake.set()
 
     def flush(self, stream: StreamAppender, timeout: float | None = None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -255,15 +247,21 @@ class GroupAppender:
         with self.lock:
             while not self._ready and not self._riders:
                 if not self._appended:
-                    self._sleep(None)
+                    self._work.wait()
                 elif (left := self._reported_at + 1.0 - time.monotonic()) > 0:
-                    self._sleep(left)
+                    self._work.wait(left)
                 else:  # idle for a while: the count is exact
                     self._report_appended()
-            if self.coalesce_s > 0:
-                self._sleep_through(self.coalesce_s)
-            elif time.monotonic() - self._round_at < self.busy_s:
-                self._yield(self.gather)
+            self._holding = True
+            try:
+                if self.coalesce_s > 0:
+                    deadline = time.monotonic() + self.coalesce_s
+                    while (left := deadline - time.monotonic()) > 0:
+                        self._work.wait(left)
+                elif time.monotonic() - self._round_at < self.busy_s:
+                    self._yield(self.gather)
+            finally:
+                self._holding = False
             self._round_at = time.monotonic()
             work = []
             for stream in self._ready:
@@ -274,27 +272,6 @@ class GroupAppender:
             self._ready.clear()
             riders, self._riders = self._riders, []
             return work, riders
-
-    def _sleep(self, timeout: float | None) -> None:
-        """(Holding the lock.) Sleep until a submit or a ride wakes the flusher, or for
-        ``timeout``, the lock released meanwhile."""
-        self._idle = True
-        self.lock.release()
-        try:
-            self._wake.wait(timeout)
-        finally:
-            self.lock.acquire()
-            self._idle = False
-            self._wake.clear()
-
-    def _sleep_through(self, seconds: float) -> None:
-        """(Holding the lock.) Let ``seconds`` pass, the lock released: what is submitted
-        meanwhile joins this round trip (the flusher is not idle: nothing wakes it)."""
-        self.lock.release()
-        try:
-            time.sleep(seconds)
-        finally:
-            self.lock.acquire()
 
     def _yield(self, turns: int) -> None:
         """Let the other threads run ``turns`` times, the lock released (under gevent,
