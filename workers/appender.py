@@ -3,12 +3,10 @@
 A generation hands each piece to its ``StreamAppender`` and goes back to reading its
 upstream at once. The flusher thread takes whatever is pending when it wakes (the pieces
 that arrived while the previous round trip was in flight, from every stream of the process)
-and sends it in one round trip: on one Redis server one script call for all of them
-(``append_all``: each stream's append on its own, as ``append_many``; a call per
-``max_events`` events at most), on a cluster an ``append_many`` per stream. An idle stream's
-piece goes out as soon as it arrives, so latency does not grow; a busy one's pieces share a
-round trip and a script call. Under load (the last round trip started less than ``busy_s``
-ago) the flusher first lets the process's other threads run ``gather`` times (RELAY_APPEND_GATHER;
+and sends it as one pipeline with one ``append_many`` per stream. An idle stream's piece goes
+out as soon as it arrives, so latency does not grow; a busy one's pieces share a round trip
+and a script call. Under load (the last round trip started less than ``busy_s`` ago) the
+flusher first lets the process's other threads run ``gather`` times (RELAY_APPEND_GATHER;
 under gevent, turns of the event loop), so the pieces whose upstream data has already
 arrived join this round trip rather than the next: fewer, larger appends, with no timer and
 so no wait beyond the work that is ready. ``coalesce_s`` (RELAY_COALESCE_MS) makes the
@@ -418,8 +416,8 @@ class GroupAppender:
     def _pipeline(self, work: Sequence[tuple[StreamAppender, list[Event]]]) -> list[object]:
         if self._conn is None:
             self._conn = pipeliner(self.chunks.redis, self.recheck_idle_s)
-        commands, spans = self._commands(work)
-        appends = len(commands)
+        append = self.chunks.append_command
+        commands: list[Sequence[Any]] = [append(s.stream_id, s.attempt, ev) for s, ev in work]
         riders, self._riding = self._riding, []  # the round trip's first pipeline takes them
         commands += [ride.command for ride in riders]
         if self.wait_replicas:
@@ -432,45 +430,10 @@ class GroupAppender:
             raise
         if self.wait_replicas:
             self._check_wait(replies.pop())
-        for ride, reply in zip(riders, replies[appends:], strict=True):
+        for ride, reply in zip(riders, replies[len(work) :], strict=True):
             ride.answer(reply)
-        if spans is None:
-            return replies[:appends]
-        out: list[object] = []
-        for span, reply in zip(spans, replies[:appends], strict=True):
-            out += ChunkLog.append_all_replies(reply, span)
-        return out
-
-    def _commands(
-        self, work: Sequence[tuple[StreamAppender, list[Event]]]
-    ) -> tuple[list[Sequence[Any]], list[int] | None]:
-        """The appends' commands, and how many streams each carries (None: one each)."""
-        if isinstance(self._conn, ClusterPipeline):  # a call per stream, to its slot's node
-            append = self.chunks.append_command
-            return [append(s.stream_id, s.attempt, ev) for s, ev in work], None
-        spans = self._spans(work)
-        commands: list[Sequence[Any]] = []
-        start = 0
-        for span in spans:
-            part = work[start : start + span]
-            commands.append(self.chunks.append_all_command(
-                [(s.stream_id, s.attempt, ev) for s, ev in part]))  # fmt: skip
-            start += span
-        return commands, spans
-
-    def _spans(self, work: Sequence[tuple[StreamAppender, list[Event]]]) -> list[int]:
-        """How many streams go in each script call on one server: all of them, unless they
-        carry more than ``max_events`` events (a call holds Redis for its whole length)."""
-        spans, streams, events = [], 0, 0
-        for _, evs in work:
-            if streams and events + len(evs) > self.max_events:
-                spans.append(streams)
-                streams, events = 0, 0
-            streams += 1
-            events += len(evs)
-        if streams:
-            spans.append(streams)
-        return spans
+        del replies[len(work) :]
+        return replies
 
     def _check_wait(self, acknowledged: object) -> None:
         """A WAIT that timed out still confirms the appends (Redis applied them): say so, at
