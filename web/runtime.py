@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import threading
 from dataclasses import dataclass, field
 
 from celery import Celery
 from flask import Flask, current_app, g
 from sqlalchemy import Engine
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from models.chunklog import ChunkLog
@@ -17,6 +20,8 @@ from models.settings import Settings
 from web import shutdown
 from web.catchup import BlockCache
 from web.hub import Hub, make_hub
+
+log = logging.getLogger("relay.web")
 
 
 @dataclass
@@ -96,6 +101,15 @@ def get_db() -> Session:
 
 
 def _close_db(_exc: BaseException | None) -> None:
+    """End the request's SQL session. The answer is already made: a database that went away
+    meanwhile (a restart ends every backend, so the ROLLBACK that returns the connection to
+    the pool fails) must not turn it into a 500. The connection is discarded, not pooled."""
     db = g.pop("db", None)
-    if db is not None:
+    if db is None:
+        return
+    try:
         db.close()
+    except DBAPIError as exc:
+        log.warning("the request's SQL connection was lost (%s): discarded", type(exc).__name__)
+        with contextlib.suppress(DBAPIError):
+            db.invalidate()
