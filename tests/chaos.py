@@ -47,7 +47,7 @@ import httpx
 import redis
 import sqlalchemy as sa
 from websockets.asyncio.client import connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from models.db import normalize_url
 from models.migrate import upgrade
@@ -184,6 +184,8 @@ async def follow(viewer: Viewer, ctx: Viewing, deadline: float) -> None:
                 conn.outcome = await attach_once(viewer, ctx, conn, ctx.rng.random() < 0.3)
         except TimeoutError:
             conn.outcome = "dropped" if cm.expired() else "timeout"
+        except InvalidStatus as exc:  # the WebSocket upgrade was answered with an HTTP status
+            conn.outcome = f"http {exc.response.status_code}"
         except (OSError, httpx.HTTPError, InvalidHandshake) as exc:
             conn.outcome = type(exc).__name__
         conn.end = time.monotonic()
@@ -834,6 +836,7 @@ def figures(
         "connections": len(conns),
         "dropped_by_viewers": sum(1 for c in conns if c.voluntary),
         "connection_outcomes": dict(Counter(c.outcome for c in conns).most_common()),
+        "server_errors": sum(1 for c in conns if server_error(c.outcome)),
         "baseline": baseline_figures(viewers, first_event, faults[0].start if faults else started),
         "faults": [
             fault_figures(f, end, viewers, started) for f, end in zip(faults, ends, strict=False)
@@ -841,6 +844,13 @@ def figures(
         "failures": failures[:20],
         "failed_streams": len(failures),
     }
+
+
+def server_error(outcome: str) -> bool:
+    """A connection the server refused or closed for its own fault: an HTTP 5xx other than a
+    503 (an outage's retryable answer), or a WebSocket 1011. A fault must never cause one."""
+    kind, _, code = outcome.partition(" ")
+    return (kind == "http" and code.startswith("5") and code != "503") or outcome == "ws 1011"
 
 
 def run_chaos(size: ChaosSize, tmpdir: Path, timeout: float | None = None) -> dict[str, Any]:
@@ -890,7 +900,11 @@ def main(argv: list[str] | None = None) -> int:
         result = run_chaos(size, tmpdir)
     print(json.dumps(result, indent=2))
     ok = not (
-        result["lost"] or result["duplicated"] or result["failed_streams"] or result["non_terminal"]
+        result["lost"]
+        or result["duplicated"]
+        or result["failed_streams"]
+        or result["non_terminal"]
+        or result["server_errors"]
     )
     return 0 if ok else 1
 

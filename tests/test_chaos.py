@@ -46,6 +46,7 @@ def test_no_answer_is_lost_or_frozen_under_chaos(tmp_path: Path, redis: str) -> 
     assert figures["mismatched"] == 0, failures
     assert figures["frozen"] == 0, failures
     assert figures["non_terminal"] == 0, failures
+    assert figures["server_errors"] == 0, figures["connection_outcomes"]
     # The viewers did drop and re-attach, on their own and because of the faults.
     assert figures["dropped_by_viewers"] > 0
     assert sum(f["reconnects"] for f in figures["faults"]) > 0
