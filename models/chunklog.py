@@ -16,6 +16,7 @@ from typing import Any, cast
 
 import redis
 from redis.cluster import RedisCluster
+from redis.exceptions import ResponseError
 
 from models import keys, scripts
 from models.events import STATUS_FOR_TERMINAL, Event
@@ -152,6 +153,7 @@ class ChunkLog:
         self._init = client.register_script(live(scripts.INIT))
         self._claim = client.register_script(live(scripts.CLAIM))
         self._append = client.register_script(live(scripts.APPEND))
+        self._append_all = client.register_script(live(scripts.APPEND_ALL))
         self._heartbeat = client.register_script(live(scripts.HEARTBEAT))
         self._take_over = client.register_script(live(scripts.TAKE_OVER))
         self._release = client.register_script(live(scripts.RELEASE))
@@ -229,10 +231,36 @@ class ChunkLog:
             *self._append_args(attempt, events, stream_id),
         ]
 
+    def append_all_command(self, work: Sequence[tuple[str, int, Sequence[Event]]]) -> list[Any]:
+        """Many streams' ``append_many`` calls (stream id, attempt, events) as one command,
+        one script call, on one Redis server (never a cluster); read its reply with
+        ``append_all_replies``. Each stream's append is on its own (all of its events or
+        none), as if it had been sent alone."""
+        script_keys: list[str] = []
+        args: list[str | int] = [self.running_ttl_s, self.retention_s]
+        for stream_id, attempt, events in work:
+            stream_keys = self._append_keys(stream_id, events)
+            script_keys += stream_keys
+            args += (len(stream_keys), keys.live_channel(stream_id), attempt, events[0].seq,
+                     len(events))  # fmt: skip
+            for event in events:
+                args += (event.type, event.payload())
+        return ["EVALSHA", self._append_all.sha, len(script_keys), *script_keys, *args]
+
+    @staticmethod
+    def append_all_replies(reply: Any, count: int) -> list[Any]:
+        """The reply to ``append_all_command`` of ``count`` streams as a reply per stream,
+        each what ``append_command``'s would have been (a ResponseError for a stream whose
+        append failed; the whole call's error, a NoScriptError say, for every stream)."""
+        if isinstance(reply, Exception):
+            return [reply] * count
+        return [ResponseError(str(r[1])) if r[0] == "error" else r for r in reply]
+
     def load_scripts(self) -> None:
-        """Load the append script into the server (after a restart or a flush; on a
+        """Load the append scripts into the server (after a restart or a flush; on a
         cluster, into every master)."""
         self.redis.script_load(self._append.script)
+        self.redis.script_load(self._append_all.script)
 
     @staticmethod
     def position_command(stream_id: str) -> list[Any]:

@@ -57,7 +57,7 @@ INIT = (
     _PRELUDE
     + """
 redis.call('HSET', KEYS[1], 'status', 'queued', 'qt', now)
-redis.call('HDEL', KEYS[1], 'cancel', 'why', 'hb', 'task', 'rq', 'rqn', 'sent', 'qn', 'qs')
+redis.call('HDEL', KEYS[1], 'cancel', 'why', 'hb', 'task', 'rq', 'rqn', 'sent', 'qn', 'qs', 'xt')
 if tonumber(ARGV[2] or '0') > 0 then
   redis.call('HSET', KEYS[1], 'dp', ARGV[2])
 else
@@ -91,7 +91,7 @@ local tries = redis.call('HINCRBY', KEYS[1], 'tries', 1)
 local last = last_seq(KEYS[2])
 redis.call('HSET', KEYS[1], 'status', 'running', 'hb', now, 'task', ARGV[1], 'worker', ARGV[4],
            'seq', last)
-redis.call('HDEL', KEYS[1], 'rq', 'rqn')
+redis.call('HDEL', KEYS[1], 'rq', 'rqn', 'xt')
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 local cancel = 0
 if st[4] == '1' or (KEYS[3] and detach_check(KEYS[1], KEYS[3], now) == 'abandoned') then
@@ -101,49 +101,96 @@ return {'claimed', attempt, last, cancel, tries}
 """
 )
 
-# KEYS: state, log[, viewers]. ARGV: channel, attempt, running ttl, retention, first seq,
-# then a type and a data argument per event (seqs first, first + 1, ...). All events or none
+# Append events to a stream as its attempt: the events' types and data are args[from],
+# args[from + 1], ... args[last] (pairs), their seqs first, first + 1, ... All events or none
 # are added: the first XADD is the fence (Redis refuses an ID that is not above the last
 # one), and the rest follow it. A terminal event, which is always last, sets the final status
 # and records whether a viewer was attached at that moment ('ew', for the completion
-# webhook): only a batch that ends with one passes the viewers key (a key that may not exist
-# in a multi-key call makes Redis Cluster refuse it while the slot migrates).
+# webhook, from the viewers key, given only then: a key that may not exist in a multi-key call
+# makes Redis Cluster refuse it while the slot migrates). The keys' running TTL is refreshed
+# on an attempt's first append and then whenever a tenth of it has passed ('xt': when; every
+# script that starts an attempt or queues the stream clears it). {'ok', 1 if a cancel is
+# pending else 0}, {'stale', 0} (another attempt owns the stream) or {'behind', the log's
+# last seq} (the log ends before first - 1: a failover lost appends).
+_APPEND_EVENTS = """
+local function append_events(state, log, viewers, channel, attempt, ttl, retention, first,
+                             args, from, last)
+  local st = redis.call('HMGET', state, 'attempt', 'status', 'cancel', 'seq', 'xt')
+  if st[1] ~= attempt or st[2] ~= 'running' then return {'stale', 0} end
+  local have = tonumber(st[4] or last_seq(log))
+  if have < first - 1 then return {'behind', have} end
+  local added = redis.pcall('XADD', log, '0-' .. first, 't', args[from], 'd', args[from + 1])
+  if type(added) == 'table' and added.err then return {'stale', 0} end
+  local types, datas = {args[from]}, {args[from + 1]}
+  local seq = first
+  for i = from + 2, last, 2 do
+    seq = seq + 1
+    redis.call('XADD', log, '0-' .. seq, 't', args[i], 'd', args[i + 1])
+    types[#types + 1] = args[i]
+    datas[#datas + 1] = args[i + 1]
+  end
+  local final = FINAL[types[#types]]
+  if final then
+    local watched = '0'
+    if viewers then
+      local top = redis.call('ZREVRANGE', viewers, 0, 0, 'WITHSCORES')
+      if top[2] and tonumber(top[2]) > now then watched = '1' end
+    end
+    redis.call('HSET', state, 'hb', now, 'seq', seq, 'status', final, 'ew', watched)
+    redis.call('EXPIRE', state, retention)
+    redis.call('EXPIRE', log, retention)
+  elseif st[5] and now - tonumber(st[5]) < tonumber(ttl) * 100 then
+    redis.call('HSET', state, 'hb', now, 'seq', seq)
+  else
+    redis.call('HSET', state, 'hb', now, 'seq', seq, 'xt', now)
+    redis.call('EXPIRE', state, ttl)
+    redis.call('EXPIRE', log, ttl)
+  end
+  publish(channel, first, types, datas)
+  if st[3] == '1' then return {'ok', 1} end
+  return {'ok', 0}
+end
+"""
+
+# KEYS: state, log[, viewers]. ARGV: channel, attempt, running ttl, retention, first seq,
+# then a type and a data argument per event (seqs first, first + 1, ...). See append_events.
 APPEND = (
     _PRELUDE
+    + _APPEND_EVENTS
     + """
-local st = redis.call('HMGET', KEYS[1], 'attempt', 'status', 'cancel', 'seq')
-if st[1] ~= ARGV[2] or st[2] ~= 'running' then return {'stale', 0} end
-local first = tonumber(ARGV[5])
-local have = tonumber(st[4] or last_seq(KEYS[2]))
-if have < first - 1 then return {'behind', have} end
-local added = redis.pcall('XADD', KEYS[2], '0-' .. first, 't', ARGV[6], 'd', ARGV[7])
-if type(added) == 'table' and added.err then return {'stale', 0} end
-local types, datas = {ARGV[6]}, {ARGV[7]}
-local seq = first
-for i = 8, #ARGV, 2 do
-  seq = seq + 1
-  redis.call('XADD', KEYS[2], '0-' .. seq, 't', ARGV[i], 'd', ARGV[i + 1])
-  types[#types + 1] = ARGV[i]
-  datas[#datas + 1] = ARGV[i + 1]
-end
-redis.call('HSET', KEYS[1], 'hb', now, 'seq', seq)
-local ttl = ARGV[3]
-local final = FINAL[types[#types]]
-if final then
-  local watched = '0'
-  if KEYS[3] then
-    local top = redis.call('ZREVRANGE', KEYS[3], 0, 0, 'WITHSCORES')
-    if top[2] and tonumber(top[2]) > now then watched = '1' end
+return append_events(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3], ARGV[4],
+                     tonumber(ARGV[5]), ARGV, 6, #ARGV)
+"""
+)
+
+# Many streams' appends in one call (the worker's round trip, on one Redis server: never on a
+# cluster, where a script's keys must share a slot). KEYS: each stream's state, log[, viewers].
+# ARGV: running ttl, retention, then per stream: its key count (2 or 3), channel, attempt,
+# first seq, event count, and a type and a data argument per event. Each stream's append is
+# APPEND's, all or none, and independent of the others': a reply per stream, in order,
+# APPEND's reply or {'error', message} (a command inside failed; its stream's earlier events
+# may stand, as when APPEND fails, and the other streams go on).
+APPEND_ALL = (
+    _PRELUDE
+    + _APPEND_EVENTS
+    + """
+local out, k, a = {}, 1, 3
+while a <= #ARGV do
+  local nkeys, n = tonumber(ARGV[a]), tonumber(ARGV[a + 4])
+  local viewers = nil
+  if nkeys == 3 then viewers = KEYS[k + 2] end
+  local ok, reply = pcall(append_events, KEYS[k], KEYS[k + 1], viewers, ARGV[a + 1],
+                          ARGV[a + 2], ARGV[1], ARGV[2], tonumber(ARGV[a + 3]), ARGV, a + 5,
+                          a + 4 + 2 * n)
+  if not ok then
+    if type(reply) == 'table' then reply = reply.err end
+    reply = {'error', tostring(reply)}
   end
-  redis.call('HSET', KEYS[1], 'status', final, 'ew', watched)
-  ttl = ARGV[4]
+  out[#out + 1] = reply
+  k = k + nkeys
+  a = a + 5 + 2 * n
 end
-redis.call('EXPIRE', KEYS[1], ttl)
-redis.call('EXPIRE', KEYS[2], ttl)
-publish(ARGV[1], first, types, datas)
-local cancel = 0
-if st[3] == '1' then cancel = 1 end
-return {'ok', cancel}
+return out
 """
 )
 
@@ -185,7 +232,7 @@ if st[1] == 'running' and st[2] and (now - tonumber(st[2])) < tonumber(ARGV[1]) 
 end
 local attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
 redis.call('HSET', KEYS[1], 'status', 'running', 'hb', now)
-redis.call('HDEL', KEYS[1], 'rq', 'rqn', 'end')
+redis.call('HDEL', KEYS[1], 'rq', 'rqn', 'end', 'xt')
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 return {'taken', attempt, last_seq(KEYS[2])}
 """
@@ -299,7 +346,8 @@ local seq = last_seq(KEYS[2]) + 1
 local next_attempt = tonumber(st[2] or '0') + 1
 redis.call('XADD', KEYS[2], '0-' .. seq, 't', 'resumed', 'd', next_attempt)
 redis.call('HSET', KEYS[1], 'status', 'queued', 'task', ARGV[3], 'qt', now, 'seq', seq)
-redis.call('HDEL', KEYS[1], 'cancel', 'why', 'ew', 'hb', 'rq', 'rqn', 'tries', 'sent', 'qn', 'qs')
+redis.call('HDEL', KEYS[1], 'cancel', 'why', 'ew', 'hb', 'rq', 'rqn', 'tries', 'sent', 'qn', 'qs',
+           'xt')
 if tonumber(ARGV[4] or '0') > 0 then
   redis.call('HSET', KEYS[1], 'dp', ARGV[4])
 else

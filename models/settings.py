@@ -97,7 +97,8 @@ class Settings:
     secret_key: str = ""
     # Finished logs stay in Redis this long; afterwards the text is served from SQL.
     log_retention_s: int = 3600
-    # Safety TTL on a log that is still being written (refreshed on every append).
+    # Safety TTL on a log that is still being written (set by an attempt's first append and
+    # refreshed by appends whenever a tenth of it has passed).
     running_log_ttl_s: int = 86400
     # GET /api/v1/chat falls back to the last answer if it finished this recently.
     resume_fallback_s: float = 15.0

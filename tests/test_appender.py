@@ -372,3 +372,73 @@ def test_a_rider_gets_its_own_error_and_a_failed_round_trip_answers_every_rider(
                          budget_s=0.5)  # fmt: skip
     with pytest.raises(RedisConnectionError):
         dead.ride(["PING"]).result(timeout=30)
+
+
+def evalsha_calls(client: redis.Redis) -> int:
+    return int(client.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+def test_a_round_trip_is_one_script_call_per_max_events_each_stream_on_its_own(
+    log: ChunkLog, redis_client: redis.Redis, published: list[tuple[str, list[int]]]
+) -> None:
+    group = GroupAppender(log, max_events=4)
+    names = [f"s-all-{i}" for i in range(6)]
+    streams = [group.open(sid, started(log, sid), 0) for sid in names]
+    streams[0].submit(chunk(1))
+    streams[0].flush()  # the script is loaded; the next round trip gathers the rest
+    fenced = streams[3]
+    redis_client.hset(keys.state_key(fenced.stream_id), "hb", 0)
+    assert log.claim(fenced.stream_id, "task-2", 5).result == "claimed"
+    before = evalsha_calls(redis_client)
+    redis_client.client_pause(1000, all=False)  # hold the flusher's first round trip
+    streams[0].submit(chunk(2))
+    wait_for(lambda: streams[0].in_flight)
+    for stream in streams:
+        first = stream.acked + 1 + len(stream.pending) + (stream is streams[0])
+        for seq in (first, first + 1):
+            stream.submit(chunk(seq))
+    for stream in streams:
+        if stream is fenced:
+            with pytest.raises(StaleAttempt):
+                stream.flush()
+        else:
+            stream.flush()
+    # One call for the held piece, then 12 events of 6 streams in calls of at most 4 events.
+    assert evalsha_calls(redis_client) - before == 1 + 3
+    assert [s.acked for s in streams] == [4, 2, 2, 0, 2, 2]
+    for stream in streams:
+        seqs = [e.seq for e in log.read(stream.stream_id, 0, 10)]
+        assert seqs == list(range(1, stream.acked + 1))
+    wait_for(lambda: sum(len(s) for _, s in published) == 4 + 2 * 4)
+    assert not [sid for sid, _ in published if sid == fenced.stream_id]
+
+
+def test_submits_from_many_threads_racing_the_flusher_to_sleep_all_get_sent(
+    log: ChunkLog,
+) -> None:
+    """Each thread's next piece often arrives just as the flusher goes back to sleep (the
+    last round trip done, nothing ready): no wake-up is lost, no piece left behind."""
+    group = GroupAppender(log)
+    names = [f"s-race-{i}" for i in range(8)]
+    streams = [group.open(sid, started(log, sid), 0) for sid in names]
+    errors: list[BaseException] = []
+
+    def write(stream: StreamAppender) -> None:
+        try:
+            for seq in range(1, 201):
+                stream.submit(chunk(seq))
+                if seq % 7 == 0:
+                    stream.flush(timeout=10)
+            stream.flush(timeout=10)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write, args=(s,)) for s in streams]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    for stream in streams:
+        assert stream.acked == 200
+        assert [e.seq for e in log.read(stream.stream_id, 0, 300)] == list(range(1, 201))

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import uuid
+from typing import Any
 
 import pytest
 import redis
+from redis.exceptions import ResponseError
 
 from models import keys
 from models.chunklog import Beat, ChunkLog
 from models.events import CANCELLED, CHUNK, DONE, Event
-from models.exceptions import StaleAttempt
+from models.exceptions import LogBehind, StaleAttempt
+from tests.client import wait_for
 
 
 @pytest.fixture
@@ -208,3 +212,99 @@ def test_the_terminal_event_records_whether_a_viewer_saw_the_end(
         assert log.state(sid).watched_end is watched
         assert log.reopen(sid, "t2")[0] == "reopened"
         assert log.state(sid).watched_end is False  # a retry's end records it again
+
+
+def append_all(log: ChunkLog, work: list[tuple[str, int, list[Event]]]) -> list[Any]:
+    """``work``'s appends as one script call, a reply per stream (what the worker sends)."""
+    log.load_scripts()
+    reply = log.redis.execute_command(*log.append_all_command(work))
+    return ChunkLog.append_all_replies(reply, len(work))
+
+
+def test_many_streams_append_in_one_call_each_on_its_own(
+    log: ChunkLog, redis_client: redis.Redis
+) -> None:
+    ids = {name: f"all-{name}-{uuid.uuid4().hex}" for name in
+           ("ok", "stale", "behind", "end", "broken", "after")}  # fmt: skip
+    attempts = {}
+    for name, sid in ids.items():
+        log.init(sid)
+        attempts[name] = log.claim(sid, "t1", 5).attempt
+    log.append(ids["behind"], attempts["behind"], chunk(1))
+    redis_client.zadd(keys.viewers_key(ids["end"]), {"web-a": server_ms(redis_client) + 10_000})
+    redis_client.delete(keys.state_key(ids["broken"]))
+    redis_client.set(keys.state_key(ids["broken"]), "not a hash")  # its first command fails
+    pubsub = redis_client.pubsub(ignore_subscribe_messages=True)
+    pubsub.psubscribe("relay:{all-*}:live")
+    wait_for(lambda: pubsub.get_message(timeout=0.01) is None)
+
+    replies = append_all(log, [
+        (ids["ok"], attempts["ok"], [chunk(1, "a"), chunk(2, "b")]),
+        (ids["stale"], attempts["stale"] + 1, [chunk(1)]),
+        (ids["behind"], attempts["behind"], [chunk(3)]),
+        (ids["broken"], attempts["broken"], [chunk(1), chunk(2)]),
+        (ids["end"], attempts["end"], [chunk(1, "z"), Event(2, DONE, message_id="m")]),
+        (ids["after"], attempts["after"], [chunk(1, "last")]),
+    ])  # fmt: skip
+
+    assert replies[0] == ["ok", 0] and replies[5] == ["ok", 0]
+    with pytest.raises(StaleAttempt):
+        ChunkLog.append_result(ids["stale"], attempts["stale"] + 1, replies[1])
+    with pytest.raises(LogBehind) as behind:
+        ChunkLog.append_result(ids["behind"], attempts["behind"], replies[2])
+    assert behind.value.seq == 1
+    assert isinstance(replies[3], ResponseError) and "WRONGTYPE" in str(replies[3])
+    assert replies[4] == ["ok", 0]
+    assert [(e.seq, e.text) for e in log.read(ids["ok"], 0, 10)] == [(1, "a"), (2, "b")]
+    assert log.read(ids["stale"], 0, 10) == []
+    assert [e.seq for e in log.read(ids["behind"], 0, 10)] == [1]
+    assert [e.seq for e in log.read(ids["end"], 0, 10)] == [1, 2]
+    assert [e.text for e in log.read(ids["after"], 0, 10)] == ["last"]
+    assert log.state(ids["ok"]).status == "running"
+    assert log.state(ids["end"]).status == "done" and log.state(ids["end"]).watched_end is True
+    assert 0 < redis_client.ttl(keys.log_key(ids["end"])) <= 600  # the retention
+    # Every stream that appended published its events, once, in one message.
+    got: dict[str, list[int]] = {}
+    for _ in range(50):
+        message = pubsub.get_message(timeout=0.1)
+        if message is not None:
+            first, types, _ = json.loads(message["data"])
+            sid = keys.stream_id_from_key(message["channel"])
+            got[sid] = got.get(sid, []) + list(range(first, first + len(types)))
+        if len(got) == 3:
+            break
+    pubsub.close()
+    assert got == {ids["ok"]: [1, 2], ids["end"]: [1, 2], ids["after"]: [1]}
+
+
+def test_the_running_ttl_is_set_by_an_attempts_first_append_then_every_tenth(
+    redis_client: redis.Redis,
+) -> None:
+    log = ChunkLog(redis_client, running_ttl_s=1000, retention_s=600)
+    sid = f"ttl-{uuid.uuid4().hex}"
+    log_key, state_key = keys.log_key(sid), keys.state_key(sid)
+
+    def ttls() -> tuple[int, int]:
+        return int(redis_client.ttl(log_key)), int(redis_client.ttl(state_key))
+
+    log.init(sid)
+    attempt = log.claim(sid, "t1", 5).attempt
+    log.append(sid, attempt, chunk(1))
+    assert all(990 <= t <= 1000 for t in ttls())
+    redis_client.expire(log_key, 50)
+    redis_client.expire(state_key, 50)
+    log.append(sid, attempt, chunk(2))  # within a tenth of the TTL since: not refreshed
+    assert all(0 < t <= 50 for t in ttls())
+    refreshed = int(redis_client.hget(state_key, "xt") or 0)
+    redis_client.hset(state_key, "xt", refreshed - 100_001)  # a tenth ago (100 s)
+    append_all(log, [(sid, attempt, [chunk(3)])])
+    assert all(990 <= t <= 1000 for t in ttls())
+    # A new attempt refreshes at its first append, whatever the last one did.
+    redis_client.expire(log_key, 50)
+    redis_client.hset(state_key, "hb", 0)
+    attempt = log.claim(sid, "t2", 5).attempt
+    assert redis_client.hget(state_key, "xt") is None
+    log.append(sid, attempt, chunk(4))
+    assert all(990 <= t <= 1000 for t in ttls())
+    log.append(sid, attempt, Event(5, DONE, message_id="m"))
+    assert all(0 < t <= 600 for t in ttls())

@@ -3,10 +3,12 @@
 A generation hands each piece to its ``StreamAppender`` and goes back to reading its
 upstream at once. The flusher thread takes whatever is pending when it wakes (the pieces
 that arrived while the previous round trip was in flight, from every stream of the process)
-and sends it as one pipeline with one ``append_many`` per stream. An idle stream's piece goes
-out as soon as it arrives, so latency does not grow; a busy one's pieces share a round trip
-and a script call. Under load (the last round trip started less than ``busy_s`` ago) the
-flusher first lets the process's other threads run ``gather`` times (RELAY_APPEND_GATHER;
+and sends it in one round trip: on one Redis server one script call for all of them
+(``append_all``: each stream's append on its own, as ``append_many``; a call per
+``max_events`` events at most), on a cluster an ``append_many`` per stream. An idle stream's
+piece goes out as soon as it arrives, so latency does not grow; a busy one's pieces share a
+round trip and a script call. Under load (the last round trip started less than ``busy_s``
+ago) the flusher first lets the process's other threads run ``gather`` times (RELAY_APPEND_GATHER;
 under gevent, turns of the event loop), so the pieces whose upstream data has already
 arrived join this round trip rather than the next: fewer, larger appends, with no timer and
 so no wait beyond the work that is ready. ``coalesce_s`` (RELAY_COALESCE_MS) makes the
@@ -157,11 +159,15 @@ class GroupAppender:
         self.gather = gather  # turns given to other threads under load before a round trip
         self.busy_s = busy_s  # a round trip this soon after the last one: under load
         self._round_at = -1e9  # when the last round trip was taken (monotonic)
-        self._holding = False  # the flusher is gathering on purpose: submits need not wake it
+        # The flusher sleeps on ``_wake`` when it has nothing to send (``_idle``, under the
+        # lock), and a submit sets it only then. Not a Condition: under gevent a notify and
+        # the lock handed back and forth around it cost a submit ~25 µs, a plain Event
+        # ~1.5 µs (docs/performance.md).
+        self._idle = False
+        self._wake = threading.Event()
         self.max_events = max_events  # per stream per round trip
         self.max_pending = max_pending  # a generation waits when Redis falls this far behind
         self.lock = threading.Lock()
-        self._work = threading.Condition(self.lock)  # the flusher waits here for ready streams
         self._ready: dict[StreamAppender, None] = {}  # streams with events to send, in order
         self._riders: list[Ride] = []  # commands for the next round trip
         self._riding: list[Ride] = []  # this round trip's, until its first pipeline sends them
@@ -183,8 +189,7 @@ class GroupAppender:
             stream.pending.append(event)
             if not stream.in_flight and stream not in self._ready:
                 self._ready[stream] = None
-                if not self._holding:
-                    self._work.notify()
+                self._wake_flusher()
 
     def ride(self, command: Sequence[Any]) -> Ride:
         """Send ``command`` with the next round trip, after its appends (a rider does not
@@ -193,9 +198,14 @@ class GroupAppender:
         with self.lock:
             self._ensure_thread()
             self._riders.append(ride)
-            if not self._holding:
-                self._work.notify()
+            self._wake_flusher()
         return ride
+
+    def _wake_flusher(self) -> None:
+        """(Holding the lock.) There is work: wake the flusher if it sleeps."""
+        if self._idle:
+            self._idle = False
+            self._wake.set()
 
     def flush(self, stream: StreamAppender, timeout: float | None = None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -245,21 +255,15 @@ class GroupAppender:
         with self.lock:
             while not self._ready and not self._riders:
                 if not self._appended:
-                    self._work.wait()
+                    self._sleep(None)
                 elif (left := self._reported_at + 1.0 - time.monotonic()) > 0:
-                    self._work.wait(left)
+                    self._sleep(left)
                 else:  # idle for a while: the count is exact
                     self._report_appended()
-            self._holding = True
-            try:
-                if self.coalesce_s > 0:
-                    deadline = time.monotonic() + self.coalesce_s
-                    while (left := deadline - time.monotonic()) > 0:
-                        self._work.wait(left)
-                elif time.monotonic() - self._round_at < self.busy_s:
-                    self._yield(self.gather)
-            finally:
-                self._holding = False
+            if self.coalesce_s > 0:
+                self._sleep_through(self.coalesce_s)
+            elif time.monotonic() - self._round_at < self.busy_s:
+                self._yield(self.gather)
             self._round_at = time.monotonic()
             work = []
             for stream in self._ready:
@@ -270,6 +274,27 @@ class GroupAppender:
             self._ready.clear()
             riders, self._riders = self._riders, []
             return work, riders
+
+    def _sleep(self, timeout: float | None) -> None:
+        """(Holding the lock.) Sleep until a submit or a ride wakes the flusher, or for
+        ``timeout``, the lock released meanwhile."""
+        self._idle = True
+        self.lock.release()
+        try:
+            self._wake.wait(timeout)
+        finally:
+            self.lock.acquire()
+            self._idle = False
+            self._wake.clear()
+
+    def _sleep_through(self, seconds: float) -> None:
+        """(Holding the lock.) Let ``seconds`` pass, the lock released: what is submitted
+        meanwhile joins this round trip (the flusher is not idle: nothing wakes it)."""
+        self.lock.release()
+        try:
+            time.sleep(seconds)
+        finally:
+            self.lock.acquire()
 
     def _yield(self, turns: int) -> None:
         """Let the other threads run ``turns`` times, the lock released (under gevent,
@@ -416,8 +441,8 @@ class GroupAppender:
     def _pipeline(self, work: Sequence[tuple[StreamAppender, list[Event]]]) -> list[object]:
         if self._conn is None:
             self._conn = pipeliner(self.chunks.redis, self.recheck_idle_s)
-        append = self.chunks.append_command
-        commands: list[Sequence[Any]] = [append(s.stream_id, s.attempt, ev) for s, ev in work]
+        commands, spans = self._commands(work)
+        appends = len(commands)
         riders, self._riding = self._riding, []  # the round trip's first pipeline takes them
         commands += [ride.command for ride in riders]
         if self.wait_replicas:
@@ -430,10 +455,45 @@ class GroupAppender:
             raise
         if self.wait_replicas:
             self._check_wait(replies.pop())
-        for ride, reply in zip(riders, replies[len(work) :], strict=True):
+        for ride, reply in zip(riders, replies[appends:], strict=True):
             ride.answer(reply)
-        del replies[len(work) :]
-        return replies
+        if spans is None:
+            return replies[:appends]
+        out: list[object] = []
+        for span, reply in zip(spans, replies[:appends], strict=True):
+            out += ChunkLog.append_all_replies(reply, span)
+        return out
+
+    def _commands(
+        self, work: Sequence[tuple[StreamAppender, list[Event]]]
+    ) -> tuple[list[Sequence[Any]], list[int] | None]:
+        """The appends' commands, and how many streams each carries (None: one each)."""
+        if isinstance(self._conn, ClusterPipeline):  # a call per stream, to its slot's node
+            append = self.chunks.append_command
+            return [append(s.stream_id, s.attempt, ev) for s, ev in work], None
+        spans = self._spans(work)
+        commands: list[Sequence[Any]] = []
+        start = 0
+        for span in spans:
+            part = work[start : start + span]
+            commands.append(self.chunks.append_all_command(
+                [(s.stream_id, s.attempt, ev) for s, ev in part]))  # fmt: skip
+            start += span
+        return commands, spans
+
+    def _spans(self, work: Sequence[tuple[StreamAppender, list[Event]]]) -> list[int]:
+        """How many streams go in each script call on one server: all of them, unless they
+        carry more than ``max_events`` events (a call holds Redis for its whole length)."""
+        spans, streams, events = [], 0, 0
+        for _, evs in work:
+            if streams and events + len(evs) > self.max_events:
+                spans.append(streams)
+                streams, events = 0, 0
+            streams += 1
+            events += len(evs)
+        if streams:
+            spans.append(streams)
+        return spans
 
     def _check_wait(self, acknowledged: object) -> None:
         """A WAIT that timed out still confirms the appends (Redis applied them): say so, at
