@@ -11,6 +11,7 @@ batch are compressed once, then shared.
 
 from __future__ import annotations
 
+import _socket
 import contextlib
 import json
 import logging
@@ -49,6 +50,7 @@ class _WholeWrites:
 
     def __init__(self, sock: Any) -> None:
         self._sock = sock
+        self._raw = _os_socket(sock)  # what ``try_send`` writes to
         self._lock = threading.Lock()
         self.first_write = b""
         self.backlog = b""
@@ -78,7 +80,7 @@ class _WholeWrites:
         if self.backlog or not self._lock.acquire(blocking=False):
             return False
         try:
-            sent = _send_nowait(self._sock, data)
+            sent = _send_nowait(self._raw, data)
             if sent and sent < len(data):
                 self.backlog = data[sent:]
             return sent > 0
@@ -91,6 +93,7 @@ class _WholeWrites:
         """Write to (and read from) a duplicate of the socket from now on."""
         with self._lock:
             self._sock = self._sock.dup()
+            self._raw = _os_socket(self._sock)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._sock, name)
@@ -127,11 +130,19 @@ def gevent_loop() -> Any:
     return get_hub().loop if monkey.is_module_patched("socket") else None
 
 
+def _os_socket(sock: Any) -> Any:
+    """The operating system's socket under a gevent socket (gevent keeps it non-blocking and
+    waits for it itself), else ``sock``. A write that must not wait goes to it directly:
+    gevent's ``send`` would only wrap the same system call (the hub writes a chunk to each of
+    a thousand viewers, so the wrapper cost as much as the call)."""
+    raw = getattr(sock, "_sock", None) if type(sock).__module__.startswith("gevent") else None
+    return raw if isinstance(raw, _socket.socket) else sock
+
+
 def _send_nowait(sock: Any, data: bytes) -> int:
-    """send() that never waits: 0 when the socket would block."""
+    """send() that never waits: 0 when the socket would block (``sock`` is an operating
+    system socket, blocking or not)."""
     try:
-        if type(sock).__module__.startswith("gevent"):
-            return int(sock.send(data, 0, timeout=0.0))  # gevent raises instead of waiting
         return int(sock.send(data, socket.MSG_DONTWAIT))
     except (BlockingIOError, TimeoutError):
         return 0
