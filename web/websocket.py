@@ -133,8 +133,9 @@ def gevent_loop() -> Any:
 def _os_socket(sock: Any) -> Any:
     """The operating system's socket under a gevent socket (gevent keeps it non-blocking and
     waits for it itself), else ``sock``. A write that must not wait goes to it directly:
-    gevent's ``send`` would only wrap the same system call (the hub writes a chunk to each of
-    a thousand viewers, so the wrapper cost as much as the call)."""
+    gevent's ``send`` only wraps the same system call, and the hub writes each chunk to
+    every waiting viewer (docs/performance.md, "The hub writes to the operating system's
+    socket")."""
     raw = getattr(sock, "_sock", None) if type(sock).__module__.startswith("gevent") else None
     return raw if isinstance(raw, _socket.socket) else sock
 
