@@ -307,3 +307,41 @@ def test_viewers_that_vanish_mid_answer_are_not_server_errors(isolated_stack: St
     wait_for(lambda: viewers_connected(client) == 0)
     log = stack.web.output()
     assert "Traceback" not in log and "ERROR" not in log and '" 500 ' not in log, log[-3000:]
+
+
+# A client that pings and leaves at once: the pong meets a closed socket (EPIPE).
+PING_AND_LEAVE = """
+import gevent.monkey
+gevent.monkey.patch_all()
+import os, socket, gevent
+from simple_websocket import ConnectionClosed
+from web.websocket import RelayServer
+ours, theirs = socket.socketpair()
+environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/", "HTTP_HOST": "localhost",
+           "HTTP_UPGRADE": "websocket", "HTTP_CONNECTION": "Upgrade",
+           "HTTP_SEC_WEBSOCKET_KEY": "dGhlIHNhbXBsZSBub25jZQ==",
+           "HTTP_SEC_WEBSOCKET_VERSION": "13", "gunicorn.socket": ours}
+ws = RelayServer(environ)
+assert theirs.recv(65536).startswith(b"HTTP/1.1 101")
+woke = []
+ws.arm(lambda: woke.append(True))
+theirs.sendall(bytes([0x89, 0x80]) + os.urandom(4))  # a masked ping, no payload
+theirs.close()
+gevent.sleep(0.1)
+try:
+    print(woke, list(ws.client_messages()))
+except ConnectionClosed:
+    print(woke, "closed")
+"""
+
+
+def test_a_client_gone_before_the_answer_to_its_ping_ends_the_connection_cleanly() -> None:
+    """The viewer's read of what the client sent answers its ping; the client has gone, so
+    the answer fails with EPIPE: that is the client leaving (ConnectionClosed, the viewer
+    ends quietly), not a failure of ours (an error logged and a 1011 close)."""
+    out = subprocess.run(
+        [sys.executable, "-c", PING_AND_LEAVE], cwd=ROOT, capture_output=True, text=True,
+        timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["[True]", "closed"]

@@ -314,7 +314,11 @@ class RelayServer(Server):  # type: ignore[misc]
                 self.connected = False
                 return
             self.ws.receive_data(data)
-            self.connected = self._handle_events()
+            try:
+                self.connected = self._handle_events()
+            except OSError:  # its answer to a ping or a close met a client that had gone
+                self.connected = False
+                return
         if self._on_readable is not None:
             self.arm(self._on_readable)
 
