@@ -442,3 +442,58 @@ def test_submits_from_many_threads_racing_the_flusher_to_sleep_all_get_sent(
     for stream in streams:
         assert stream.acked == 200
         assert [e.seq for e in log.read(stream.stream_id, 0, 300)] == list(range(1, 201))
+
+
+def test_a_failure_of_the_flusher_itself_is_logged_and_it_goes_on(
+    log: ChunkLog, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``on_appended`` (the worker's metrics) raising once after a round trip settled: the
+    flusher logs it and keeps sending; nothing waits forever for a flusher that died."""
+    calls: list[int] = []
+
+    def count(n: int) -> None:
+        calls.append(n)
+        if len(calls) == 1:
+            raise RuntimeError("metrics backend failed")
+
+    group = GroupAppender(log, on_appended=count)
+    stream = group.open("s-survives", started(log, "s-survives"), 0)
+    stream.submit(chunk(1))
+    stream.flush(timeout=10)  # settled before the report failed
+    wait_for(lambda: len(calls) == 1)
+    for seq in (2, 3):
+        stream.submit(chunk(seq))
+        stream.flush(timeout=10)
+    assert stream.acked == 3
+    assert [e.seq for e in log.read("s-survives", 0, 10)] == [1, 2, 3]
+    assert "the appender's round trip failed" in caplog.text
+
+
+class _SettleFailsOnce(GroupAppender):
+    """The flusher's own code failing once between a round trip and its settling (a fault
+    injected where no outside failure reaches: Redis's are replies, never raised)."""
+
+    failed = False
+
+    def _settle(self, work: Any, replies: Any) -> None:
+        if not self.failed:
+            self.failed = True
+            raise RuntimeError("a bug in settling")
+        super()._settle(work, replies)
+
+
+def test_appends_the_flusher_failed_to_settle_fail_and_the_next_ones_go_through(
+    log: ChunkLog,
+) -> None:
+    group = _SettleFailsOnce(log)
+    stream = group.open("s-abandoned", started(log, "s-abandoned"), 0)
+    stream.submit(chunk(1))
+    with pytest.raises(LogUnavailable, match="a bug in settling"):
+        stream.flush(timeout=10)
+    assert not stream.in_flight
+    # The append itself reached the log: the generation's next attempt continues from it.
+    assert [e.seq for e in log.read("s-abandoned", 0, 10)] == [1]
+    stream.acked = 1  # as a new attempt would start: from the log's last seq
+    stream.submit(chunk(2))
+    stream.flush(timeout=10)
+    assert [e.seq for e in log.read("s-abandoned", 0, 10)] == [1, 2]

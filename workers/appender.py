@@ -243,13 +243,39 @@ class GroupAppender:
 
     def _run(self) -> None:
         while True:
-            work, self._riding = self._take()
-            riders = self._riding
-            replies = self._send(work)
-            for ride in riders:  # the round trip failed before its pipeline was sent
-                if not ride.answered:
-                    ride.answer(LogUnavailable("the round trip was not sent"))
-            self._settle(work, replies)
+            work: list[tuple[StreamAppender, list[Event]]] = []
+            riders: list[Ride] = []
+            try:
+                work, self._riding = self._take()
+                riders = self._riding
+                replies = self._send(work)
+                for ride in riders:  # the round trip failed before its pipeline was sent
+                    if not ride.answered:
+                        ride.answer(LogUnavailable("the round trip was not sent"))
+                self._settle(work, replies)
+            except Exception as exc:  # our own code failed, not Redis: those are replies
+                log.exception("the appender's round trip failed")
+                self._abandon(work, riders, exc)
+                time.sleep(0.1)  # a failure that repeats must not spin
+
+    def _abandon(
+        self, work: list[tuple[StreamAppender, list[Event]]], riders: list[Ride], exc: Exception
+    ) -> None:
+        """After a failure of the flusher itself, nobody may wait for it forever: the
+        round's appends not yet settled fail as LogUnavailable (whether they reached the log
+        is unknown, as after a lost connection; the next attempt reads what it has), its
+        riders get the same error, and the flusher goes on with the next round."""
+        error = LogUnavailable(f"the appender failed ({type(exc).__name__}: {exc})")
+        for ride in riders:
+            if not ride.answered:
+                ride.answer(error)
+        with self.lock:
+            for stream, _ in work:
+                if stream.in_flight:
+                    stream.in_flight = False
+                    stream.error = error
+                if stream.waiters:
+                    stream.changed.notify_all()
 
     def _take(self) -> tuple[list[tuple[StreamAppender, list[Event]]], list[Ride]]:
         with self.lock:
