@@ -154,6 +154,10 @@ print(direct_writes_keep_order().startswith("gevent"))
 ours, _ = socket.socketpair()
 raw = _os_socket(ours)
 print(raw is not ours and isinstance(raw, _socket.socket) and raw.fileno() == ours.fileno())
+import ssl
+tls = ssl.create_default_context().wrap_socket(ours, server_hostname="relay.test",
+                                               do_handshake_on_connect=False)
+print(_os_socket(tls) is tls)  # TLS: never the socket under it
 """
 
 
@@ -162,7 +166,7 @@ def test_direct_writes_under_gevent_keep_the_rest_in_order() -> None:
         [sys.executable, "-c", UNDER_GEVENT], cwd=ROOT, capture_output=True, text=True, timeout=60
     )
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["True", "True"]
+    assert out.stdout.split() == ["True", "True", "True"]
 
 
 def direct_writes_keep_order() -> str:

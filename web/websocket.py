@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from functools import wraps
 from typing import Any
 
+import gevent.socket
 from flask import Response, current_app, request
 from flask_sock import Sock
 from simple_websocket import ConnectionClosed, Server
@@ -131,12 +132,15 @@ def gevent_loop() -> Any:
 
 
 def _os_socket(sock: Any) -> Any:
-    """The operating system's socket under a gevent socket (gevent keeps it non-blocking and
-    waits for it itself), else ``sock``. A write that must not wait goes to it directly:
-    gevent's ``send`` only wraps the same system call, and the hub writes each chunk to
-    every waiting viewer (docs/performance.md, "The hub writes to the operating system's
-    socket")."""
-    raw = getattr(sock, "_sock", None) if type(sock).__module__.startswith("gevent") else None
+    """The operating system's socket under a plain gevent socket (gevent keeps it
+    non-blocking and waits for it itself), else ``sock``. A write that must not wait goes to
+    it directly: gevent's ``send`` only wraps the same system call, and the hub writes each
+    chunk to every waiting viewer (docs/performance.md, "The hub writes to the operating
+    system's socket"). Only that exact class: a subclass such as gevent's ``SSLSocket``
+    holds the same ``_sock``, but its writes must go through TLS."""
+    if type(sock) is not gevent.socket.socket:
+        return sock
+    raw = getattr(sock, "_sock", None)
     return raw if isinstance(raw, _socket.socket) else sock
 
 
