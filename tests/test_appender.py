@@ -7,6 +7,7 @@ import gc
 import json
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +30,11 @@ def log(redis_client: redis.Redis) -> ChunkLog:
     return ChunkLog(redis_client)
 
 
-@pytest.fixture
-def published(redis_client: redis.Redis) -> Iterator[list[tuple[str, list[int]]]]:
+@contextmanager
+def recording(client: redis.Redis) -> Iterator[list[tuple[str, list[int]]]]:
     """Record every live message on streams named s*: (stream id, its seqs)."""
     out: list[tuple[str, list[int]]] = []
-    pubsub = redis_client.pubsub(ignore_subscribe_messages=True)
+    pubsub = client.pubsub(ignore_subscribe_messages=True)
     pubsub.psubscribe("relay:{s*}:live")
     stop = threading.Event()
 
@@ -47,10 +48,18 @@ def published(redis_client: redis.Redis) -> Iterator[list[tuple[str, list[int]]]
 
     thread = threading.Thread(target=record, daemon=True)
     thread.start()
-    yield out
-    stop.set()
-    thread.join()
-    pubsub.close()
+    try:
+        yield out
+    finally:
+        stop.set()
+        thread.join()
+        pubsub.close()
+
+
+@pytest.fixture
+def published(redis_client: redis.Redis) -> Iterator[list[tuple[str, list[int]]]]:
+    with recording(redis_client) as out:
+        yield out
 
 
 def started(log: ChunkLog, sid: str) -> int:
@@ -379,38 +388,49 @@ def evalsha_calls(client: redis.Redis) -> int:
 
 
 def test_a_round_trip_is_one_script_call_per_max_events_each_stream_on_its_own(
-    log: ChunkLog, redis_client: redis.Redis, published: list[tuple[str, list[int]]]
+    tmp_path: Path,
 ) -> None:
-    group = GroupAppender(log, max_events=4)
-    names = [f"s-all-{i}" for i in range(6)]
-    streams = [group.open(sid, started(log, sid), 0) for sid in names]
-    streams[0].submit(chunk(1))
-    streams[0].flush()  # the script is loaded; the next round trip gathers the rest
-    fenced = streams[3]
-    redis_client.hset(keys.state_key(fenced.stream_id), "hb", 0)
-    assert log.claim(fenced.stream_id, "task-2", 5).result == "claimed"
-    before = evalsha_calls(redis_client)
-    redis_client.client_pause(1000, all=False)  # hold the flusher's first round trip
-    streams[0].submit(chunk(2))
-    wait_for(lambda: streams[0].in_flight)
-    for stream in streams:
-        first = stream.acked + 1 + len(stream.pending) + (stream is streams[0])
-        for seq in (first, first + 1):
-            stream.submit(chunk(seq))
-    for stream in streams:
-        if stream is fenced:
-            with pytest.raises(StaleAttempt):
-                stream.flush()
-        else:
-            stream.flush()
-    # One call for the held piece, then 12 events of 6 streams in calls of at most 4 events.
-    assert evalsha_calls(redis_client) - before == 1 + 3
-    assert [s.acked for s in streams] == [4, 2, 2, 0, 2, 2]
-    for stream in streams:
-        seqs = [e.seq for e in log.read(stream.stream_id, 0, 10)]
-        assert seqs == list(range(1, stream.acked + 1))
-    wait_for(lambda: sum(len(s) for _, s in published) == 4 + 2 * 4)
-    assert not [sid for sid, _ in published if sid == fenced.stream_id]
+    """On a Redis server of its own: Redis counts script calls per server, and the shared
+    one also serves the test stacks (their sweepers call scripts at any moment)."""
+    server = EmbeddedRedis(tmp_path / "redis").start()
+    redis_client = redis.Redis.from_url(server.url, decode_responses=True)
+    log = ChunkLog(redis_client)
+    try:
+        with recording(redis_client) as published:
+            group = GroupAppender(log, max_events=4)
+            names = [f"s-all-{i}" for i in range(6)]
+            streams = [group.open(sid, started(log, sid), 0) for sid in names]
+            streams[0].submit(chunk(1))
+            streams[0].flush()  # the script is loaded; the next round trip gathers the rest
+            fenced = streams[3]
+            redis_client.hset(keys.state_key(fenced.stream_id), "hb", 0)
+            assert log.claim(fenced.stream_id, "task-2", 5).result == "claimed"
+            before = evalsha_calls(redis_client)
+            redis_client.client_pause(1000, all=False)  # hold the flusher's first round trip
+            streams[0].submit(chunk(2))
+            wait_for(lambda: streams[0].in_flight)
+            for stream in streams:
+                first = stream.acked + 1 + len(stream.pending) + (stream is streams[0])
+                for seq in (first, first + 1):
+                    stream.submit(chunk(seq))
+            for stream in streams:
+                if stream is fenced:
+                    with pytest.raises(StaleAttempt):
+                        stream.flush()
+                else:
+                    stream.flush()
+            # One call for the held piece, then 12 events of 6 streams in calls of at most 4
+            # events.
+            assert evalsha_calls(redis_client) - before == 1 + 3
+            assert [s.acked for s in streams] == [4, 2, 2, 0, 2, 2]
+            for stream in streams:
+                seqs = [e.seq for e in log.read(stream.stream_id, 0, 10)]
+                assert seqs == list(range(1, stream.acked + 1))
+            wait_for(lambda: sum(len(s) for _, s in published) == 4 + 2 * 4)
+            assert not [sid for sid, _ in published if sid == fenced.stream_id]
+    finally:
+        redis_client.close()
+        server.stop()
 
 
 def test_submits_from_many_threads_racing_the_flusher_to_sleep_all_get_sent(
