@@ -55,6 +55,22 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedR
     server.stop()
 
 
+@pytest.fixture(scope="module")
+def counted_redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedRedis]:
+    """A Redis server for one test module alone, for tests that count commands in its
+    ``commandstats``. Those are per server, and the session's shared one also serves the
+    stacks' sweepers, whose calls can land inside a test's count."""
+    server = EmbeddedRedis(tmp_path_factory.mktemp("redis-counted")).start()
+    yield server
+    server.stop()
+
+
+def command_calls(client: redis.Redis, name: str) -> int:
+    """How many times the client's server has run command ``name`` (lowercase)."""
+    stats = client.info("commandstats").get(f"cmdstat_{name}", {})
+    return int(stats.get("calls", 0)) if isinstance(stats, dict) else 0
+
+
 @contextmanager
 def migrated_database(kind: str, tmpdir: Path) -> Iterator[str]:
     """A freshly migrated database: a SQLite file, or a private PostgreSQL schema."""

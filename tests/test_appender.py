@@ -22,6 +22,7 @@ from models.exceptions import LogUnavailable, StaleAttempt
 from models.redisconn import PinnedConnection
 from ops.redis_server import EmbeddedRedis, free_port
 from tests.client import wait_for
+from tests.conftest import command_calls
 from workers.appender import GroupAppender, StreamAppender
 
 
@@ -383,10 +384,6 @@ def test_a_rider_gets_its_own_error_and_a_failed_round_trip_answers_every_rider(
         dead.ride(["PING"]).result(timeout=30)
 
 
-def evalsha_calls(client: redis.Redis) -> int:
-    return int(client.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0))
-
-
 def test_a_round_trip_is_one_script_call_per_max_events_each_stream_on_its_own(
     tmp_path: Path,
 ) -> None:
@@ -405,7 +402,7 @@ def test_a_round_trip_is_one_script_call_per_max_events_each_stream_on_its_own(
             fenced = streams[3]
             redis_client.hset(keys.state_key(fenced.stream_id), "hb", 0)
             assert log.claim(fenced.stream_id, "task-2", 5).result == "claimed"
-            before = evalsha_calls(redis_client)
+            before = command_calls(redis_client, "evalsha")
             redis_client.client_pause(1000, all=False)  # hold the flusher's first round trip
             streams[0].submit(chunk(2))
             wait_for(lambda: streams[0].in_flight)
@@ -421,7 +418,7 @@ def test_a_round_trip_is_one_script_call_per_max_events_each_stream_on_its_own(
                     stream.flush()
             # One call for the held piece, then 12 events of 6 streams in calls of at most 4
             # events.
-            assert evalsha_calls(redis_client) - before == 1 + 3
+            assert command_calls(redis_client, "evalsha") - before == 1 + 3
             assert [s.acked for s in streams] == [4, 2, 2, 0, 2, 2]
             for stream in streams:
                 seqs = [e.seq for e in log.read(stream.stream_id, 0, 10)]

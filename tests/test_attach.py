@@ -13,10 +13,17 @@ from models import keys
 from models.chunklog import ChunkLog
 from models.events import CANCELLED, CHUNK, DONE, Event
 from ops.redis_server import EmbeddedRedis
+from tests.conftest import command_calls
 from web.attach import Followed, Follower, Snapshot
 from web.catchup import BlockCache
 from web.frames import Batch, Notice
 from web.hub import Hub
+
+
+@pytest.fixture(scope="module")
+def redis_server(counted_redis_server: EmbeddedRedis) -> EmbeddedRedis:
+    """A server of this module's own: its tests count XRANGE and EXISTS calls."""
+    return counted_redis_server
 
 
 @pytest.fixture
@@ -29,11 +36,6 @@ def hub(redis_server: EmbeddedRedis, redis_client: redis.Redis) -> Iterator[Hub]
     h = Hub(f"redis://127.0.0.1:{redis_server.port}/2", redis_client, check_interval_s=3600)
     yield h
     h.stop()
-
-
-def xranges(client: redis.Redis) -> int:
-    stats = client.info("commandstats").get("cmdstat_xrange", {})
-    return int(stats.get("calls", 0)) if isinstance(stats, dict) else 0
 
 
 def no_snapshot() -> Snapshot:
@@ -165,12 +167,12 @@ def test_an_ended_answer_s_last_block_is_kept_and_a_retry_after_it_still_reaches
     def caught_up(after: int) -> list[int]:
         return followed(Follower(log, hub, blocks, "k", no_snapshot, threading.Event()), after)
 
-    before = xranges(redis_client)
+    before = command_calls(redis_client, "xrange")
     assert caught_up(0) == [1, 2, 3, 4, 5, 6, 7, 8]
-    reads = xranges(redis_client) - before
+    reads = command_calls(redis_client, "xrange") - before
     assert caught_up(0) == [1, 2, 3, 4, 5, 6, 7, 8]
     # Again, only what follows the terminal event is read (to see whether a retry follows).
-    assert xranges(redis_client) - before == reads + 1
+    assert command_calls(redis_client, "xrange") - before == reads + 1
     assert blocks.stats()["blocks"] == 2
     assert log.reopen("k", "t2")[0] == "reopened"  # seq 9: resumed
     attempt = log.claim("k", "t2", 5).attempt
@@ -205,9 +207,10 @@ def test_an_ended_answer_in_kept_blocks_costs_one_read_after_its_end(
         return followed(Follower(log, hub, blocks, "h", no_snapshot, threading.Event()), 0, True)
 
     assert viewer() == list(range(1, 9))
-    before = (xranges(redis_client), commands(redis_client, "exists"))
+    before = (command_calls(redis_client, "xrange"), command_calls(redis_client, "exists"))
     assert viewer() == list(range(1, 9))
-    assert (xranges(redis_client), commands(redis_client, "exists")) == (before[0] + 1, before[1])
+    after = (command_calls(redis_client, "xrange"), command_calls(redis_client, "exists"))
+    assert after == (before[0] + 1, before[1])
     redis_client.delete(keys.log_key("h"), keys.state_key("h"))  # the log expired
     assert viewer() == list(range(1, 9))
 

@@ -12,6 +12,8 @@ import redis
 
 from models.chunklog import ChunkLog
 from models.events import CHUNK, Event
+from ops.redis_server import EmbeddedRedis
+from tests.conftest import command_calls
 from web.catchup import BlockCache
 from web.frames import Batch
 
@@ -36,6 +38,12 @@ class GatedLog(ChunkLog):
         return super().exists(stream_id)
 
 
+@pytest.fixture(scope="module")
+def redis_server(counted_redis_server: EmbeddedRedis) -> EmbeddedRedis:
+    """A server of this module's own: its tests count XRANGE and EXISTS calls."""
+    return counted_redis_server
+
+
 @pytest.fixture
 def log(redis_client: redis.Redis) -> GatedLog:
     return GatedLog(redis_client)
@@ -49,11 +57,6 @@ def written(log: ChunkLog, sid: str, n: int) -> None:
         log.append_many(sid, attempt, events[start : start + 100])
 
 
-def xranges(client: redis.Redis) -> int:
-    stats = client.info("commandstats").get("cmdstat_xrange", {})
-    return int(stats.get("calls", 0)) if isinstance(stats, dict) else 0
-
-
 def texts(batch: Batch | None) -> list[str]:
     assert batch is not None
     return batch.datas
@@ -62,11 +65,11 @@ def texts(batch: Batch | None) -> list[str]:
 def test_full_blocks_are_read_once_and_shared(log: ChunkLog, redis_client: redis.Redis) -> None:
     written(log, "a", 25)
     cache = BlockCache(log, block=10)
-    before = xranges(redis_client)
+    before = command_calls(redis_client, "xrange")
     first = cache.read("a", 0)
     assert cache.read("a", 0) is first  # the same batch, encodings and all
     assert texts(first) == [f"<{s}>" for s in range(1, 11)]
-    assert xranges(redis_client) - before == 1
+    assert command_calls(redis_client, "xrange") - before == 1
     assert texts(cache.read("a", 10))[0] == "<11>"
     tail = cache.read("a", 20)  # not full: the live end, read each time and not kept
     assert texts(tail) == [f"<{s}>" for s in range(21, 26)]
@@ -116,12 +119,12 @@ def at_once(cache: BlockCache, viewers: int, ask: Callable[[], T]) -> list[T]:
 def test_viewers_asking_at_once_share_one_read(log: ChunkLog, redis_client: redis.Redis) -> None:
     written(log, "c", 500)
     cache = BlockCache(log, block=500)
-    before = xranges(redis_client)
+    before = command_calls(redis_client, "xrange")
     results = read_at_once(cache, "c", 20)
     assert len(results) == 20 and all(
         r is not None and r.datas == texts(results[0]) for r in results
     )
-    assert xranges(redis_client) - before == 1  # the first, kept: the rest take it
+    assert command_calls(redis_client, "xrange") - before == 1  # the first, kept: the rest take it
 
 
 def test_kept_blocks_expire_and_the_budget_holds(log: ChunkLog) -> None:
@@ -145,16 +148,12 @@ def test_viewers_flagged_at_once_share_reads_of_a_live_block(
 ) -> None:
     written(log, "e", 7)  # the live end: not a full block, never kept
     cache = BlockCache(log, block=500)
-    before = xranges(redis_client)
+    before = command_calls(redis_client, "xrange")
     results = read_at_once(cache, "e", 50)
     assert [texts(r) for r in results] == [[f"<{s}>" for s in range(1, 8)]] * 50
-    assert xranges(redis_client) - before == 2  # the one in flight and the next, not fifty
+    # the one in flight and the next, not fifty
+    assert command_calls(redis_client, "xrange") - before == 2
     assert cache.stats()["blocks"] == 0
-
-
-def commands(client: redis.Redis, name: str) -> int:
-    stats = client.info("commandstats").get(f"cmdstat_{name}", {})
-    return int(stats.get("calls", 0)) if isinstance(stats, dict) else 0
 
 
 def test_viewers_at_the_end_of_an_answer_share_their_last_reads(
@@ -166,14 +165,14 @@ def test_viewers_at_the_end_of_an_answer_share_their_last_reads(
     a hundred times."""
     written(log, "f", 23)
     cache = BlockCache(log, block=10)
-    before = commands(redis_client, "exists")
+    before = command_calls(redis_client, "exists")
     assert at_once(cache, 100, lambda: cache.exists("f")) == [True] * 100
-    assert commands(redis_client, "exists") - before == 2
+    assert command_calls(redis_client, "exists") - before == 2
     assert at_once(cache, 100, lambda: cache.exists("nope")) == [False] * 100
-    before = xranges(redis_client)
+    before = command_calls(redis_client, "xrange")
     rests = read_at_once(cache, "f", 100, after=21)
     assert [texts(r) for r in rests] == [["<22>", "<23>"]] * 100
-    assert xranges(redis_client) - before == 2
+    assert command_calls(redis_client, "xrange") - before == 2
     assert read_at_once(cache, "f", 100, after=23) == [None] * 100
     assert cache.stats()["blocks"] == 0  # neither kind is ever kept
 
