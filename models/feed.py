@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from models import keys, scripts
 from models.chunklog import ChunkLog
-from models.redisconn import RedisClient
+from models.redisconn import OUTAGES, RedisClient, described
 from models.tables import Chat, Stream
 
 log = logging.getLogger("relay.feed")
@@ -163,10 +163,11 @@ def publish_events(target: Target, user_id: str, events: list[dict[str, Any]]) -
     """``publish`` for several events at once (one round trip): the last one's seq."""
     try:
         return Feed(_client(target)).append(user_id, *events)
-    except Exception:
+    except Exception as exc:
         WRITE_FAILURES.inc(len(events))
         kinds = ",".join(str(event["type"]) for event in events)
-        log.warning("feed user=%s %s not written", user_id, kinds, exc_info=True)
+        log.warning("feed user=%s %s not written: %s", user_id, kinds, described(exc),
+                    exc_info=not isinstance(exc, OUTAGES))  # fmt: skip
         return None
 
 
@@ -204,10 +205,10 @@ def publish_answer(
     ``db``: a session, or a sessionmaker for a short session of its own)."""
     try:
         owner = _owner(db, stream_id)
-    except Exception:
+    except Exception as exc:
         WRITE_FAILURES.inc()
-        log.warning("feed stream=%s %s not written: owner unknown", stream_id, kind,
-                    exc_info=True)  # fmt: skip
+        log.warning("feed stream=%s %s not written: owner unknown: %s", stream_id, kind,
+                    described(exc), exc_info=not isinstance(exc, OUTAGES))  # fmt: skip
         return None
     if owner is None:
         return None  # the chat was deleted meanwhile

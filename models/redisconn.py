@@ -51,11 +51,22 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 from redis.sentinel import Sentinel, SentinelConnectionPoolProxy, SentinelManagedConnection
 
+from models.db import OUTAGE_ERRORS
+
 log = logging.getLogger("relay.redis")
 SENTINEL_SCHEME = "redis+sentinel://"
 CLUSTER_SCHEME = "redis+cluster://"
 # What relay's own data lives on: one server (or Sentinel's master), or a cluster.
 RedisClient = redis.Redis | RedisCluster
+# A backend that is down or restarting (Redis's "loading the dataset" is a ConnectionError).
+OUTAGES: tuple[type[Exception], ...] = (*OUTAGE_ERRORS, RedisConnectionError, RedisTimeoutError)
+
+
+def described(exc: BaseException) -> str:
+    """An exception in one line of a log: its class and the start of its message. An
+    outage fails every request for a while, and the same traceback for each buries the log:
+    those are logged as this line alone (anything else keeps its traceback)."""
+    return f"{type(exc).__name__}: {str(exc)[:200]}"
 
 
 class PoolExhausted(MaxConnectionsError):

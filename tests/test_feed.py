@@ -76,9 +76,14 @@ def test_all_keys_of_a_user_share_one_hash_tag() -> None:
     assert keys.user_id_from_feed_channel(channel) == "abc"
 
 
-def test_a_feed_write_while_redis_is_unreachable_is_logged_not_raised() -> None:
+def test_a_feed_write_while_redis_is_unreachable_is_logged_not_raised(
+    caplog: pytest.LogCaptureFixture, redis_client: redis.Redis
+) -> None:
     """What a post, a delete or a worker calls, with the log's Redis gone: nothing raises
-    (the operation it reports goes on), every lost event is counted."""
+    (the operation it reports goes on), every lost event is counted, each failure is one
+    line of the log (an outage fails every write: no traceback for each), and a failure
+    that is not an outage keeps its traceback."""
+    caplog.set_level("WARNING", logger="relay.feed")
     dead = redis.Redis(port=free_port(), socket_connect_timeout=1, retry=Retry(NoBackoff(), 0))
     log = ChunkLog(dead)
     chat = Chat(id="c", user_id="u", title="Hello")
@@ -89,6 +94,14 @@ def test_a_feed_write_while_redis_is_unreachable_is_logged_not_raised() -> None:
     assert feed.publish_chat(log, "u", feed.CHAT_DELETED, chat) is None
     assert feed.publish(dead, "u", feed.CHAT_RENAMED, chatId="c", title="New") is None
     assert REGISTRY.get_sample_value("relay_feed_write_failures_total") == before + 4
+    lines = [r for r in caplog.records if r.name == "relay.feed"]
+    assert len(lines) == 3 and not any(r.exc_info for r in lines)
+    assert "feed user=u chat.renamed not written: ConnectionError: " in lines[-1].getMessage()
+    caplog.clear()
+    redis_client.set(keys.feed_key("u"), "not a stream")  # WRONGTYPE: a bug, not an outage
+    assert feed.publish(redis_client, "u", feed.CHAT_RENAMED, chatId="c", title="New") is None
+    [line] = [r for r in caplog.records if r.name == "relay.feed"]
+    assert "not written: ResponseError: " in line.getMessage() and line.exc_info
 
 
 # -- the endpoints, against the real stack -----------------------------------------------------

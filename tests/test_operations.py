@@ -435,6 +435,12 @@ def test_readyz_fails_when_redis_is_gone_and_worker_metrics(
         failed = cut_off.answer(next(c for c in chats if c != posted["chatId"]))
         assert failed["status"] == "failed"
         assert failed["error"]["code"] == "broker_unavailable"
+        # Each failed request is one line of the log, saying which and why: an outage
+        # fails every request, and a traceback for each would bury the log.
+        output = web.output()
+        line = f"backend unavailable: GET /api/v1/streams/{posted['streamId']}: ConnectionError"
+        assert line in output, output[-3000:]
+        assert "Traceback" not in output, output[-3000:]
     finally:
         web.stop()
 

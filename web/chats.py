@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
+from kombu.exceptions import OperationalError as BrokerError
 from redis.exceptions import RedisError
 from sqlalchemy import Executable, Table, bindparam, func, select
 from sqlalchemy.exc import IntegrityError
@@ -27,6 +28,7 @@ from models.exceptions import (
     InvalidTitle,
     StreamNotFound,
 )
+from models.redisconn import OUTAGES, described
 from models.tables import (
     ACTIVE_STREAM_STATUSES,
     TERMINAL_STREAM_STATUSES,
@@ -236,13 +238,18 @@ def commit_turn(db: Session, turn: Turn) -> None:
         raise ChatBusy("another message was posted to this chat at the same time") from exc
 
 
+# What a send to a broker or Redis that is down raises (kombu's for the broker's connection).
+_SEND_OUTAGES = (*OUTAGES, BrokerError)
+
+
 def enqueue(rt: Runtime, db: Session, stream_id: str, detach_after_s: int | None) -> None:
     """Hand the committed stream to a worker; the first attempt's task id is the stream ID."""
     try:
         rt.log.init(stream_id, detach_after_s)
         rt.celery.send_task(GENERATE, args=[stream_id], task_id=stream_id)
     except Exception as exc:
-        log.exception("stream=%s could not be enqueued", stream_id)
+        log.warning("stream=%s could not be enqueued: %s", stream_id, described(exc),
+                    exc_info=not isinstance(exc, _SEND_OUTAGES))  # fmt: skip
         _fail_unqueued(rt, db, stream_id)
         raise BrokerUnavailable("the task queue is unreachable; try again shortly") from exc
     # Sent: without this mark (this process died just before it), the sweeper sends the
@@ -299,7 +306,8 @@ def retry_stream(rt: Runtime, db: Session, stream: Stream) -> int:
         try:
             rt.celery.send_task(GENERATE, args=[stream_id], task_id=task_id)
         except Exception as exc:  # the stream stays queued: the sweeper sends it
-            log.exception("stream=%s retry could not be enqueued", stream_id)
+            log.warning("stream=%s retry could not be enqueued: %s", stream_id, described(exc),
+                        exc_info=not isinstance(exc, _SEND_OUTAGES))  # fmt: skip
             raise BrokerUnavailable(
                 "the task queue is unreachable; the retry is stored and starts by itself shortly"
             ) from exc

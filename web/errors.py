@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from flask import Flask, Response, jsonify
+from flask import Flask, Response, jsonify, request
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -13,7 +13,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from models.exceptions import RelayError, ServiceUnavailable, TooManyRequests
-from models.redisconn import PoolExhausted
+from models.redisconn import PoolExhausted, described
 
 log = logging.getLogger("relay.web")
 # What ends a request or a socket with 503 / 1013 (retry later) rather than a 500: a backend
@@ -49,7 +49,7 @@ def _http_error(exc: HTTPException) -> tuple[Response, int]:
 
 
 def _backend_down(exc: Exception) -> tuple[Response, int]:
-    log.warning("backend unavailable: %s", type(exc).__name__, exc_info=True)
+    log.warning("backend unavailable: %s %s: %s", request.method, request.path, described(exc))
     return _relay_error(as_unavailable(exc))
 
 

@@ -15,8 +15,6 @@ from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 from sqlalchemy import bindparam, select
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
@@ -27,6 +25,7 @@ from models.db import OUTAGE_ERRORS
 from models.events import ABANDONED, CHUNK, TERMINAL_FOR_STATUS, Event, error_event
 from models.exceptions import GenerationError, LogUnavailable, StaleAttempt
 from models.lifecycle import TOO_MANY_ATTEMPTS
+from models.redisconn import OUTAGES
 from models.tables import TERMINAL_STREAM_STATUSES, Chat, Message, Stream
 from ops.geventfix import start_background
 from workers.generators import GenerationRequest, Turn
@@ -63,8 +62,6 @@ class StorableText:
 
 
 T = TypeVar("T")
-# A backend that is down or restarting (Redis's "loading the dataset" is a ConnectionError).
-OUTAGES: tuple[type[Exception], ...] = (*OUTAGE_ERRORS, RedisConnectionError, RedisTimeoutError)
 
 
 @dataclass(frozen=True)

@@ -15,12 +15,12 @@ from redis.exceptions import LockError
 
 from models import keys, lifecycle
 from models.lifecycle import Sweeper, SweepReport
+from models.redisconn import OUTAGES
 from models.sqlitewal import start_wal_checkpoints
 from models.tables import Stream
 from ops.gctune import freeze_startup_objects
 from workers import waiting, webhooks
 from workers.celery_app import app
-from workers.generation import OUTAGES
 from workers.runtime import WorkerRuntime, get_runtime
 
 log = logging.getLogger("relay.worker")
