@@ -7,7 +7,7 @@ import zlib
 
 from models.events import CANCELLED, CHUNK, DONE, RESUMED, Event, batch_messages
 from web.frames import Batch, Deflate, encode_ws, ws_frame
-from web.websocket import add_no_server_context_takeover, negotiated_deflate
+from web.websocket import add_no_server_context_takeover
 
 
 def chunk(seq: int, text: str = "x") -> Event:
@@ -87,16 +87,6 @@ def test_the_offer_is_rewritten_to_keep_no_server_context() -> None:
     )
     done = "permessage-deflate; server_no_context_takeover"
     assert add_no_server_context_takeover(done) == done
-
-
-def test_the_reply_says_what_was_negotiated() -> None:
-    reply = (
-        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-        b"Sec-WebSocket-Extensions: permessage-deflate; server_no_context_takeover; "
-        b"server_max_window_bits=10\r\n\r\n"
-    )
-    assert negotiated_deflate(reply, 512) == Deflate(window_bits=10, min_bytes=512)
-    assert negotiated_deflate(b"HTTP/1.1 101 Switching Protocols\r\n\r\n", 512) is None
 
 
 def test_chunk_runs_encode_exactly_as_events_do() -> None:

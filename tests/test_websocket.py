@@ -117,14 +117,192 @@ def test_compression_off_is_never_negotiated(client: Client, stack: Stack) -> No
     assert expand(messages(received)) == plain.events
 
 
-def test_a_client_that_offers_nothing_gets_plain_frames(client: Client, stack: Stack) -> None:
+@pytest.mark.parametrize(
+    "offer", [None, "permessage-deflate; client_max_window_bits=abc"], ids=["none", "bad"]
+)
+def test_a_client_that_offers_nothing_gets_plain_frames(
+    client: Client, stack: Stack, offer: str | None
+) -> None:
+    """Nothing offered, or an offer with an invalid parameter, which is declined (RFC 7692
+    5.1; wsproto's handshake raised ValueError on it: a 500 instead of the upgrade)."""
     posted = client.post_chat("Plain frames [demo:words=200]")
     sid = posted["streamId"]
     plain = client.attach(sid)
-    head, received = read_stream(stack.port, client, sid, None)
+    head, received = read_stream(stack.port, client, sid, offer)
     assert "sec-websocket-extensions" not in head.lower()
     assert not any(f.compressed for f in received)
     assert expand(messages(received)) == plain.events
+
+
+# -- the opening handshake, in process, against wsproto's own ----------------------------------
+
+BROWSER_HEADERS = {
+    "HTTP_HOST": "relay.example:8000",
+    "HTTP_CONNECTION": "keep-alive, Upgrade",
+    "HTTP_UPGRADE": "websocket",
+    "HTTP_SEC_WEBSOCKET_VERSION": "13",
+    "HTTP_SEC_WEBSOCKET_KEY": "dGhlIHNhbXBsZSBub25jZQ==",
+    "HTTP_ORIGIN": "http://relay.example:8000",
+    "HTTP_COOKIE": "relay_session=abc",
+    "HTTP_USER_AGENT": "Mozilla/5.0",
+}
+
+
+def wsgi_upgrade(sock: socket.socket, **changes: str | None) -> dict[str, Any]:
+    """A WSGI environ of a browser's upgrade request (``None`` removes a header)."""
+    environ: dict[str, Any] = {
+        "REQUEST_METHOD": "GET",
+        "PATH_INFO": "/api/v1/streams/s/ws",
+        "QUERY_STRING": "batch=1",
+        "gunicorn.socket": sock,
+        **BROWSER_HEADERS,
+    }
+    for key, value in changes.items():
+        environ.pop(key, None) if value is None else environ.__setitem__(key, value)
+    return environ
+
+
+def wsproto_reply(environ: dict[str, Any]) -> bytes:
+    """What wsproto's own handshake answers the same request, as simple-websocket drove it
+    (the offers rewritten with server_no_context_takeover, as relay did before)."""
+    from wsproto import WSConnection
+    from wsproto.connection import ConnectionType
+    from wsproto.events import AcceptConnection, Request
+    from wsproto.extensions import PerMessageDeflate
+
+    from web.websocket import add_no_server_context_takeover
+
+    lines = [f"{environ['REQUEST_METHOD']} {environ['PATH_INFO']} HTTP/1.1"]
+    for key, value in environ.items():
+        if key.startswith("HTTP_"):
+            if key == "HTTP_SEC_WEBSOCKET_EXTENSIONS":
+                value = add_no_server_context_takeover(value)
+            lines.append(f"{key[5:].replace('_', '-')}: {value}")
+    connection = WSConnection(ConnectionType.SERVER)
+    connection.receive_data(("\r\n".join(lines) + "\r\n\r\n").encode())
+    [request] = connection.events()
+    assert isinstance(request, Request)
+    return connection.send(AcceptConnection(extensions=[PerMessageDeflate()]))
+
+
+def relay_reply(environ: dict[str, Any], peer: socket.socket, **options: Any) -> tuple[Any, bytes]:
+    """relay's connection for the request, and the reply it wrote."""
+    from web.websocket import RelayServer
+
+    ws = RelayServer(environ, **options)
+    peer.settimeout(10)
+    reply = b""
+    while not reply.endswith(b"\r\n\r\n"):
+        reply += peer.recv(4096)
+    return ws, reply
+
+
+def parsed(reply: bytes) -> tuple[str, dict[str, str]]:
+    status, *lines = reply.decode().strip().split("\r\n")
+    return status, {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+
+
+OFFERS = [
+    None,
+    "permessage-deflate; client_max_window_bits",  # Chrome, Python's websockets
+    "permessage-deflate",  # Firefox, Node's ws without parameters
+    "permessage-deflate; server_max_window_bits=10; client_max_window_bits=12",
+    "x-webkit-deflate-frame, permessage-deflate; client_no_context_takeover",
+    "permessage-deflate; server_no_context_takeover",
+]
+
+
+@pytest.mark.parametrize("offer", OFFERS)
+def test_the_handshake_replies_as_wsproto_would(offer: str | None) -> None:
+    """relay answers the upgrade from the request the WSGI server parsed (wsproto parsed a
+    rebuilt copy of it again): the same status, accept token and extensions as wsproto's
+    handshake, and a connection whose compression is what the reply says."""
+    server, peer = socket.socketpair()
+    try:
+        environ = wsgi_upgrade(server, HTTP_SEC_WEBSOCKET_EXTENSIONS=offer)
+        ws, reply = relay_reply(environ, peer, compress_min_bytes=100)
+        expected = parsed(wsproto_reply(environ))
+        assert parsed(reply) == expected
+        assert expected[1]["sec-websocket-accept"] == "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="  # RFC 6455
+        negotiated = expected[1].get("sec-websocket-extensions")
+        if negotiated is None:
+            assert ws.deflate is None
+        else:
+            bits = 10 if "server_max_window_bits=10" in negotiated else 15
+            assert (ws.deflate.window_bits, ws.deflate.min_bytes) == (bits, 100)
+            assert "server_no_context_takeover" in negotiated
+        # wsproto's connection reads what the client sends, compressed or not
+        mask = b"\x01\x02\x03\x04"
+        payload = b"hi"
+        if ws.deflate is not None:
+            compressor = zlib.compressobj(9, zlib.DEFLATED, -15)
+            payload = (compressor.compress(b"hi") + compressor.flush(zlib.Z_SYNC_FLUSH))[:-4]
+        first = 0x81 | (0x40 if ws.deflate is not None else 0)
+        masked = bytes(c ^ mask[i % 4] for i, c in enumerate(payload))
+        peer.sendall(bytes([first, 0x80 | len(payload)]) + mask + masked)
+        assert ws.receive(timeout=10) == "hi"
+        ws.close()
+    finally:
+        peer.close()
+        server.close()
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"REQUEST_METHOD": "POST"},
+        {"HTTP_CONNECTION": None},
+        {"HTTP_CONNECTION": "keep-alive"},
+        {"HTTP_SEC_WEBSOCKET_VERSION": None},
+        {"HTTP_SEC_WEBSOCKET_VERSION": "8"},
+        {"HTTP_SEC_WEBSOCKET_KEY": None},
+        {"HTTP_UPGRADE": "h2c"},
+        {"HTTP_HOST": None},
+    ],
+    ids=lambda changes: ",".join(f"{k}={v}" for k, v in changes.items()),
+)
+def test_a_bad_upgrade_is_refused_as_wsproto_refuses_it(changes: dict[str, str | None]) -> None:
+    """Nothing is written: the route answers it over HTTP with a 400 (tests/test_openapi.py)."""
+    from wsproto.utilities import RemoteProtocolError
+
+    from web.websocket import RelayServer
+
+    server, peer = socket.socketpair()
+    try:
+        environ = wsgi_upgrade(server, **changes)
+        with pytest.raises(RemoteProtocolError) as theirs:
+            if environ["REQUEST_METHOD"] != "GET":  # simple-websocket always wrote GET
+                raise RemoteProtocolError("Request method must be GET")
+            wsproto_reply(environ)
+        with pytest.raises(RemoteProtocolError) as ours:
+            RelayServer(environ)
+        if "HTTP_HOST" in environ:  # without it h11 refuses the request before wsproto looks
+            assert str(ours.value) == str(theirs.value)
+        peer.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            peer.recv(1)
+    finally:
+        peer.close()
+        server.close()
+
+
+def test_the_first_offer_that_can_be_taken_is_taken() -> None:
+    """RFC 7692 5.1: a server declines an offer with an invalid parameter, and a client
+    lists its offers in order of preference."""
+    from web.websocket import accept_deflate
+
+    assert accept_deflate(["permessage-deflate; client_max_window_bits=abc"]) is None
+    assert accept_deflate(["permessage-deflate; server_max_window_bits=7"]) is None
+    assert accept_deflate(["x-webkit-deflate-frame"]) is None
+    taken = accept_deflate([
+        "permessage-deflate; client_max_window_bits=8",
+        "permessage-deflate; server_max_window_bits=12",
+        "permessage-deflate; server_max_window_bits=9",
+    ])  # fmt: skip
+    assert taken is not None
+    extension, params = taken
+    assert params == b"permessage-deflate; server_no_context_takeover; server_max_window_bits=12"
+    assert extension.server_max_window_bits == 12 and extension.server_no_context_takeover
 
 
 def _with_sizes(data: list[Frame]) -> list[tuple[Frame, bytes]]:

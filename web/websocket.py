@@ -15,7 +15,6 @@ import _socket
 import contextlib
 import json
 import logging
-import re
 import socket
 import threading
 import time
@@ -27,16 +26,18 @@ import gevent.socket
 from flask import Response, current_app, request
 from flask_sock import Sock
 from simple_websocket import ConnectionClosed, Server
-from wsproto.utilities import RemoteProtocolError
+from wsproto.connection import Connection, ConnectionType
+from wsproto.events import RejectConnection, Request
+from wsproto.extensions import Extension, PerMessageDeflate
+from wsproto.utilities import RemoteProtocolError, generate_accept_token
 
 from models.exceptions import BadRequest
 from web.frames import Batch, Deflate, Notice
 
 log = logging.getLogger("relay.web")
 CLOSE_INTERNAL_ERROR = 1011
-_EXTENSIONS = "HTTP_SEC_WEBSOCKET_EXTENSIONS"
 _PING = b"\x89\x00"  # an unmasked ping frame without payload
-_REPLY_EXTENSIONS = re.compile(rb"\r\nsec-websocket-extensions:([^\r]*)", re.IGNORECASE)
+_SWITCHING = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade"
 COMPRESSION_MODES = ("auto", "off")
 LINGER_S = 2.0  # how long a closed connection waits for the client's side of the close
 
@@ -53,13 +54,10 @@ class _WholeWrites:
         self._sock = sock
         self._raw = _os_socket(sock)  # what ``try_send`` writes to
         self._lock = threading.Lock()
-        self.first_write = b""
         self.backlog = b""
 
     def send(self, data: bytes) -> int:
         with self._lock:
-            if not self.first_write:
-                self.first_write = bytes(data[:4096])
             if self.backlog:
                 data, self.backlog = self.backlog + data, b""
             self._write(data)
@@ -165,17 +163,58 @@ def add_no_server_context_takeover(offers: str) -> str:
     return ", ".join(out)
 
 
-def negotiated_deflate(reply: bytes, min_bytes: int) -> Deflate | None:
-    """What the 101 reply told the client about permessage-deflate."""
-    match = _REPLY_EXTENSIONS.search(reply)
-    if match is None or b"permessage-deflate" not in match.group(1):
-        return None
-    bits = 15
-    for param in match.group(1).split(b";"):
-        name, _, value = param.strip().partition(b"=")
-        if name == b"server_max_window_bits" and value:
-            bits = int(value)
-    return Deflate(window_bits=bits, min_bytes=min_bytes)
+def upgrade_request(environ: dict[str, Any]) -> tuple[Request, bytes]:
+    """The WebSocket upgrade request that the WSGI server parsed, checked as wsproto checks
+    it (RFC 6455 4.2.1, with wsproto's messages): the request, and its Sec-WebSocket-Key."""
+
+    def refuse(message: str) -> RemoteProtocolError:
+        return RemoteProtocolError(message, event_hint=RejectConnection())
+
+    if environ.get("REQUEST_METHOD") != "GET":
+        raise refuse("Request method must be GET")
+    if "upgrade" not in _tokens(environ.get("HTTP_CONNECTION", ""), lower=True):
+        raise refuse("Missing header, 'Connection: Upgrade'")
+    if environ.get("HTTP_SEC_WEBSOCKET_VERSION") != "13":
+        raise refuse("Missing header, 'Sec-WebSocket-Version'")
+    key = environ.get("HTTP_SEC_WEBSOCKET_KEY")
+    if key is None:
+        raise refuse("Missing header, 'Sec-WebSocket-Key'")
+    if environ.get("HTTP_UPGRADE", "").lower() != "websocket":
+        raise refuse("Missing header, 'Upgrade: websocket'")
+    if "HTTP_HOST" not in environ:
+        raise refuse("Missing header, 'Host'")
+    query = environ.get("QUERY_STRING", "")
+    request = Request(
+        host=environ["HTTP_HOST"],
+        target=environ.get("PATH_INFO", "/") + (f"?{query}" if query else ""),
+        extensions=_tokens(environ.get("HTTP_SEC_WEBSOCKET_EXTENSIONS", "")),
+        subprotocols=_tokens(environ.get("HTTP_SEC_WEBSOCKET_PROTOCOL", "")),
+    )
+    return request, key.encode("latin-1")  # WSGI hands headers over as latin-1 text
+
+
+def _tokens(value: str, lower: bool = False) -> list[str]:
+    """A comma-separated header's items (a header sent twice arrives joined by a comma)."""
+    items = [item.strip() for item in value.split(",") if item.strip()]
+    return [item.lower() for item in items] if lower else items
+
+
+def accept_deflate(offers: list[str]) -> tuple[PerMessageDeflate, bytes] | None:
+    """The first permessage-deflate offer that can be taken, with
+    ``server_no_context_takeover`` added: wsproto's extension for the connection, and the
+    reply's ``Sec-WebSocket-Extensions``. An offer with an invalid parameter is declined,
+    and the next one tried (RFC 7692 5.1)."""
+    for offer in offers:
+        if offer.split(";", 1)[0].strip() != "permessage-deflate":
+            continue
+        extension = PerMessageDeflate()
+        try:
+            params = extension.accept(add_no_server_context_takeover(offer))
+        except ValueError:  # a window size that is not a number
+            continue
+        if isinstance(params, str):
+            return extension, b"permessage-deflate; " + params.encode("ascii")
+    return None
 
 
 class RelayServer(Server):  # type: ignore[misc]
@@ -218,16 +257,28 @@ class RelayServer(Server):  # type: ignore[misc]
         self.environ = {}  # the handshake is done: nothing reads it again
 
     def handshake(self) -> None:
-        offers = self.environ.get(_EXTENSIONS)
-        if offers is not None:
-            self.environ = dict(self.environ)
-            if self.compression == "off":
-                del self.environ[_EXTENSIONS]
-            else:
-                self.environ[_EXTENSIONS] = add_no_server_context_takeover(offers)
-        super().handshake()
-        if isinstance(self.sock, _WholeWrites):
-            self.deflate = negotiated_deflate(self.sock.first_write, self.compress_min_bytes)
+        """RFC 6455's opening handshake, answered from the request the WSGI server parsed.
+        simple-websocket rebuilds the request as text for wsproto, which parses it again
+        with h11 and writes its reply with h11: nine tenths of a connection's setup
+        (docs/performance.md). The checks are wsproto's, the reply is the one it wrote, and
+        the connection after the handshake is wsproto's own."""
+        request, key = upgrade_request(self.environ)
+        self.subprotocol = self.choose_subprotocol(request)
+        reply = [_SWITCHING, b"Sec-WebSocket-Accept: " + generate_accept_token(key)]
+        if self.subprotocol is not None:
+            reply.append(b"Sec-WebSocket-Protocol: " + self.subprotocol.encode("ascii"))
+        offers = [offer for offer in request.extensions if isinstance(offer, str)]
+        accepted = accept_deflate(offers) if self.compression != "off" else None
+        extensions: list[Extension] = []
+        if accepted is not None:
+            extension, params = accepted
+            reply.append(b"Sec-WebSocket-Extensions: " + params)
+            extensions.append(extension)
+            self.deflate = Deflate(window_bits=extension.server_max_window_bits,
+                                   min_bytes=self.compress_min_bytes)  # fmt: skip
+        self.ws = Connection(ConnectionType.SERVER, extensions)
+        self.sock.send(b"\r\n".join(reply) + b"\r\n\r\n")
+        self.connected = True
 
     def send_batch(self, batch: Batch, batched: bool) -> None:
         """Send a batch's messages, encoded once for every connection alike."""
