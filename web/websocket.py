@@ -184,13 +184,13 @@ def upgrade_request(environ: dict[str, Any]) -> tuple[Request, bytes]:
     if "HTTP_HOST" not in environ:
         raise refuse("Missing header, 'Host'")
     query = environ.get("QUERY_STRING", "")
-    request = Request(
+    upgrade = Request(
         host=environ["HTTP_HOST"],
         target=environ.get("PATH_INFO", "/") + (f"?{query}" if query else ""),
         extensions=_tokens(environ.get("HTTP_SEC_WEBSOCKET_EXTENSIONS", "")),
         subprotocols=_tokens(environ.get("HTTP_SEC_WEBSOCKET_PROTOCOL", "")),
     )
-    return request, key.encode("latin-1")  # WSGI hands headers over as latin-1 text
+    return upgrade, key.encode("latin-1")  # WSGI hands headers over as latin-1 text
 
 
 def _tokens(value: str, lower: bool = False) -> list[str]:
@@ -262,12 +262,12 @@ class RelayServer(Server):  # type: ignore[misc]
         with h11 and writes its reply with h11: nine tenths of a connection's setup
         (docs/performance.md). The checks are wsproto's, the reply is the one it wrote, and
         the connection after the handshake is wsproto's own."""
-        request, key = upgrade_request(self.environ)
-        self.subprotocol = self.choose_subprotocol(request)
+        upgrade, key = upgrade_request(self.environ)
+        self.subprotocol = self.choose_subprotocol(upgrade)
         reply = [_SWITCHING, b"Sec-WebSocket-Accept: " + generate_accept_token(key)]
         if self.subprotocol is not None:
             reply.append(b"Sec-WebSocket-Protocol: " + self.subprotocol.encode("ascii"))
-        offers = [offer for offer in request.extensions if isinstance(offer, str)]
+        offers = [offer for offer in upgrade.extensions if isinstance(offer, str)]
         accepted = accept_deflate(offers) if self.compression != "off" else None
         extensions: list[Extension] = []
         if accepted is not None:
