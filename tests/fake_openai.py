@@ -10,7 +10,10 @@ Behaviour is chosen by the requested model:
   fake-401       always answers 401 with a body that quotes the API key
   fake-error     streams 10 chunks, then an error event that quotes the API key, then ends
   fake-nofinish  streams ANSWER and [DONE] but never a finish_reason
-  fake-silent    streams 1 chunk, then sends nothing for 10 s, watching for a hang-up
+  fake-silent    streams 1 chunk, then sends nothing for 10 s, watching for a hang-up, then
+                 closes the connection (its body chunked on a connection kept alive, as a
+                 provider's: only relay's own read timeout can end that wait sooner)
+  fake-pauses    like fake-keepalive in 80-character chunks 0.3 s apart (about 2 s in all)
   fake-crlf      like fake-ok in CRLF lines, with comments, event and retry fields, each JSON
                  split over two data lines, written a few bytes at a time
   fake-cr        the same with bare CR line ends
@@ -40,6 +43,9 @@ ANSWER = (
 # What relay stores of them: U+FFFD for what UTF-8 and PostgreSQL cannot hold, the pair joined.
 BAD_PIECES = ["Nul here:\x00!", " Lone:\ud800!", " Emoji split:\ud83d", "\ude00 end."]
 BAD_STORED = "Nul here:\ufffd! Lone:\ufffd! Emoji split:\U0001f600 end."
+
+
+PAUSES = {"fake-slow": 0.02, "fake-pauses": 0.3}  # between chunks (else 2 ms)
 
 
 def answer_for(model: str) -> str:
@@ -124,7 +130,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     @property
     def _chunked(self) -> bool:
-        return self._model == "fake-keepalive"
+        return self._model in ("fake-keepalive", "fake-silent", "fake-pauses")
 
     def _error(self, status: int, message: str, code: str) -> None:
         payload = json.dumps({"error": {"message": message, "type": code, "code": code}})
@@ -142,7 +148,8 @@ class _Handler(BaseHTTPRequestHandler):
         finish = "stop"
         if model == "fake-length":
             text, finish = text[:60], "length"
-        pieces = [text[i : i + 7] for i in range(0, len(text), 7)]
+        size = 80 if model == "fake-pauses" else 7
+        pieces = [text[i : i + size] for i in range(0, len(text), size)]
         if model == "fake-badtext":
             pieces = BAD_PIECES
         self._start_body()
@@ -157,7 +164,7 @@ class _Handler(BaseHTTPRequestHandler):
                     return self._wait_for_hangup(exchange, 10)
                 self._event(_chunk(model, {"content": piece}, None))
                 exchange.chunks_sent = n
-                time.sleep(0.02 if model == "fake-slow" else 0.002)
+                time.sleep(PAUSES.get(model, 0.002))
             if model != "fake-nofinish":
                 self._event(_chunk(model, {}, finish))
             usage = {"prompt_tokens": 42, "completion_tokens": len(pieces), "total_tokens": 0}
@@ -186,6 +193,7 @@ class _Handler(BaseHTTPRequestHandler):
         readable, _, _ = select.select([self.connection], [], [], seconds)
         if readable and not self.connection.recv(1):
             exchange.disconnected = True
+        self.close_connection = True  # the body was not ended: nothing else can follow
 
     def _provider_error(self) -> None:
         auth = self.headers.get("Authorization", "")

@@ -223,6 +223,28 @@ def assert_abort_wakes_the_reader(fake: FakeOpenAI, generator: OpenAIChatGenerat
     wait_for(lambda: fake.exchanges[0].disconnected, timeout=2)
 
 
+def test_a_model_silent_past_the_timeout_is_hung_up_as_a_timeout(
+    fake: FakeOpenAI, generator: MakeGenerator
+) -> None:
+    """RELAY_OPENAI_TIMEOUT_S bounds the silence between reads of the body: the model that
+    goes quiet after its first chunk (for 10 s, then ends without a finish) is hung up and
+    the answer fails as a timeout, not as a cut answer once the model gives up."""
+    pieces = generator(openai_timeout_s=1.0).generate(request("fake-silent"))
+    assert next(pieces)
+    with pytest.raises(GenerationError) as failed:
+        list(pieces)
+    assert failed.value.code == "upstream_timeout"
+    wait_for(lambda: fake.exchanges[0].disconnected, timeout=5)
+
+
+def test_a_model_quiet_less_than_the_timeout_each_time_is_read_to_the_end(
+    fake: FakeOpenAI, generator: MakeGenerator
+) -> None:
+    """The limit is on each silence, not on the answer: 0.3 s pauses over about 2 s."""
+    assert "".join(generator(openai_timeout_s=1.2).generate(request("fake-pauses"))) == ANSWER
+    assert fake.exchanges[0].completed
+
+
 def test_closing_the_generator_closes_the_upstream_connection(
     fake: FakeOpenAI, generator: MakeGenerator
 ) -> None:
@@ -429,7 +451,8 @@ OPENAI_ENV = {
     "RELAY_GENERATOR": "openai",
     "RELAY_MODEL": "fake-ok",
     "RELAY_ALLOWED_MODELS": (
-        "fake-slow,fake-drop,fake-429,fake-length,fake-error,fake-keepalive,fake-badtext"
+        "fake-slow,fake-drop,fake-429,fake-length,fake-error,fake-keepalive,fake-badtext,"
+        "fake-silent"
     ),
     "OPENAI_API_KEY": KEY,
     "RELAY_OPENAI_CONTINUATION": "prefix",
@@ -572,6 +595,22 @@ def test_e2e_error_event_reaches_the_viewer(openai_stack: Stack, fake: FakeOpenA
     assert "The server is overloaded" in got.last["error"]["message"]
     assert KEY not in got.last["error"]["message"] and KEY not in worker.output()
     assert got.text == ANSWER[:70] == client.answer(posted["chatId"])["content"]
+
+
+@pytestmark_e2e
+def test_e2e_a_model_silent_past_the_timeout_fails_the_answer_as_a_timeout(
+    openai_stack: Stack, fake: FakeOpenAI
+) -> None:
+    """In a worker (gevent), the silence limit between reads still holds: the answer ends
+    with upstream_timeout and what was streamed before it, and the model sees the hang-up."""
+    openai_stack.env["RELAY_OPENAI_TIMEOUT_S"] = "1"
+    openai_stack.start_worker("w1")
+    client = openai_stack.client()
+    posted = client.post_chat("say one thing", model="fake-silent")
+    got = client.attach(posted["streamId"])
+    assert got.last["type"] == "error" and got.last["error"]["code"] == "upstream_timeout"
+    assert got.text == ANSWER[:7] == client.answer(posted["chatId"])["content"]
+    wait_for(lambda: fake.exchanges[0].disconnected, timeout=5)
 
 
 @pytestmark_e2e
