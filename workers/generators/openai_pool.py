@@ -140,7 +140,7 @@ class Silences:
 
     def __init__(self, timeout: float) -> None:
         self.timeout = timeout
-        self.period = min(1.0, timeout / 4)
+        self.period = max(0.01, min(1.0, timeout / 4))
         self._open: set[Silence] = set()
         self._lock = threading.Lock()
         self._sweeping = False
