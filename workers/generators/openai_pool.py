@@ -150,9 +150,14 @@ class Silences:
         silence = Silence(response)
         conn = response.connection
         sock = getattr(conn, "sock", None) if conn is not None else None
+        # No socket on the connection: http.client gave it to the response, whose body ends
+        # with the connection ("Connection: close"); urllib3's per-read timeout stays there.
         if sock is None:
-            return silence  # no socket to read (a body already read whole): nothing to keep
-        sock.settimeout(None)  # urllib3 sets it again for the connection's next request
+            return silence
+        try:
+            sock.settimeout(None)  # urllib3 sets it again for the connection's next request
+        except OSError:  # closed under us: the read fails at once, no limit to keep
+            return silence
         with self._lock:
             self._open.add(silence)
             start, self._sweeping = not self._sweeping, True
