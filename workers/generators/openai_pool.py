@@ -222,12 +222,11 @@ def env_proxy(url: str, environ: Mapping[str, str]) -> str | None:
     return proxies.get(split.scheme) or proxies.get("all")
 
 
-def events(response: urllib3.BaseHTTPResponse, silence: Silence | None = None) -> Iterator[Event]:
+def events(response: urllib3.BaseHTTPResponse, silence: Silence) -> Iterator[Event]:
     """Yield the server-sent events of a streamed response (each read noted in ``silence``)."""
     parser = SSEParser()
     for raw in body_pieces(response):
-        if silence is not None:
-            silence.last = time.monotonic()
+        silence.last = time.monotonic()
         yield from parser.feed(raw)
     yield from parser.end()
 
