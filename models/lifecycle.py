@@ -7,7 +7,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any, NamedTuple
 
 from sqlalchemy import delete, or_, select
@@ -208,10 +208,9 @@ class _Row(NamedTuple):
     id: str
     status: str
     task_id: str | None
-    created_at: datetime
 
 
-_CANDIDATE_COLUMNS = (Stream.id, Stream.status, Stream.task_id, Stream.created_at)
+_CANDIDATE_COLUMNS = (Stream.id, Stream.status, Stream.task_id)
 TOO_MANY_ATTEMPTS = "too_many_attempts"
 
 
@@ -220,8 +219,9 @@ class Sweeper:
     """Find streams whose writer is gone and put them right.
 
     - active in SQL, writer's heartbeat stale (or queued too long, or committed but never
-      sent, or Redis lost the state): send the task again, unless a copy sent earlier may
-      still be waiting in the queue; the new attempt continues from the last seq written;
+      sent, or the log has had no state for it for the stale period): send the task again,
+      unless a copy sent earlier may still be waiting in the queue; the new attempt continues
+      from the last seq written;
     - the same, past the attempt budget (claims, recovery sends and hand-offs): end it
       ``failed`` with ``too_many_attempts``, keeping its text;
     - a writer that generated the whole answer but found SQL unreachable past the budget
@@ -279,7 +279,7 @@ class Sweeper:
                     report.repaired.append(row.id)
             elif state.pending_end is not None and self._end_pending(db, row.id, state):
                 report.ended.append(row.id)
-            elif self._looks_abandoned(row, state, now_ms):
+            elif self._looks_abandoned(state, now_ms):
                 self._resend(db, row, state, report)
         elif state.status == "running":
             stream = db.get(Stream, row.id)
@@ -346,10 +346,11 @@ class Sweeper:
         log.warning("stream=%s ended: attempt budget (%d) spent", stream_id, self.max_attempts)
         return True
 
-    def _looks_abandoned(self, row: _Row, state: LogState, now_ms: int) -> bool:
+    def _looks_abandoned(self, state: LogState, now_ms: int) -> bool:
         """Worth asking ``mark_requeue`` (which decides, atomically): skip the streams whose
-        writer beat recently or that were queued recently, and a stream so new that the web
-        tier may not have marked it queued yet."""
+        writer beat recently or that were queued recently. A stream the log has no state for
+        is always asked about: the script times its absence from the first sweep that saw it
+        (the SQL row's age is not the log's: its commit may have waited for a lock)."""
         beat_ms = state.heartbeat_ms
         if state.status == "running" and beat_ms and now_ms - beat_ms < self.stale_after_s * 1000:
             return False
@@ -361,9 +362,7 @@ class Sweeper:
         if state.status == "queued" and state.queued_ms is not None:
             grace_s = self.queued_grace_s if state.sent else self.stale_after_s
             return now_ms - state.queued_ms >= grace_s * 1000
-        if state.status is None:
-            age_s = (utcnow() - row.created_at).total_seconds()
-            return age_s >= self.stale_after_s
+        # No state (status None): the script measures how long the log has had none.
         return True
 
     def _resend_wait_s(self) -> float:

@@ -57,7 +57,8 @@ INIT = (
     _PRELUDE
     + """
 redis.call('HSET', KEYS[1], 'status', 'queued', 'qt', now)
-redis.call('HDEL', KEYS[1], 'cancel', 'why', 'hb', 'task', 'rq', 'rqn', 'sent', 'qn', 'qs', 'xt')
+redis.call('HDEL', KEYS[1], 'cancel', 'why', 'hb', 'task', 'rq', 'rqn', 'sent', 'qn', 'qs', 'xt',
+  'miss')
 if tonumber(ARGV[2] or '0') > 0 then
   redis.call('HSET', KEYS[1], 'dp', ARGV[2])
 else
@@ -268,16 +269,29 @@ return 1
 # resend wait ms.
 # Decide that a stream needs its task sent again (the sweeper then sends it): its writer's
 # heartbeat is stale, it has sat queued too long, it was committed but its task was never
-# marked sent, or Redis lost its state. Not while a copy sent by recovery ('rq': the
-# sweeper's or a hand-off's) may still wait in the queue: the next send waits resend wait x
-# 2^(sends - 1), 'rqn' counting the sends since the last claim (a claim clears both). The
-# budget bounds both kinds of retry: claims ('tries', counted by CLAIM) and consecutive
-# unclaimed sends. 1 = send it, 2 = over budget (the caller ends the stream), 0 = leave it.
+# marked sent, or the log has no state for it (the post died between its commit and the
+# log's init, or Redis lost the state). A stream without state is sent once it has had none
+# for the unsent grace on Redis's clock, from the first call that found it so ('miss'): a
+# post between its commit and its init (the commit may have waited long for a lock) is not
+# sent a copy for an age its SQL row alone would suggest. Not while a copy sent by recovery
+# ('rq': the sweeper's or a hand-off's) may still wait in the queue: the next send waits
+# resend wait x 2^(sends - 1), 'rqn' counting the sends since the last claim (a claim clears
+# both). The budget bounds both kinds of retry: claims ('tries', counted by CLAIM) and
+# consecutive unclaimed sends. 1 = send it, 2 = over budget (the caller ends the stream),
+# 0 = leave it.
 MARK_REQUEUE = (
     _PRELUDE
     + """
-local st = redis.call('HMGET', KEYS[1], 'status', 'hb', 'qt', 'rq', 'rqn', 'tries', 'sent')
+local st = redis.call('HMGET', KEYS[1], 'status', 'hb', 'qt', 'rq', 'rqn', 'tries', 'sent', 'miss')
 if finished(st[1]) then return 0 end
+if not st[1] and not st[4] then
+  if not st[8] then
+    redis.call('HSET', KEYS[1], 'miss', now)
+    redis.call('EXPIRE', KEYS[1], ARGV[3])
+    return 0
+  end
+  if (now - tonumber(st[8])) < tonumber(ARGV[5]) then return 0 end
+end
 if st[1] == 'running' and st[2] and (now - tonumber(st[2])) < tonumber(ARGV[1]) then return 0 end
 local sends = tonumber(st[5] or '0')
 if st[4] then

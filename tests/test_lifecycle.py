@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 
 import pytest
 import redis
@@ -18,7 +19,7 @@ from models.chunklog import REQUEUE_NO, REQUEUE_OVER_BUDGET, REQUEUE_SEND, Chunk
 from models.db import make_engine, make_sessionmaker
 from models.events import CHUNK, DONE, Event
 from models.exceptions import StaleAttempt
-from models.tables import Chat, Message, Stream
+from models.tables import Chat, Message, Stream, utcnow
 from tests.conftest import PG_URL
 from tests.test_store import make_stream
 
@@ -275,9 +276,39 @@ def test_a_committed_stream_whose_task_was_never_sent_is_sent_soon(
     chunks.mark_sent(waiting.id)
     assert sweeper.sweep().requeued == []  # too new: the web process may still send them
     time.sleep(1.05)
+    # The one never marked queued has been without state for the stale period since the
+    # first sweep saw it so: both are sent.
     assert sorted(sweeper.sweep().requeued) == sorted([unsent.id, never.id])
     assert {sid for sid, _ in sent.calls} == {unsent.id, never.id}
     assert sweeper.sweep().requeued == []
+
+
+def test_a_post_between_its_commit_and_its_init_is_not_sent_twice(
+    chunks: ChunkLog, sessions: sessionmaker[Session]
+) -> None:
+    """The post committed its row long after the row's created_at (its commit waited for
+    the database's lock under load) and has not marked the log queued yet when a sweep
+    looks: the stream is not sent. The missing state is timed from the first sweep that saw
+    it, on Redis's clock: once the post marks it queued and sent, nothing is sent at all;
+    and one that stays without state is sent after the stale period (a post that died)."""
+    sent = Sent()
+    sweeper = lifecycle.Sweeper(chunks, sessions, sent, stale_after_s=0.5, queued_grace_s=300)
+    late, dead = new_stream(sessions), new_stream(sessions)
+    with sessions() as db:  # both rows look an hour old
+        hour_ago = utcnow() - timedelta(hours=1)
+        db.execute(update(Stream).where(Stream.id.in_([late.id, dead.id])).values(
+            created_at=hour_ago))  # fmt: skip
+        db.commit()
+    assert sweeper.sweep().requeued == []  # seen without state: not yet
+    chunks.init(late.id)  # the post goes on: marks the log queued, sends, marks it sent
+    chunks.mark_sent(late.id)
+    assert chunks.state(late.id).status == "queued"
+    time.sleep(0.6)
+    assert sweeper.sweep().requeued == [dead.id]
+    assert sweeper.sweep().requeued == []  # its copy may still wait
+    assert [sid for sid, _ in sent.calls] == [dead.id]
+    # The dead post's copy is claimed and the stream runs as any other.
+    assert chunks.claim(dead.id, "t", 0.5).result == "claimed"
 
 
 def test_mark_requeue_answers(chunks: ChunkLog) -> None:
