@@ -8,10 +8,12 @@ Screenshots go to test-artifacts/page-*.png, desktop and phone.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from typing import Any
 
 import pytest
-from playwright.sync_api import Dialog, Page, expect
+from playwright.sync_api import Dialog, Page, WebSocketRoute, expect
 from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
 
 from tests.chromium import Session, kill_tab
@@ -239,6 +241,67 @@ def test_retry_of_a_failed_answer_and_after_a_reload(page: Page, stack: Stack) -
     wait_status(page, "done")
     assert stream_id(page) == sid
     assert_exact(page, stack.base_url, chat_id)
+
+
+def test_the_late_end_of_a_failed_attempts_socket_leaves_the_retry_alone(
+    page: Page, stack: Stack
+) -> None:
+    """The socket of an attempt that failed can close some time after its error event (the
+    closing handshake), when the user has already pressed Retry and the page follows the
+    continuation on a new socket. That late end is the old socket's: the page keeps one
+    socket per answer, so a feed event that follows cannot open a second one beside it
+    (two sockets appended the retry's chunks twice: CI saw a run of them in the text).
+    Playwright routes the page's sockets: the first answer socket's close and the feed's
+    messages are held until the retry streams."""
+    holding = True
+    held: list[Callable[[], None]] = []
+    answer_sockets = 0
+
+    def route_answer(ws: WebSocketRoute) -> None:
+        nonlocal answer_sockets
+        answer_sockets += 1
+        first = answer_sockets == 1
+        server = ws.connect_to_server()
+
+        def on_close(code: int | None, reason: str | None) -> None:
+            if first and holding:
+                held.append(lambda: ws.close(code=code, reason=reason))
+            else:
+                ws.close(code=code, reason=reason)
+
+        server.on_close(on_close)
+
+    def route_feed(ws: WebSocketRoute) -> None:
+        server = ws.connect_to_server()
+
+        def on_message(message: str | bytes) -> None:
+            if holding:
+                held.append(lambda: ws.send(message))
+            else:
+                ws.send(message)
+
+        server.on_message(on_message)
+
+    page.route_web_socket(re.compile(r"/api/v1/streams/[^/]+/ws"), route_answer)
+    page.route_web_socket(re.compile(r"/api/v1/feed/ws"), route_feed)
+    open_app(page, stack.base_url)
+    chat_id = send(page, "Late close [demo:words=60] [demo:fail-after=8] [demo:continue-rate=4]")
+    wait_status(page, "failed")
+    failed = len(raw(page))
+    answer(page).locator(".act[data-action=retry]").click()
+    wait_text(page, failed + 1)  # the retry streams on its own socket
+    assert answer_sockets == 2
+    holding = False
+    for release in held:  # the first socket's close first, then the feed's news
+        release()
+        page.wait_for_timeout(50)  # one at a time, in order
+    page.wait_for_function(
+        """() => { const a = document.querySelector('.msg.assistant');
+                   return !a.hasAttribute('aria-busy') && a.dataset.status === 'failed'; }""",
+        timeout=T,
+    )
+    assert_exact(page, stack.base_url, chat_id, status="failed")
+    assert answer_sockets == 2
 
 
 # Every chat read (GET /api/v1/chats/<id>) the page makes is answered as the server had it

@@ -953,15 +953,23 @@ function scheduleRender(view) {
 
 // -- streaming ----------------------------------------------------------------------------
 
+/** Follow the answer on a socket of its own: one per answer. An earlier handle is closed
+ * first, and whatever it still reports is dropped: the end of a failed attempt's socket can
+ * come after Retry opened the next one (the closing handshake), and taken for the answer's
+ * it would let a chat read open a second socket beside the first (every chunk twice). */
 function startStream(view, after) {
-  view.handle = attach(view.streamId, {
+  view.handle?.close();
+  let handle = null; // attach() reports its first state before it returns the handle
+  const mine = () => handle === null || view.handle === handle;
+  handle = attach(view.streamId, {
     after,
     batch: true, // a catch-up of thousands of chunks comes as a few messages
     quietMs: testHooks.quietMs ?? QUIET_MS,
-    onEvents: (events) => onStreamEvents(view, events),
-    onQueued: (place) => onStreamQueued(view, place),
-    onState: (st, detail) => onStreamState(view, st, detail),
+    onEvents: (events) => mine() && onStreamEvents(view, events),
+    onQueued: (place) => mine() && onStreamQueued(view, place),
+    onState: (st, detail) => mine() && onStreamState(view, st, detail),
   });
+  view.handle = handle;
   renderConnection();
   renderComposer();
 }
