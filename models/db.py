@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.exc import InterfaceError, InvalidatePoolError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
+
+if TYPE_CHECKING:
+    from models.settings import Settings
 
 # What a database that is down, restarting or unreachable raises (an infrastructure fault,
 # never a verdict on the data): callers wait and try again.
@@ -38,8 +41,13 @@ def normalize_url(url: str) -> str:
 POOL_WAIT_S = 60.0
 
 
-def make_engine(url: str) -> Engine:
-    """Create an engine; SQLite gets WAL and a busy timeout so web and workers share it."""
+def make_engine(url: str, pool_size: int = 30, max_overflow: int = 0) -> Engine:
+    """Create an engine; SQLite gets WAL and a busy timeout so web and workers share it.
+
+    PostgreSQL's pool keeps ``pool_size`` connections once opened: a connection beyond it
+    (SQLAlchemy's overflow) is closed when handed back, so a process whose load keeps more
+    than the pool checked out opens and closes a connection (a server process forked and
+    ended) for many of its transactions."""
     url = normalize_url(url)
     if url.startswith("sqlite"):
         _ensure_sqlite_dir(url)
@@ -51,9 +59,16 @@ def make_engine(url: str) -> Engine:
         )
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    engine = create_engine(url, pool_size=10, max_overflow=20, pool_timeout=POOL_WAIT_S)
+    engine = create_engine(
+        url, pool_size=pool_size, max_overflow=max_overflow, pool_timeout=POOL_WAIT_S
+    )
     ping_when_idle(engine)
     return engine
+
+
+def engine_from_settings(settings: Settings) -> Engine:
+    """The engine of a web or worker process: ``DATABASE_URL`` and the pool's settings."""
+    return make_engine(settings.database_url, settings.db_pool_size, settings.db_max_overflow)
 
 
 # A pooled connection that has been idle this long is pinged before it is handed out (and

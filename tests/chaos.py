@@ -759,6 +759,23 @@ def baseline_figures(viewers: list[Viewer], start: float, end: float) -> dict[st
     return {"window_s": round(end - start, 2), "pause_s": spread(pauses)}
 
 
+def pace_figures(viewers: list[Viewer], since: float) -> dict[str, Any]:
+    """How fast the answers were written once every fault was over: the chunks each viewer
+    received after ``since`` per second until its last one (the size's rate is what was
+    asked), and each answer's span from its first chunk to its last, faults and all. Below
+    the rate, answers were written slower than asked: slow, not frozen."""
+    paces, spans = [], []
+    for v in viewers:
+        times = [t for t, e in v.received if e["type"] == "chunk"]
+        if not times:
+            continue
+        spans.append(times[-1] - times[0])
+        after = [t for t in times if t > since]
+        if len(after) > 1:
+            paces.append((len(after) - 1) / (after[-1] - after[0]))
+    return {"chunks_per_s": spread(paces), "answer_s": spread(spans)}
+
+
 def log_excerpt(logs: dict[str, str], stream_id: str, lines: int = 8) -> list[str]:
     """The worker log lines about one stream, and errors near them, for a failure report."""
     found: list[str] = []
@@ -804,6 +821,11 @@ def figures(
         *(f.start for f in faults[1:]),
         max((v.times()[-1] for v in viewers if v.received), default=started),
     ]
+    fault_rows = [
+        fault_figures(f, end, viewers, started) for f, end in zip(faults, ends, strict=False)
+    ]
+    # Every fault over: the last one's start, plus the time its streams took to move again.
+    settled = max((started + r["at_s"] + r["recovered_s"] for r in fault_rows), default=started)
     conns = [c for v in viewers for c in v.conns]
     first_event = min((v.times()[0] for v in viewers if v.received), default=started)
     outcomes = Counter(stored[sid]["status"] for sid in ids)
@@ -811,6 +833,7 @@ def figures(
         "size": {
             "streams": size.streams,
             "chunks_per_second": size.rate,
+            "answer_s": size.answer_s,
             "words": size.words,
             "workers": size.workers,
             "web_processes": 2,
@@ -838,9 +861,8 @@ def figures(
         "connection_outcomes": dict(Counter(c.outcome for c in conns).most_common()),
         "server_errors": sum(1 for c in conns if server_error(c.outcome)),
         "baseline": baseline_figures(viewers, first_event, faults[0].start if faults else started),
-        "faults": [
-            fault_figures(f, end, viewers, started) for f, end in zip(faults, ends, strict=False)
-        ],
+        "pace": pace_figures(viewers, settled),
+        "faults": fault_rows,
         "failures": failures[:20],
         "failed_streams": len(failures),
     }

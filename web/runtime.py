@@ -14,7 +14,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from models.chunklog import ChunkLog
-from models.db import make_engine, make_sessionmaker
+from models.db import engine_from_settings, make_sessionmaker
 from models.redisconn import broker_settings, make_client
 from models.settings import Settings
 from web import shutdown
@@ -54,7 +54,7 @@ class Runtime:
 
 
 def init_app(app: Flask, settings: Settings) -> Runtime:
-    engine = make_engine(settings.database_url)
+    engine = engine_from_settings(settings)
     # Relay's own data (RELAY_LOG_REDIS_URL, a cluster possibly); the broker is Celery's.
     client = make_client(
         settings.log_redis_url or settings.redis_url,

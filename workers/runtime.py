@@ -15,7 +15,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from models.chunklog import ChunkLog
-from models.db import make_engine, make_sessionmaker
+from models.db import engine_from_settings, make_sessionmaker
 from models.lifecycle import Enqueue, Sweeper
 from models.redisconn import make_client
 from models.settings import Settings
@@ -107,7 +107,7 @@ def build_runtime(
     coalesce_s = settings.coalesce_ms / 1000
     return WorkerRuntime(
         settings=settings,
-        sessions=make_sessionmaker(make_engine(settings.database_url)),
+        sessions=make_sessionmaker(engine_from_settings(settings)),
         log=chunks,
         generator=make_generator(settings),
         enqueue=enqueue,
