@@ -179,13 +179,13 @@ class Settings:
     # previous ping (keeps proxies from timing out a quiet answer; finds dead clients).
     ws_ping_s: float = 25.0
     redis_max_connections: int = 200
+    # How long a request waits for a free connection of that pool before giving up with 503 /
+    # WebSocket 1013 "busy" (a burst waits; a Redis that is down is reported at once).
+    redis_pool_wait_s: float = 60.0
     # PostgreSQL: each process keeps this many connections open once it has needed them,
     # and opens up to db_max_overflow more for a burst, each closed when handed back.
     db_pool_size: int = 30
     db_max_overflow: int = 0
-    # How long a request waits for a free connection of that pool before giving up with 503 /
-    # WebSocket 1013 "busy" (a burst waits; a Redis that is down is reported at once).
-    redis_pool_wait_s: float = 60.0
     allowed_origins: tuple[str, ...] = ()
     # Mark the session cookie Secure (set it when relay is served over HTTPS).
     secure_cookies: bool = False
