@@ -691,6 +691,24 @@ def non_terminal(cluster: Cluster) -> dict[str, list[str]]:
     return {"sql": sql, "log": log}
 
 
+# Once every viewer is done, how long the sweeper has to seal what the faults left open: a
+# terminal event lost in a Sentinel failover (written to the old master, not yet to the
+# replica) leaves the log's state "running" while SQL has the end, and viewers have it from
+# SQL; the sweeper writes it to the log once the writer's heartbeat is stale (3 s here).
+SEAL_WAIT_S = 15.0
+
+
+def non_terminal_settled(cluster: Cluster) -> tuple[dict[str, list[str]], int]:
+    """The streams still queued or running once the sweeper has had SEAL_WAIT_S to seal
+    them, and how many there were when the viewers were done."""
+    first = leftover = non_terminal(cluster)
+    deadline = time.monotonic() + SEAL_WAIT_S
+    while (leftover["sql"] or leftover["log"]) and time.monotonic() < deadline:
+        time.sleep(0.5)
+        leftover = non_terminal(cluster)
+    return leftover, len(set(first["sql"]) | set(first["log"]))
+
+
 # -- figures ----------------------------------------------------------------------------------
 
 
@@ -804,7 +822,7 @@ def figures(
     verdicts = [
         check_stream(v, {**stored[v.stream_id], "api_content": v.api_content}) for v in viewers
     ]
-    leftover = non_terminal(cluster)
+    leftover, open_at_end = non_terminal_settled(cluster)
     logs = cluster.worker_logs()
     failures = [
         {
@@ -854,6 +872,7 @@ def figures(
         ),
         "frozen": sum(1 for v in viewers if not v.finished),
         "non_terminal": len(set(leftover["sql"]) | set(leftover["log"])),
+        "sealed_by_sweeper": open_at_end - len(set(leftover["sql"]) | set(leftover["log"])),
         "outcomes": dict(outcomes),
         "attempts": dict(sorted(Counter(stored[sid]["attempt"] for sid in ids).items())),
         "connections": len(conns),
