@@ -25,7 +25,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from time import process_time
+from time import perf_counter, process_time
 from typing import Any
 
 from sqlalchemy import text as sql
@@ -84,7 +84,8 @@ def new_stream(engine: Engine) -> tuple[str, str]:
             )
         )
     with engine.connect() as conn:
-        assert store.mark_running(conn, ids["stream"], ids["message"], 1, "bench")
+        writer = store.fenced_writer(conn)  # as the worker writes
+        assert store.mark_running(writer, ids["stream"], ids["message"], 1, "bench")
     return ids["stream"], ids["message"]
 
 
@@ -95,7 +96,7 @@ def one_answer(engine: Engine, arm: str, pieces: int, every: int, chars: int) ->
     layout: list[Any] = []
     length = 0
     saved: tuple[int, int] | None = None
-    spent, count = 0.0, 0
+    spent, waited, count = 0.0, 0.0, 0
     for n in range(1, pieces + 1):
         piece = f"{n:>{chars}}"[:chars]
         parts.append(piece)
@@ -103,8 +104,9 @@ def one_answer(engine: Engine, arm: str, pieces: int, every: int, chars: int) ->
         layout.append(length)
         if n % every:
             continue
-        started = process_time()
-        with engine.connect() as conn:
+        started, began = process_time(), perf_counter()
+        with engine.connect() as plain:
+            conn = store.fenced_writer(plain)  # as the worker writes
             if arm == "more" and saved is not None:
                 ok = store.checkpoint_more(
                     conn, sid, mid, 1, saved[1], layout[saved[1] :], "".join(parts[saved[0] :])
@@ -112,6 +114,7 @@ def one_answer(engine: Engine, arm: str, pieces: int, every: int, chars: int) ->
             else:
                 ok = store.checkpoint(conn, sid, mid, 1, "".join(parts), layout)
         spent += process_time() - started
+        waited += perf_counter() - began
         count += 1
         assert ok, "the checkpoint was refused"
         saved = (len(parts), len(layout))
@@ -120,7 +123,11 @@ def one_answer(engine: Engine, arm: str, pieces: int, every: int, chars: int) ->
             sql("SELECT content FROM messages WHERE id = :m"), {"m": mid}
         ).scalar_one()
     assert content == "".join(parts[: saved[0] if saved else 0]), "SQL's copy differs"
-    return {"checkpoints": count, "cpu_us_per_checkpoint": round(spent / count * 1e6, 1)}
+    return {
+        "checkpoints": count,
+        "cpu_us_per_checkpoint": round(spent / count * 1e6, 1),
+        "wall_us_per_checkpoint": round(waited / count * 1e6, 1),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,16 +144,19 @@ def main(argv: list[str] | None = None) -> int:
             one_answer(engine, arm, 4 * args.every, args.every, args.chars)
         for pieces in (int(p) for p in args.pieces.split(",")):
             runs: dict[str, list[float]] = {arm: [] for arm in ARMS}
+            walls: dict[str, list[float]] = {arm: [] for arm in ARMS}
             for _ in range(args.repeat):
                 for arm in ARMS:
                     got = one_answer(engine, arm, pieces, args.every, args.chars)
                     runs[arm].append(got["cpu_us_per_checkpoint"])
+                    walls[arm].append(got["wall_us_per_checkpoint"])
             medians = {arm: statistics.median(values) for arm, values in runs.items()}
             results[str(pieces)] = {
                 "answer_chars": pieces * args.chars,
                 "checkpoints_per_answer": pieces // args.every,
                 "cpu_us_per_checkpoint": runs,
                 "median_us": medians,
+                "wall_median_us": {arm: statistics.median(v) for arm, v in walls.items()},
                 "more_over_whole": round(medians["more"] / medians["whole"], 3),
             }
     print(

@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Integer, String, Table, Update, bindparam, func, select, update
+from sqlalchemy import (
+    Integer,
+    Select,
+    String,
+    Table,
+    Update,
+    bindparam,
+    exists,
+    func,
+    select,
+    update,
+)
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 from sqlalchemy.types import TypeEngine
@@ -169,6 +181,25 @@ def checkpoint(
     return _fenced(db, _CHECKPOINT_STREAM, params, _CHECKPOINT_MESSAGE, text_params)
 
 
+def fenced_writer(conn: Connection) -> Connection:
+    """``conn``, ready for fenced writes (``mark_running``, the checkpoints) and nothing
+    else: on PostgreSQL in autocommit, since each is one statement there (its own
+    transaction: one round trip instead of BEGIN, two UPDATEs and COMMIT); elsewhere as it
+    is (two statements in a transaction)."""
+    if conn.dialect.name == "postgresql":
+        return conn.execution_options(isolation_level="AUTOCOMMIT")
+    return conn
+
+
+@functools.cache
+def _fenced_statement(fence: Update, then: Update) -> Select[int]:
+    """``fence`` and ``then`` as one PostgreSQL statement: ``then`` runs only when ``fence``
+    matched its row, and the statement answers how many rows ``fence`` matched."""
+    fenced = fence.returning(_STREAMS.c.id).cte("fenced")
+    followed = then.where(exists(select(fenced.c.id))).returning(_MESSAGES.c.id).cte("followed")
+    return select(func.count()).select_from(fenced).add_cte(followed)
+
+
 def _fenced(
     db: Session | Connection,
     fence: Update,
@@ -177,7 +208,16 @@ def _fenced(
     then_params: dict[str, Any],
 ) -> bool:
     """``fence`` (the stream's row, where the attempt may write it), then ``then`` (its
-    message), in one transaction; False, rolled back, when the fence matched no row."""
+    message), in one transaction; False, with nothing written, when the fence matched no
+    row. On PostgreSQL one statement (the two UPDATEs in CTEs), elsewhere two."""
+    dialect = db.dialect if isinstance(db, Connection) else db.get_bind().dialect
+    if dialect.name == "postgresql":
+        if params["b_now"] != then_params.get("b_now", params["b_now"]):
+            raise ValueError("a fenced write's two statements share one b_now")
+        matched = db.execute(_fenced_statement(fence, then), {**params, **then_params})
+        wrote = bool(matched.scalar_one())
+        db.commit()  # autocommit (fenced_writer): no round trip
+        return wrote
     res = db.execute(fence, params)
     if res.rowcount == 0:  # type: ignore[attr-defined]
         db.rollback()

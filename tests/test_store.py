@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
-from sqlalchemy import update
+from sqlalchemy import event, update
 from sqlalchemy.orm import Session
 
 from models import store
@@ -158,3 +160,37 @@ def test_events_from_sql_with_markers_after_a_retry(db: Session) -> None:
         {"type": "done", "seq": 5, "messageId": row.message_id},
     ]
     assert store.chunk_count(row) == 4
+
+
+def test_the_workers_fenced_writes_are_one_statement_each_on_postgresql(db: Session) -> None:
+    """The worker's mark_running and checkpoints on a ``fenced_writer`` connection: each is
+    one statement in autocommit on PostgreSQL (one round trip, no BEGIN or COMMIT), two in a
+    transaction on SQLite; fenced the same either way (a stale attempt writes nothing)."""
+    stream = make_stream(db)
+    sid, mid = stream.id, stream.message_id
+    engine = db.get_bind()
+    statements: list[str] = []
+
+    def count(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        statements.append(statement)
+
+    event.listen(engine, "before_cursor_execute", count)
+    try:
+        with engine.connect() as conn:
+            writer = store.fenced_writer(conn)
+            assert store.mark_running(writer, sid, mid, 2, "task")
+            assert store.checkpoint(writer, sid, mid, 2, "ab", [2])
+            assert store.checkpoint_more(writer, sid, mid, 2, 1, [4], "cd")
+            assert not store.checkpoint(writer, sid, mid, 1, "stale", [5])
+            assert not store.checkpoint_more(writer, sid, mid, 2, 1, [9], "late")
+            on_postgresql = engine.dialect.name == "postgresql"
+            driver = writer.connection.driver_connection
+            assert getattr(driver, "autocommit", False) is on_postgresql
+    finally:
+        event.remove(engine, "before_cursor_execute", count)
+    assert len(statements) == (5 if on_postgresql else 2 + 2 + 2 + 1 + 1)
+    db.expire_all()
+    row, message = db.get(Stream, sid), db.get(Message, mid)
+    assert row is not None and message is not None
+    assert (message.content, row.last_seq, store.load_layout(row)) == ("abcd", 2, [2, 4])
+    assert (row.status, row.attempt, message.status) == ("running", 2, "streaming")

@@ -223,7 +223,8 @@ def run_generation(rt: WorkerRuntime, stream_id: str, task_id: str) -> str:
 
 def _mark_running(rt: WorkerRuntime, job: Job, claim: Claim, task_id: str) -> bool:
     with rt.connect() as conn:
-        return store.mark_running(conn, job.stream_id, job.message_id, claim.attempt, task_id)
+        writer = store.fenced_writer(conn)
+        return store.mark_running(writer, job.stream_id, job.message_id, claim.attempt, task_id)
 
 
 def _claim_void(rt: WorkerRuntime, db: Session, stream_id: str, attempt: int) -> str:
@@ -442,7 +443,7 @@ class LogWriter:
         self.sync()  # SQL never holds text the log does not
         try:
             with self.rt.connect() as conn:
-                ok = self.store_checkpoint(conn)
+                ok = self.store_checkpoint(store.fenced_writer(conn))
         except OUTAGE_ERRORS as exc:
             # The log holds every piece: the answer goes on, the copy waits for SQL.
             self.sql.failed(self.job.stream_id, "checkpoint", exc)
