@@ -41,7 +41,13 @@ def normalize_url(url: str) -> str:
 POOL_WAIT_S = 60.0
 
 
-def make_engine(url: str, pool_size: int = 30, max_overflow: int = 0) -> Engine:
+# PostgreSQL's pool per process (RELAY_DB_POOL_SIZE, RELAY_DB_MAX_OVERFLOW): kept, and more
+# for a burst, each closed when handed back.
+POOL_SIZE = 30
+MAX_OVERFLOW = 0
+
+
+def make_engine(url: str, pool_size: int = POOL_SIZE, max_overflow: int = MAX_OVERFLOW) -> Engine:
     """Create an engine; SQLite gets WAL and a busy timeout so web and workers share it.
 
     PostgreSQL's pool keeps ``pool_size`` connections once opened: a connection beyond it

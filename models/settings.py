@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from models.db import MAX_OVERFLOW, POOL_SIZE
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # Runtime files (SQLite database, embedded Redis data, local secret key); git-ignored.
 VAR_DIR = Path(os.environ.get("RELAY_VAR_DIR") or PROJECT_ROOT / "var")
@@ -184,8 +186,8 @@ class Settings:
     redis_pool_wait_s: float = 60.0
     # PostgreSQL: each process keeps this many connections open once it has needed them,
     # and opens up to db_max_overflow more for a burst, each closed when handed back.
-    db_pool_size: int = 30
-    db_max_overflow: int = 0
+    db_pool_size: int = POOL_SIZE
+    db_max_overflow: int = MAX_OVERFLOW
     allowed_origins: tuple[str, ...] = ()
     # Mark the session cookie Secure (set it when relay is served over HTTPS).
     secure_cookies: bool = False

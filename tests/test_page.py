@@ -254,7 +254,8 @@ def test_the_late_end_of_a_failed_attempts_socket_leaves_the_retry_alone(
     Playwright routes the page's sockets: the first answer socket's close and the feed's
     messages are held until the retry streams."""
     holding = True
-    held: list[Callable[[], None]] = []
+    held_close: list[Callable[[], None]] = []
+    held_feed: list[Callable[[], None]] = []
     answer_sockets = 0
 
     def route_answer(ws: WebSocketRoute) -> None:
@@ -265,7 +266,7 @@ def test_the_late_end_of_a_failed_attempts_socket_leaves_the_retry_alone(
 
         def on_close(code: int | None, reason: str | None) -> None:
             if first and holding:
-                held.append(lambda: ws.close(code=code, reason=reason))
+                held_close.append(lambda: ws.close(code=code, reason=reason))
             else:
                 ws.close(code=code, reason=reason)
 
@@ -276,7 +277,7 @@ def test_the_late_end_of_a_failed_attempts_socket_leaves_the_retry_alone(
 
         def on_message(message: str | bytes) -> None:
             if holding:
-                held.append(lambda: ws.send(message))
+                held_feed.append(lambda: ws.send(message))
             else:
                 ws.send(message)
 
@@ -292,7 +293,7 @@ def test_the_late_end_of_a_failed_attempts_socket_leaves_the_retry_alone(
     wait_text(page, failed + 1)  # the retry streams on its own socket
     assert answer_sockets == 2
     holding = False
-    for release in held:  # the first socket's close first, then the feed's news
+    for release in [*held_close, *held_feed]:  # the first socket's close, then the feed's news
         release()
         page.wait_for_timeout(50)  # one at a time, in order
     page.wait_for_function(
