@@ -210,7 +210,9 @@ def _sentinels(url: str) -> Sentinel:
         kwargs["password"] = parsed.sentinel_password
         if parsed.sentinel_username:
             kwargs["username"] = parsed.sentinel_username
-    return Sentinel(list(parsed.hosts), sentinel_kwargs=kwargs)  # type: ignore[no-untyped-call]
+    make: Any = Sentinel  # untyped before redis-py 8.2, typed since: one spelling for both
+    sentinel: Sentinel = make(list(parsed.hosts), sentinel_kwargs=kwargs)
+    return sentinel
 
 
 def connection_pool(

@@ -32,6 +32,11 @@ BACKENDS = ["sqlite", "postgresql"] if PG_URL else ["sqlite"]
 # RELAY_TEST_LOG_CLUSTER=1: every stack keeps relay's data on a Redis Cluster of its own
 # (three primaries, tests/cluster.py; RELAY_LOG_REDIS_URL), the broker on the private Redis.
 LOG_CLUSTER = bool(os.environ.get("RELAY_TEST_LOG_CLUSTER"))
+# The browser tier's modules run on SQLite alone (``pytestmark = ON_SQLITE``): a page reaches
+# the database only through the HTTP API, whose suites (test_api, test_chat_actions,
+# test_feed, test_post_events, ...) run on both backends; the browser tier is a third of the
+# suite's time (1,725 of 4,717 test-seconds of a run with PostgreSQL, 2026-12-04).
+ON_SQLITE = pytest.mark.on_sqlite
 
 
 @contextmanager
@@ -316,11 +321,21 @@ def pytest_configure(config: pytest.Config) -> None:
         os.environ["RELAY_PORT_SHARE"] = f"{int(worker[2:])}/{int(count)}"
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    off = [item for item in items if on_postgresql(item) and item.get_closest_marker("on_sqlite")]
+    if off:  # the browser tier: SQLite alone (ON_SQLITE); pytest counts them as deselected
+        config.hook.pytest_deselected(items=off)
+        items[:] = [item for item in items if item not in off]
+
     def rank(item: pytest.Item) -> int:
         return next((i for i, p in enumerate(LONG_FIRST) if p in item.nodeid), len(LONG_FIRST))
 
     items.sort(key=rank)  # stable: the rest keep their order
+
+
+def on_postgresql(item: pytest.Item) -> bool:
+    callspec = getattr(item, "callspec", None)
+    return callspec is not None and callspec.params.get("database_url") == "postgresql"
 
 
 @pytest.hookimpl(wrapper=True)

@@ -141,7 +141,8 @@ def start_worker(
 
 def stack_env(redis_url: str, database_url: str) -> dict[str, str]:
     """The environment of the tests' relay processes: the short timings of a test stack
-    (heartbeat 0.5 s, stale 3 s, sweep 0.5 s, shutdown grace 1 s, checkpoint 0.5 s)."""
+    (heartbeat 0.5 s, stale 3 s, sweep 0.5 s, shutdown grace 1 s, checkpoint 0.5 s), and a
+    small PostgreSQL pool."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RELAY_", "CELERY_"))}
     env.update(
         REDIS_URL=redis_url,
@@ -158,6 +159,11 @@ def stack_env(redis_url: str, database_url: str) -> dict[str, str]:
         RELAY_SHUTDOWN_GRACE_S="1",
         # Tests post many answers as one user; tests/test_limits.py turns the limits on.
         RELAY_MAX_RUNNING_PER_USER="0",
+        # PostgreSQL's pool as the tests' shared server (max_connections 100) can hold for
+        # every stack of four test processes at once: 5 kept per process, bursts closed when
+        # handed back (relay's 30 kept each filled it: "too many clients" in a CI-sized run).
+        RELAY_DB_POOL_SIZE="5",
+        RELAY_DB_MAX_OVERFLOW="20",
         RELAY_POSTS_PER_MINUTE="0",
         RELAY_NEW_GUESTS_PER_MINUTE="0",
     )

@@ -26,7 +26,9 @@ from playwright.sync_api import (
 from models import keys
 from tests.chromium import PHONE, Session
 from tests.client import wait_for
-from tests.conftest import Stack
+from tests.conftest import ON_SQLITE, Stack
+
+pytestmark = ON_SQLITE
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 T = 30_000  # ms: generous, these are upper bounds for waits, never expectations

@@ -26,9 +26,11 @@ import requests
 from playwright.sync_api import Browser, BrowserContext, Page, expect
 
 from ops.redis_server import free_port
-from tests.conftest import Stack
+from tests.conftest import ON_SQLITE, Stack
 from tests.procs import ROOT, Proc
 from tests.test_browser import ARTIFACTS
+
+pytestmark = ON_SQLITE
 
 EXAMPLE = ROOT / "examples" / "ai-sdk-chat"
 T = 30_000  # ms: upper bounds for waits, never expectations

@@ -15,8 +15,10 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import Stack
+from tests.conftest import ON_SQLITE, Stack
 from tests.procs import BIN, ROOT
+
+pytestmark = ON_SQLITE
 
 EXAMPLE = ROOT / "examples" / "python-client" / "relay_client.py"
 LONG = "[demo:words=400]"

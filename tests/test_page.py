@@ -18,7 +18,7 @@ from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
 
 from tests.chromium import Session, kill_tab
 from tests.client import wait_for
-from tests.conftest import Stack
+from tests.conftest import ON_SQLITE, Stack
 from tests.test_browser import (
     T,
     answer,
@@ -33,6 +33,8 @@ from tests.test_browser import (
     wait_status,
     wait_text,
 )
+
+pytestmark = ON_SQLITE
 
 RAW_FETCH_ERROR = "Failed to fetch"
 

@@ -15,7 +15,7 @@ import pytest
 from playwright.sync_api import Browser, Page, Request, expect
 
 from tests.chromium import DESKTOP, PHONE, Session, new_session
-from tests.conftest import Stack
+from tests.conftest import ON_SQLITE, Stack
 from tests.test_browser import (
     ARTIFACTS,
     T_ANSWER,
@@ -31,6 +31,8 @@ from tests.test_browser import (
     wait_text,
 )
 from tests.test_page_render import audit, set_theme
+
+pytestmark = ON_SQLITE
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import pytest
 from playwright.sync_api import Browser, Page, expect
 
 from tests.chromium import DESKTOP, FAKE_SOCKET_JS, PHONE, Session
-from tests.conftest import Stack
+from tests.conftest import ON_SQLITE, Stack
 from tests.test_browser import (
     ARTIFACTS,
     T,
@@ -32,6 +32,8 @@ from tests.test_browser import (
     wait_text,
 )
 from tests.test_page_render import audit, set_theme
+
+pytestmark = ON_SQLITE
 
 # The page's test hooks (see app.js): no list poll at all, so whatever reaches a page came
 # through the feed; every feed event the page applied is kept in relayTest.feedLog.

@@ -15,7 +15,7 @@ import pytest
 from playwright.sync_api import Browser, Page, expect
 
 from tests.chromium import DESKTOP, PHONE, Session, new_session
-from tests.conftest import Stack
+from tests.conftest import ON_SQLITE, Stack
 from tests.test_browser import (
     ARTIFACTS,
     T,
@@ -28,6 +28,8 @@ from tests.test_browser import (
     wait_text,
 )
 from tests.test_page import CONTRAST_SCRIPT
+
+pytestmark = ON_SQLITE
 
 # -- 1. reference-style links, visible and hidden tabs ---------------------------------------
 
