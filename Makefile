@@ -50,8 +50,9 @@ $(EXAMPLE_STAMP): examples/ai-sdk-chat/package-lock.json
 	touch $(EXAMPLE_STAMP)
 
 # Four test processes (pytest-xdist): most tests wait on real servers, so four fit two cores
-# (7.5 to 12 minutes here on SQLite, 11 to 19 with PostgreSQL); tests are handed out two at a
-# time, the longest first (tests/conftest.py LONG_FIRST). PYTEST_ARGS="-n 0": one process.
+# (7.5 to 12 minutes here on SQLite; with PostgreSQL 12.5 on a 2-core AMD VM, 2026-12-04,
+# 20 before the browser tier stayed on SQLite); tests are handed out two at a time, the
+# longest first (tests/conftest.py LONG_FIRST). PYTEST_ARGS="-n 0": one process.
 test: install chromium postgresql $(AISDK_STAMP) $(EXAMPLE_STAMP)
 	$(PY) -m pytest -n 4 --maxschedchunk 2 $(PYTEST_ARGS)
 
