@@ -322,9 +322,9 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    off = [item for item in items if on_postgresql(item) and item.get_closest_marker("on_sqlite")]
+    off = {item for item in items if on_postgresql(item) and item.get_closest_marker("on_sqlite")}
     if off:  # the browser tier: SQLite alone (ON_SQLITE); pytest counts them as deselected
-        config.hook.pytest_deselected(items=off)
+        config.hook.pytest_deselected(items=list(off))
         items[:] = [item for item in items if item not in off]
 
     def rank(item: pytest.Item) -> int:

@@ -159,13 +159,13 @@ def stack_env(redis_url: str, database_url: str) -> dict[str, str]:
         RELAY_SHUTDOWN_GRACE_S="1",
         # Tests post many answers as one user; tests/test_limits.py turns the limits on.
         RELAY_MAX_RUNNING_PER_USER="0",
-        # PostgreSQL's pool as the tests' shared server (max_connections 100) can hold for
-        # every stack of four test processes at once: 5 kept per process, bursts closed when
-        # handed back (relay's 30 kept each filled it: "too many clients" in a CI-sized run).
-        RELAY_DB_POOL_SIZE="5",
-        RELAY_DB_MAX_OVERFLOW="20",
         RELAY_POSTS_PER_MINUTE="0",
         RELAY_NEW_GUESTS_PER_MINUTE="0",
+        # A PostgreSQL pool that four test processes' stacks fit in on one server of 100
+        # connections: 5 kept per process, bursts closed when handed back (relay's 30 kept per
+        # process filled it: "too many clients" in a CI-sized run).
+        RELAY_DB_POOL_SIZE="5",
+        RELAY_DB_MAX_OVERFLOW="20",
     )
     return env
 
