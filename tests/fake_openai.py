@@ -3,7 +3,8 @@
 Behaviour is chosen by the requested model:
   fake-ok        streams ANSWER in small chunks, finish_reason "stop", then a usage chunk
   fake-length    like fake-ok but stops early with finish_reason "length"
-  fake-slow      a long answer, one chunk every 20 ms (to cancel or crash in the middle)
+  fake-slow      a long answer, one chunk every 20 ms (to cancel or crash in the middle); its
+                 continuation (below) at the usual 2 ms
   fake-drop      streams 10 chunks, then drops the connection (no [DONE])
   fake-429       answers 429 to the first request of a conversation, then like fake-ok
   fake-500       always answers 500
@@ -142,9 +143,11 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _stream(self, exchange: Exchange, model: str, messages: list[dict[str, Any]]) -> None:
         text = answer_for(model)
+        pause = PAUSES.get(model, 0.002)
         if messages and messages[-1]["role"] == "assistant":
             prefix = messages[-1]["content"]
             text = text[len(prefix) :] if text.startswith(prefix) else "[contradiction]"
+            pause = min(pause, 0.002)  # what a continuation shows is its text, not its pace
         finish = "stop"
         if model == "fake-length":
             text, finish = text[:60], "length"
@@ -164,7 +167,7 @@ class _Handler(BaseHTTPRequestHandler):
                     return self._wait_for_hangup(exchange, 10)
                 self._event(_chunk(model, {"content": piece}, None))
                 exchange.chunks_sent = n
-                time.sleep(PAUSES.get(model, 0.002))
+                time.sleep(pause)
             if model != "fake-nofinish":
                 self._event(_chunk(model, {}, finish))
             usage = {"prompt_tokens": 42, "completion_tokens": len(pieces), "total_tokens": 0}

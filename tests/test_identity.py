@@ -26,8 +26,10 @@ def _race(var_dir: str, barrier: Barrier, out: Queue[str]) -> None:
 
 
 def test_processes_starting_together_agree_on_one_key(tmp_path: Path) -> None:
-    """Twelve processes make the key at the same instant: one wins, all read its key."""
-    ctx = multiprocessing.get_context("spawn")
+    """Twelve processes make the key at the same instant: one wins, all read its key.
+    Forked, not spawned: a spawned child imports this module, so the suite's fixtures and the
+    whole web app, twelve times (a second of CPU each), before it reaches the barrier."""
+    ctx = multiprocessing.get_context("fork")
     barrier = ctx.Barrier(12)
     out: Queue[str] = ctx.Queue()
     procs = [ctx.Process(target=_race, args=(str(tmp_path), barrier, out)) for _ in range(12)]

@@ -1,7 +1,15 @@
 """The OpenAI-compatible provider, through each transport (the lean urllib3 and httpx ones and
 the real ``openai`` client), against a local server speaking the streaming protocol (over
 HTTP and HTTPS, directly and through a proxy): in-process, and end to end through a real
-worker."""
+worker.
+
+In process, every behaviour runs on every transport. End to end, what depends on how a
+transport waits under gevent (a cancel that closes the upstream under a blocked read, the
+silence limit, a kept-alive or TLS connection) runs on every transport too; what the worker
+does with a transport's answer (usage and history, odd text, a retried 429, an error event,
+an admin's retry, a crash's continuation) runs on one each (``on``), spread so that every
+transport has some of them: each is an isolated stack of its own, and three of each were a
+tenth of the suite's time."""
 
 from __future__ import annotations
 
@@ -477,7 +485,14 @@ def openai_stack(isolated_stack: Stack, fake: FakeOpenAI, transport: str) -> Sta
 pytestmark_e2e = pytest.mark.stack_env(**OPENAI_ENV)
 
 
+def on(transport: str) -> pytest.MarkDecorator:
+    """An end-to-end test of the worker's side, on one transport (the module's docstring)."""
+    assert transport in TRANSPORTS
+    return pytest.mark.parametrize("transport", [transport])
+
+
 @pytestmark_e2e
+@on("sdk")
 def test_e2e_answer_usage_and_history(openai_stack: Stack, fake: FakeOpenAI) -> None:
     worker = openai_stack.start_worker("w1")
     client = openai_stack.client()
@@ -495,6 +510,7 @@ def test_e2e_answer_usage_and_history(openai_stack: Stack, fake: FakeOpenAI) -> 
 
 
 @pytestmark_e2e
+@on("urllib3")
 def test_e2e_a_model_sending_nul_and_lone_surrogates_is_stored(
     openai_stack: Stack, fake: FakeOpenAI
 ) -> None:
@@ -563,6 +579,7 @@ def test_e2e_unknown_model_is_rejected(isolated_stack: Stack) -> None:
 
 
 @pytestmark_e2e
+@on("httpx")
 def test_e2e_429_then_success(openai_stack: Stack, fake: FakeOpenAI) -> None:
     openai_stack.start_worker("w1")
     client = openai_stack.client()
@@ -588,6 +605,7 @@ def test_e2e_cancel_closes_the_upstream_stream(openai_stack: Stack, fake: FakeOp
 
 
 @pytestmark_e2e
+@on("sdk")
 def test_e2e_error_event_reaches_the_viewer(openai_stack: Stack, fake: FakeOpenAI) -> None:
     worker = openai_stack.start_worker("w1")
     client = openai_stack.client()
@@ -616,6 +634,7 @@ def test_e2e_a_model_silent_past_the_timeout_fails_the_answer_as_a_timeout(
 
 
 @pytestmark_e2e
+@on("urllib3")
 def test_e2e_upstream_drop_then_admin_retry_continues(
     openai_stack: Stack, fake: FakeOpenAI
 ) -> None:
@@ -652,6 +671,7 @@ def test_e2e_upstream_drop_then_admin_retry_continues(
 
 
 @pytestmark_e2e
+@on("httpx")
 def test_e2e_worker_crash_is_continued_with_a_prefix(openai_stack: Stack, fake: FakeOpenAI) -> None:
     first = openai_stack.start_worker("w1")
     client = openai_stack.client()
@@ -667,6 +687,7 @@ def test_e2e_worker_crash_is_continued_with_a_prefix(openai_stack: Stack, fake: 
 
 
 @pytest.mark.stack_env(**{**OPENAI_ENV, "RELAY_OPENAI_CONTINUATION": "none"})
+@on("sdk")
 def test_e2e_worker_crash_without_continuation_fails_clearly(
     openai_stack: Stack, fake: FakeOpenAI
 ) -> None:

@@ -317,8 +317,9 @@ def test_a_handed_off_answer_goes_ahead_of_queued_chats(isolated_stack: Stack) -
     stack = isolated_stack
     leaving = stack.start_worker("w1", concurrency=1)
     client = stack.client()
-    # Long enough (~35 s) to be still running after the posts below on a busy machine.
-    posted = client.post_chat("Hand me on [demo:words=1500]")
+    # Long enough (~35 s) to be still running after the posts below on a busy machine; its
+    # continuation goes fast (what it shows is which answer the next worker starts first).
+    posted = client.post_chat("Hand me on [demo:words=1500] [demo:continue-rate=1000]")
     sid = posted["streamId"]
     seen = client.attach(sid, until=lambda a: len(a.events) >= 5)
     queued = post_many(client, [f"Waiting {i} [demo:words=20]" for i in range(QUEUED_CHATS)])
