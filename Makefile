@@ -49,9 +49,9 @@ $(EXAMPLE_STAMP): examples/ai-sdk-chat/package-lock.json
 	npm ci --prefix examples/ai-sdk-chat --no-audit --no-fund --loglevel=error
 	touch $(EXAMPLE_STAMP)
 
-# Four test processes (pytest-xdist): most tests wait on real servers, so four fit two cores
-# (7.5 to 12 minutes here on SQLite; with PostgreSQL 12.5 on a 2-core AMD VM, 2026-12-04,
-# 20 before the browser tier stayed on SQLite); tests are handed out two at a time, the
+# Four test processes (pytest-xdist) on two cores
+# (on a 2-core AMD EPYC VM, 2026-12-04: 11 min 20 s on SQLite, 12 min 54 s with PostgreSQL;
+# CPU-bound, so six processes were no faster); tests are handed out two at a time, the
 # longest first (tests/conftest.py LONG_FIRST). PYTEST_ARGS="-n 0": one process.
 test: install chromium postgresql $(AISDK_STAMP) $(EXAMPLE_STAMP)
 	$(PY) -m pytest -n 4 --maxschedchunk 2 $(PYTEST_ARGS)
