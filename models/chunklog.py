@@ -9,6 +9,7 @@ duplicate writer. The scripts are in ``models.scripts``.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from redis.exceptions import ResponseError
 from models import keys, scripts
 from models.events import STATUS_FOR_TERMINAL, Event
 from models.exceptions import LogBehind, StaleAttempt
-from models.redisconn import RedisClient, server_time_ms, sharded_pubsub
+from models.redisconn import RedisClient, ScriptCall, server_time_ms, sharded_pubsub
 from models.store import Layout, layout_item
 
 
@@ -179,8 +180,17 @@ class ChunkLog:
 
     def init(self, stream_id: str, detach_after_s: int | None = None) -> None:
         """Mark a stream queued (new, or about to be retried), with its detach policy."""
-        detach_ms = 0 if detach_after_s is None else detach_after_s * 1000
-        self._init(keys=self._keys(stream_id), args=[self.running_ttl_s, detach_ms])
+        self._init(keys=self._keys(stream_id), args=self._init_args(detach_after_s))
+
+    def init_call(self, stream_id: str, detach_after_s: int | None = None) -> ScriptCall:
+        """``init`` as a call for ``run_together`` (the post sends it with the feed's events)."""
+        script_keys = self._keys(stream_id)
+        command = ["EVALSHA", self._init.sha, len(script_keys), *script_keys,
+                   *self._init_args(detach_after_s)]  # fmt: skip
+        return command, functools.partial(self.init, stream_id, detach_after_s)
+
+    def _init_args(self, detach_after_s: int | None) -> list[int]:
+        return [self.running_ttl_s, 0 if detach_after_s is None else detach_after_s * 1000]
 
     def claim(
         self,

@@ -14,6 +14,7 @@ have missed events is told to reload (a ``reset``: see ``Feed.read``).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from models import keys, scripts
 from models.chunklog import ChunkLog
-from models.redisconn import OUTAGES, RedisClient, described
+from models.redisconn import OUTAGES, RedisClient, ScriptCall, described
 from models.tables import Chat, Stream
 
 log = logging.getLogger("relay.feed")
@@ -100,6 +101,12 @@ class Feed:
         return ["EVALSHA", self._append.sha, 1, keys.feed_key(user_id),
                 *self._args(user_id, events)]  # fmt: skip
 
+    def append_call(self, user_id: str, *events: dict[str, Any]) -> ScriptCall:
+        """``append`` as a call for ``run_together`` (the post sends it with the log's init)."""
+        return self.append_command(user_id, *events), functools.partial(
+            self.append, user_id, *events
+        )
+
     def _args(self, user_id: str, events: tuple[dict[str, Any], ...]) -> list[str | int]:
         bodies = [json.dumps(event, separators=(",", ":")) for event in events]
         return [keys.feed_channel(user_id), self.max_len, self.ttl_s, *bodies]
@@ -164,11 +171,16 @@ def publish_events(target: Target, user_id: str, events: list[dict[str, Any]]) -
     try:
         return Feed(_client(target)).append(user_id, *events)
     except Exception as exc:
-        WRITE_FAILURES.inc(len(events))
-        kinds = ",".join(str(event["type"]) for event in events)
-        log.warning("feed user=%s %s not written: %s", user_id, kinds, described(exc),
-                    exc_info=not isinstance(exc, OUTAGES))  # fmt: skip
+        not_written(user_id, events, exc)
         return None
+
+
+def not_written(user_id: str, events: list[dict[str, Any]], exc: BaseException) -> None:
+    """Log and count events that could not be written (the change they report stands)."""
+    WRITE_FAILURES.inc(len(events))
+    kinds = ",".join(str(event["type"]) for event in events)
+    log.warning("feed user=%s %s not written: %s", user_id, kinds, described(exc),
+                exc_info=not isinstance(exc, OUTAGES))  # fmt: skip
 
 
 def publish_chat(target: Target, user_id: str, kind: str, chat: Chat) -> int | None:
@@ -176,21 +188,15 @@ def publish_chat(target: Target, user_id: str, kind: str, chat: Chat) -> int | N
     return publish(target, user_id, kind, chatId=chat.id, title=chat.title)
 
 
-def publish_turn(
-    target: Target,
-    user_id: str,
-    chat_id: str,
-    title: str,
-    stream_id: str,
-    message_id: str,
-    *,
-    new_chat: bool,
-) -> None:
-    """A post was committed: ``chat.created`` (when its chat is new), then
-    ``answer.queued`` (before the task is sent, so it comes before ``answer.started``)."""
+def turn_events(
+    chat_id: str, title: str, stream_id: str, message_id: str, *, new_chat: bool
+) -> list[dict[str, Any]]:
+    """What a committed post tells its user's feed: ``chat.created`` (when its chat is new),
+    then ``answer.queued`` (written before the task is sent, so it comes before
+    ``answer.started``)."""
     events = [event_of(CHAT_CREATED, chatId=chat_id, title=title)] if new_chat else []
     events.append(event_of(ANSWER_QUEUED, chatId=chat_id, streamId=stream_id, messageId=message_id))
-    publish_events(target, user_id, events)
+    return events
 
 
 def publish_answer(

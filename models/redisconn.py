@@ -27,7 +27,7 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from queue import Empty, LifoQueue
 from typing import Any
@@ -42,6 +42,7 @@ from redis.exceptions import (
     ClusterDownError,
     MaxConnectionsError,
     MovedError,
+    NoScriptError,
     RedisClusterException,
     ResponseError,
     TryAgainError,
@@ -292,6 +293,32 @@ def server_time_ms(client: RedisClient) -> int:
     """Redis's clock in ms (on a cluster: the clock of whichever node answers)."""
     seconds, micros = client.time()
     return int(seconds) * 1000 + int(micros) // 1000
+
+
+# A script's call as a raw command (``EVALSHA`` and its arguments), and the same call made
+# through its redis-py ``Script``, which loads the script when the server lost it.
+ScriptCall = tuple[list[Any], Callable[[], Any]]
+
+
+def run_together(client: RedisClient, calls: Sequence[ScriptCall]) -> list[Any]:
+    """Send script calls in one round trip (a pipeline, not a transaction; on a cluster, split
+    by slot and sent to every node before a reply is read). A ``NoScriptError`` reply (the
+    server restarted or was flushed) is answered by that call's own ``Script`` call. Error
+    replies are returned in place of the replies; a connection error raises. (A redis-py
+    ``Script`` on a pipeline would cost a ``SCRIPT EXISTS`` round trip on every execute.)"""
+    pipe = client.pipeline(transaction=False)
+    for command, _ in calls:
+        pipe.execute_command(*command)
+    replies = pipe.execute(raise_on_error=False)
+    out: list[Any] = []
+    for reply, (_, again) in zip(replies, calls, strict=True):
+        if isinstance(reply, NoScriptError):
+            try:
+                reply = again()
+            except (redis.RedisError, RedisClusterException) as exc:
+                reply = exc
+        out.append(reply)
+    return out
 
 
 def sharded_pubsub(client: RedisClient) -> bool:

@@ -22,6 +22,7 @@ from websockets.sync.client import ClientConnection
 from models import feed, keys
 from models.chunklog import ChunkLog
 from models.feed import Feed
+from models.redisconn import run_together
 from models.tables import Chat
 from ops.redis_server import free_port
 from tests.client import Client, wait_for
@@ -76,6 +77,36 @@ def test_all_keys_of_a_user_share_one_hash_tag() -> None:
     assert keys.user_id_from_feed_channel(channel) == "abc"
 
 
+def test_a_turns_feed_events_and_its_logs_init_go_in_one_round_trip(
+    redis_client: redis.Redis,
+) -> None:
+    """What a post sends once its turn is committed: ``chat.created`` and ``answer.queued``
+    and the log's init, as one pipeline of script calls; on a Redis that lost its scripts
+    (a restart, a flush) each call loads its script and is made again; an error reply (a
+    feed key of the wrong type) comes back in its place, and the other call stands."""
+    log = ChunkLog(redis_client)
+    turn = feed.turn_events("c", "Hello", "s1", "m", new_chat=True)
+    assert [e["type"] for e in turn] == [feed.CHAT_CREATED, feed.ANSWER_QUEUED]
+    redis_client.script_flush()
+    fed, _ = run_together(redis_client, [Feed(redis_client).append_call("u", *turn),
+                                         log.init_call("s1", detach_after_s=30)])  # fmt: skip
+    assert fed == 2
+    assert [json.loads(e)["type"] for _, e in Feed(redis_client).read("u", 0).events] == [
+        feed.CHAT_CREATED, feed.ANSWER_QUEUED,
+    ]  # fmt: skip
+    state = log.state("s1")
+    assert state.status == "queued" and state.detach_ms == 30_000
+    fed, _ = run_together(redis_client, [Feed(redis_client).append_call("u", turn[1]),
+                                         log.init_call("s2")])  # fmt: skip
+    assert fed == 3  # the scripts are loaded now: the raw calls alone
+    redis_client.delete(keys.feed_key("u"))
+    redis_client.set(keys.feed_key("u"), "not a stream")
+    fed, _ = run_together(redis_client, [Feed(redis_client).append_call("u", turn[1]),
+                                         log.init_call("s3")])  # fmt: skip
+    assert isinstance(fed, redis.ResponseError) and "WRONGTYPE" in str(fed)
+    assert log.state("s3").status == "queued"
+
+
 def test_a_feed_write_while_redis_is_unreachable_is_logged_not_raised(
     caplog: pytest.LogCaptureFixture, redis_client: redis.Redis
 ) -> None:
@@ -88,9 +119,8 @@ def test_a_feed_write_while_redis_is_unreachable_is_logged_not_raised(
     log = ChunkLog(dead)
     chat = Chat(id="c", user_id="u", title="Hello")
     before = REGISTRY.get_sample_value("relay_feed_write_failures_total") or 0.0
-    feed.publish_turn(
-        log, "u", "c", "Hello", "s", "m", new_chat=True
-    )  # chat.created, answer.queued
+    turn = feed.turn_events("c", "Hello", "s", "m", new_chat=True)  # chat.created, answer.queued
+    assert feed.publish_events(log, "u", turn) is None
     assert feed.publish_chat(log, "u", feed.CHAT_DELETED, chat) is None
     assert feed.publish(dead, "u", feed.CHAT_RENAMED, chatId="c", title="New") is None
     assert REGISTRY.get_sample_value("relay_feed_write_failures_total") == before + 4

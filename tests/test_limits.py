@@ -9,7 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import requests
 
-from tests.client import Client
+from models import keys
+from tests.client import Client, wait_for
 from tests.conftest import Stack
 
 # Paced to outlast the flood on a busy machine (about 100 s); the test cancels them after.
@@ -64,6 +65,9 @@ def test_a_flood_from_one_user_is_refused_past_its_running_answers(stack: Stack)
     assert last.status_code == 202
     for resp in [*accepted[1:], last]:  # none left running on the shared worker
         flooder.request("POST", f"/api/v1/streams/{resp.json()['streamId']}/cancel")
+    # Every post released the user's admission lock (after its answer or its refusal).
+    data = stack.redis()
+    wait_for(lambda: not list(data.scan_iter(match=keys.post_lock("*"))), timeout=10)
 
 
 def test_posts_per_minute(stack: Stack) -> None:

@@ -24,7 +24,6 @@ from typing import Any
 from flask import Blueprint, Response, jsonify, request
 from sqlalchemy import select
 
-from models import feed
 from models.events import CANCELLED, CHUNK, DONE, ERROR, TERMINAL_TYPES
 from models.exceptions import BadRequest, InvalidMessage, MessageTooLarge
 from models.tables import (
@@ -340,9 +339,7 @@ def _new_turn(
         ensure_user(db, uid)
         turn = add_client_turn(db, uid, client_id, found, text, model, detach_after_s)
         commit_turn(db, turn)  # the rows exist before any worker can look for them
-    feed.publish_turn(rt, uid, turn.chat_id, turn.title, turn.stream_id, turn.message_id,
-                      new_chat=turn.new_chat)  # fmt: skip
-    enqueue(rt, db, turn.stream_id, turn.detach_after_s)
+    enqueue(rt, db, uid, turn)
     return turn
 
 

@@ -125,9 +125,7 @@ def last_event_id() -> int:
 
 def start_turn(rt: Runtime, db: Session, uid: str, turn: Turn) -> idempotency.Answer:
     """A committed turn: tell the user's feed, send the task, answer 202."""
-    feed.publish_turn(rt, uid, turn.chat_id, turn.title, turn.stream_id, turn.message_id,
-                      new_chat=turn.new_chat)  # fmt: skip
-    enqueue(rt, db, turn.stream_id, turn.detach_after_s)
+    enqueue(rt, db, uid, turn)
     return {
         "chatId": turn.chat_id,
         "messageId": turn.message_id,

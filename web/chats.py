@@ -28,7 +28,7 @@ from models.exceptions import (
     InvalidTitle,
     StreamNotFound,
 )
-from models.redisconn import OUTAGES, described
+from models.redisconn import OUTAGES, described, run_together
 from models.tables import (
     ACTIVE_STREAM_STATUSES,
     TERMINAL_STREAM_STATUSES,
@@ -242,10 +242,25 @@ def commit_turn(db: Session, turn: Turn) -> None:
 _SEND_OUTAGES = (*OUTAGES, BrokerError)
 
 
-def enqueue(rt: Runtime, db: Session, stream_id: str, detach_after_s: int | None) -> None:
-    """Hand the committed stream to a worker; the first attempt's task id is the stream ID."""
+def enqueue(rt: Runtime, db: Session, uid: str, turn: Turn) -> None:
+    """Announce the committed turn and hand its stream to a worker: the feed's events and the
+    log's init in one round trip (a feed that could not be written is logged, and the turn
+    goes on), then the task, whose id (the first attempt's) is the stream ID."""
+    stream_id = turn.stream_id
+    events = feed.turn_events(turn.chat_id, turn.title, stream_id, turn.message_id,
+                              new_chat=turn.new_chat)  # fmt: skip
+    calls = [feed.Feed(rt.log.redis).append_call(uid, *events),
+             rt.log.init_call(stream_id, turn.detach_after_s)]  # fmt: skip
     try:
-        rt.log.init(stream_id, detach_after_s)
+        try:
+            fed, init = run_together(rt.log.redis, calls)
+        except Exception as exc:
+            feed.not_written(uid, events, exc)
+            raise
+        if isinstance(fed, Exception):
+            feed.not_written(uid, events, fed)
+        if isinstance(init, Exception):
+            raise init
         rt.celery.send_task(GENERATE, args=[stream_id], task_id=stream_id)
     except Exception as exc:
         log.warning("stream=%s could not be enqueued: %s", stream_id, described(exc),

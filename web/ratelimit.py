@@ -17,6 +17,7 @@ Every 429 carries Retry-After.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
 from collections.abc import Iterator
@@ -27,7 +28,8 @@ from flask import request
 from limits.storage import RedisClusterStorage, RedisStorage
 from limits.strategies import MovingWindowRateLimiter
 from redis.cluster import RedisCluster
-from redis.exceptions import LockError
+from redis.exceptions import LockError, RedisClusterException, RedisError
+from redis.lock import Lock
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -35,6 +37,7 @@ from models import keys
 from models.exceptions import TooManyRequests, TooManyRunning
 from models.redisconn import ClusterURL
 from models.tables import ACTIVE_STREAM_STATUSES, Chat, Stream
+from ops.geventfix import start_background
 from web.runtime import Runtime
 
 _limiters: dict[int, MovingWindowRateLimiter] = {}
@@ -109,8 +112,16 @@ def admitted(rt: Runtime, db: Session, uid: str) -> Iterator[None]:
             )
         yield
     finally:
-        with contextlib.suppress(LockError):
-            lock.release()
+        # Beside the post's next round trip (the feed's events and the log's init), not
+        # before it: the lock is released a moment later, the post answers a round trip sooner.
+        start_background(functools.partial(_release, lock), "post-lock-release")
+
+
+def _release(lock: Lock) -> None:
+    """Release a user's admission lock; one that expired meanwhile, or a Redis that went away
+    (it expires after its timeout), is not an error."""
+    with contextlib.suppress(LockError, RedisError, RedisClusterException):
+        lock.release()
 
 
 def check_new_guest(rt: Runtime) -> None:
