@@ -77,7 +77,7 @@ def test_all_keys_of_a_user_share_one_hash_tag() -> None:
     assert keys.user_id_from_feed_channel(channel) == "abc"
 
 
-def test_a_turns_feed_events_and_its_logs_init_go_in_one_round_trip(
+def test_a_turns_feed_events_and_its_logs_init_are_sent_together(
     redis_client: redis.Redis,
 ) -> None:
     """What a post sends once its turn is committed: ``chat.created`` and ``answer.queued``
