@@ -140,7 +140,9 @@ def delete_chats(chunks: ChunkLog, db: Session, chat_ids: Sequence[str]) -> int:
     running answer's Redis state fences its writer off: its next append or heartbeat finds
     no attempt it owns, so it stops (and closes its upstream: no more tokens paid for); a
     queued answer's task finds no stream and is dropped. SQL's rows go last, so a failure
-    half-way leaves the chats, with logs SQL can rebuild."""
+    half-way leaves the chats, with logs SQL can rebuild. The logs are removed once more
+    after the commit: a sweep that read the rows before it may have written a state in
+    between (see ``Sweeper._forget_if_deleted`` for one that writes after)."""
     if not chat_ids:
         return 0
     stream_ids = db.scalars(select(Stream.id).where(Stream.chat_id.in_(chat_ids))).all()
@@ -159,6 +161,7 @@ def delete_chats(chunks: ChunkLog, db: Session, chat_ids: Sequence[str]) -> int:
                 raise
             log.warning("deleting chats met a lock conflict (%s); again", exc.orig)
             time.sleep(0.05 * attempt)
+    chunks.forget(stream_ids)
     deleted = int(result.rowcount)  # type: ignore[attr-defined]
     log.info("deleted %d chat(s) and %d stream(s)", deleted, len(stream_ids))
     return deleted
@@ -286,6 +289,8 @@ class Sweeper:
             if stream is not None and seal_from_sql(
                 self.chunks, db, stream, self.stale_after_s
             ) == "sealed":  # fmt: skip
+                if self._forget_if_deleted(db, row.id):
+                    return
                 log.warning("stream=%s end written to the log from SQL", row.id)
                 report.sealed.append(row.id)
 
@@ -294,6 +299,8 @@ class Sweeper:
             row.id, self.stale_after_s, self.queued_grace_s, self.max_attempts,
             resend_wait_s=self._resend_wait_s(),
         )  # fmt: skip
+        if state.status is None and self._forget_if_deleted(db, row.id):
+            return  # the script wrote a state for a stream whose chat was being deleted
         if decision == REQUEUE_SEND:
             task_id = state.task_id or row.task_id or row.id
             try:
@@ -305,6 +312,18 @@ class Sweeper:
             report.requeued.append(row.id)
         elif decision == REQUEUE_OVER_BUDGET and self._end_over_budget(db, row.id):
             report.exhausted.append(row.id)
+
+    def _forget_if_deleted(self, db: Session, stream_id: str) -> bool:
+        """The pass read this stream's row before a deletion committed and has just written
+        its log (a seal, or the time a stream without state was first seen): remove what it
+        wrote if the row is gone now. A deletion removes the logs before and after its
+        commit, so whichever way the two interleave, nothing of a deleted chat is left."""
+        db.rollback()  # a fresh snapshot (SQLite keeps a transaction's first one)
+        if db.scalar(select(Stream.id).where(Stream.id == stream_id)) is not None:
+            return False
+        self.chunks.forget([stream_id])
+        log.info("stream=%s deleted during the sweep; its log removed", stream_id)
+        return True
 
     def _end_pending(self, db: Session, stream_id: str, state: LogState) -> bool:
         """A writer generated the whole answer but could not store its end in SQL (it was

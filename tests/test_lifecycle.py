@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import timedelta
 
 import pytest
@@ -14,8 +14,8 @@ from sqlalchemy import select, update
 from sqlalchemy import text as sql
 from sqlalchemy.orm import Session, sessionmaker
 
-from models import lifecycle, store
-from models.chunklog import REQUEUE_NO, REQUEUE_OVER_BUDGET, REQUEUE_SEND, ChunkLog
+from models import keys, lifecycle, store
+from models.chunklog import REQUEUE_NO, REQUEUE_OVER_BUDGET, REQUEUE_SEND, ChunkLog, LogState
 from models.db import make_engine, make_sessionmaker
 from models.events import CHUNK, DONE, Event
 from models.exceptions import StaleAttempt
@@ -450,3 +450,82 @@ def test_deleting_a_chat_outlives_a_deadlock_with_its_writer(
     with sessions() as db:
         assert db.scalar(select(Chat).where(Chat.id == stream.chat_id)) is None
         assert db.scalar(select(Stream).where(Stream.id == stream.id)) is None
+
+
+def _leftover(chunks: ChunkLog, stream_id: str) -> int:
+    return int(chunks.redis.exists(keys.log_key(stream_id), keys.state_key(stream_id)))
+
+
+@pytest.mark.parametrize("moment", ["before the pass reads the log", "within the deletion"])
+def test_a_chat_deleted_while_a_sweep_looks_at_its_stream_leaves_nothing_behind(
+    chunks: ChunkLog,
+    sessions: sessionmaker[Session],
+    monkeypatch: pytest.MonkeyPatch,
+    moment: str,
+) -> None:
+    """The sweep read a running stream's row, then its chat is deleted: the sweep finds no
+    state and records when it first saw none, which would leave a state key for a chat
+    that no longer exists (a clean-clone CI run once found one after a DELETE). Both orders
+    leave nothing: the deletion committed before the sweep wrote (the sweep removes what
+    it wrote), or the sweep wrote between the deletion's removal of the logs and its commit
+    (the deletion removes the logs again after it)."""
+    stream = new_stream(sessions)
+    with sessions() as db:
+        start_writer(chunks, db, stream, ["Hel", "lo"])
+    sent = Sent()
+    sweeper = lifecycle.Sweeper(chunks, sessions, sent, stale_after_s=60)
+
+    def delete() -> None:
+        with sessions() as db:
+            assert lifecycle.delete_chats(ChunkLog(chunks.redis), db, [stream.chat_id]) == 1
+
+    if moment == "before the pass reads the log":
+        states = chunks.states
+
+        def deleted_then_states(stream_ids: Sequence[str]) -> tuple[int, list[LogState]]:
+            delete()
+            return states(stream_ids)
+
+        monkeypatch.setattr(chunks, "states", deleted_then_states)
+        report = sweeper.sweep()
+    else:
+        forget = ChunkLog.forget
+        swept: list[lifecycle.SweepReport] = []
+        calls: list[Sequence[str]] = []
+
+        def forget_then_sweep(self: ChunkLog, stream_ids: Sequence[str]) -> None:
+            forget(self, stream_ids)
+            calls.append(stream_ids)
+            if len(calls) == 1:  # the deletion's first removal, before its commit
+                swept.append(sweeper.sweep())
+
+        monkeypatch.setattr(ChunkLog, "forget", forget_then_sweep)
+        delete()
+        (report,) = swept
+    assert report.checked == 1 and report.requeued == [] and sent.calls == []
+    assert _leftover(chunks, stream.id) == 0
+
+
+def test_a_seal_of_a_stream_whose_chat_was_just_deleted_leaves_nothing_behind(
+    chunks: ChunkLog, sessions: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stream ended in SQL whose log still says running (its writer died between the two
+    writes): the sweep seals it from SQL. Its chat is deleted between the sweep's read of
+    the row and the seal: the seal writes a log that nothing owns, and the sweep removes it."""
+    stream = new_stream(sessions)
+    with sessions() as db:
+        attempt = start_writer(chunks, db, stream, ["Hel", "lo"])
+        assert store.finalize(
+            db, stream.id, status="done", text="Hello", layout=[3, 5], attempt=attempt
+        )
+    seal = chunks.seal
+
+    def deleted_then_seal(stream_id: str, events: list[Event], stale_after_s: float) -> str:
+        with sessions() as db:
+            assert lifecycle.delete_chats(ChunkLog(chunks.redis), db, [stream.chat_id]) == 1
+        return seal(stream_id, events, stale_after_s)
+
+    monkeypatch.setattr(chunks, "seal", deleted_then_seal)
+    report = lifecycle.Sweeper(chunks, sessions, Sent(), stale_after_s=0).sweep()
+    assert report.sealed == []
+    assert _leftover(chunks, stream.id) == 0
