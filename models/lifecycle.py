@@ -214,6 +214,15 @@ class _Row(NamedTuple):
 
 
 _CANDIDATE_COLUMNS = (Stream.id, Stream.status, Stream.task_id)
+
+
+def hand_back() -> None:
+    """Let the process's other work run. Under gevent: a turn of the event loop that polls
+    for I/O and runs due timers (``sleep(0)`` only switches to the greenlets already ready,
+    and may come straight back without a poll in between)."""
+    time.sleep(0.0001)
+
+
 TOO_MANY_ATTEMPTS = "too_many_attempts"
 
 
@@ -235,7 +244,10 @@ class Sweeper:
       two writes): write the end into the log, at the log's last seq + 1.
 
     The state reads of a pass are pipelined in batches; only the streams that need an action
-    are loaded in full.
+    are loaded in full. A pass shares its process with the answers a worker is writing
+    (under gevent, one event loop): it hands the loop back (``pause``) after every page of
+    rows it reads and every batch it checks, so it holds the loop for a few milliseconds at
+    a time, not for the whole pass (tens of milliseconds per thousand candidates).
     """
 
     chunks: ChunkLog
@@ -244,7 +256,10 @@ class Sweeper:
     stale_after_s: float
     queued_grace_s: float = 300.0
     max_attempts: int = 5
-    batch: int = 1000
+    batch: int = 200
+    # Rows read from SQL between two pauses.
+    page: int = 500
+    pause: Callable[[], None] = hand_back
     # How long a recovery copy may go unclaimed before another is sent (None: resend_wait).
     resend_wait_s: float | None = None
 
@@ -253,14 +268,14 @@ class Sweeper:
         report = SweepReport()
         cutoff = utcnow() - timedelta(seconds=max(60.0, 4 * self.stale_after_s))
         with self.sessions() as db:
-            rows = [
-                _Row(*r)
-                for r in db.execute(
-                    select(*_CANDIDATE_COLUMNS).where(
-                        or_(Stream.status.in_(ACTIVE_STREAM_STATUSES), Stream.finished_at >= cutoff)
-                    )
-                )
-            ]
+            candidates = select(*_CANDIDATE_COLUMNS).where(
+                or_(Stream.status.in_(ACTIVE_STREAM_STATUSES), Stream.finished_at >= cutoff)
+            )
+            rows: list[_Row] = []
+            pages = db.execute(candidates, execution_options={"yield_per": self.page})
+            for page in pages.partitions():
+                rows.extend(_Row(*r) for r in page)
+                self.pause()
             db.rollback()  # no transaction held open through the pass
             for start in range(0, len(rows), self.batch):
                 if start and not keep_going():
@@ -271,6 +286,7 @@ class Sweeper:
                 for row, state in zip(chunk, states, strict=True):
                     self._check(db, row, state, now_ms, report)
                 report.checked += len(chunk)
+                self.pause()
         return report
 
     def _check(

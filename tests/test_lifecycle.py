@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from datetime import timedelta
+from typing import Any
 
 import pytest
 import redis
@@ -21,6 +22,7 @@ from models.events import CHUNK, DONE, Event
 from models.exceptions import StaleAttempt
 from models.tables import Chat, Message, Stream, utcnow
 from tests.conftest import PG_URL
+from tests.procs import run_snippet
 from tests.test_store import make_stream
 
 
@@ -529,3 +531,48 @@ def test_a_seal_of_a_stream_whose_chat_was_just_deleted_leaves_nothing_behind(
     report = lifecycle.Sweeper(chunks, sessions, Sent(), stale_after_s=0).sweep()
     assert report.sealed == []
     assert _leftover(chunks, stream.id) == 0
+
+
+def test_a_pass_hands_the_process_back_after_every_page_and_batch(
+    chunks: ChunkLog, sessions: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pass shares a worker's event loop with the answers being written: it never reads
+    more than a page of rows, or checks more than a batch of streams, between two pauses."""
+    for _ in range(7):
+        new_stream(sessions)
+    checked: list[str] = []
+    at_pauses: list[int] = []  # streams checked so far, at each pause
+    sweeper = lifecycle.Sweeper(chunks, sessions, Sent(), stale_after_s=5, batch=3, page=2)
+    sweeper.pause = lambda: at_pauses.append(len(checked))
+    check = sweeper._check
+
+    def counted(db: Session, row: Any, *args: Any) -> None:
+        checked.append(row.id)
+        check(db, row, *args)
+
+    monkeypatch.setattr(sweeper, "_check", counted)
+    assert sweeper.sweep().checked == 7
+    # Reading 7 rows two at a time pauses 4 times (nothing checked yet), then checking them
+    # three at a time 3 times.
+    assert at_pauses == [0, 0, 0, 0, 3, 6, 7]
+
+
+# The default pause in a patched process: a greenlet whose socket is readable runs during
+# it (gevent.sleep(0) alone may switch back without polling for I/O).
+PAUSE = """
+from gevent import monkey
+monkey.patch_all()
+import socket, gevent
+from models.lifecycle import Sweeper
+ran = []
+a, b = socket.socketpair()
+reader = gevent.spawn(lambda: ran.append(a.recv(1)))
+gevent.sleep(0.01)  # the reader waits on its socket now
+b.send(b"x")
+Sweeper.pause()
+print(ran == [b"x"])
+"""
+
+
+def test_the_default_pause_lets_a_waiting_greenlet_run() -> None:
+    assert run_snippet(PAUSE).split() == ["True"]
