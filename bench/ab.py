@@ -9,7 +9,11 @@ after the other's compare two spells of the machine. Here the two versions alter
 ``AB_ROUNDS`` rounds (default 5), each one run of the baseline (A) and one of this checkout
 (B), in the order A B, then B A, and so on (a drift within a round cancels over two). What
 is compared is each round's difference, B minus A, per figure: the figures of every run,
-the differences, their median, and in how many rounds B was lower.
+the differences, their median, and in how many rounds B was lower. Beside them, the CPU seconds
+of the harness's own processes (the upstream and the load generators), whose work is the
+same in both arms: a round where they differ ran the two arms in different spells of the
+machine (on these VMs every process, the harness's too, can use a fifth more CPU for the
+same work from one run to the next).
 
 The baseline is another checkout with its own ``.venv``, as for ``BENCH_RELAY_ROOT``
 (docs/performance.md, "Measuring another version of relay"). Every knob applies to both.
@@ -38,12 +42,15 @@ Figures = dict[str, float | None]
 
 
 def figures(name: str, out: dict[str, Any]) -> Figures:
-    """Relay's headline figures of one run (bench/repeat.py), with relay's CPU seconds
-    and, for ``dispatch``, the median of each step of the way."""
+    """Relay's headline figures of one run (bench/repeat.py), with relay's CPU seconds,
+    for ``dispatch`` the median of each step of the way, and the harness's CPU seconds."""
     found = {k: v for k, v in repeat.figures(name, out).items() if k.startswith("relay")}
     results = out.get("results", {})
     if isinstance(results.get("relay_cpu_s"), int | float):
         found["relay CPU-s"] = results["relay_cpu_s"]
+    harness = harness_cpu_s(results.get("processes"))
+    if harness is not None:
+        found[HARNESS] = harness
     streamed = results.get("streamed", {}).get("breakdown_ms")
     for where, steps in (("", results.get("breakdown_ms")), ("streamed ", streamed)):
         for step, value in (steps or {}).items():
@@ -51,6 +58,21 @@ def figures(name: str, out: dict[str, Any]) -> Figures:
             if isinstance(p50, int | float):
                 found[f"relay {where}{step.removesuffix('_ms').replace('_', ' ')} p50"] = p50
     return found
+
+
+# The upstream's and the load generators' CPU seconds: their work is the same in both arms, so
+# a round where B's is well above A's (or below) ran in a slower (or faster) spell of the
+# machine, and its other differences say as much about the machine as about the change.
+HARNESS = "harness CPU-s (same work in both arms)"
+
+
+def harness_cpu_s(processes: Any) -> float | None:
+    if not isinstance(processes, dict):
+        return None
+    harness = [p for name, p in processes.items() if name.startswith(("upstream", "loadgen"))]
+    cpu = [p.get("cpu_s") for p in harness if isinstance(p, dict)]
+    numbers = [c for c in cpu if isinstance(c, int | float)]
+    return round(sum(numbers), 3) if numbers else None
 
 
 def compare(a_runs: list[Figures], b_runs: list[Figures]) -> dict[str, Any]:
