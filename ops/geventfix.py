@@ -23,6 +23,11 @@ and the request leaving, so a request sent in the background (workers/prefetch.p
 after the work it was meant to overlap.
 
 ``start_background``: a background task that does not wait for its greenlet to begin.
+
+``fast_lock``: ``threading.Lock`` for a lock taken on a hot path. Under gevent the patched
+``threading.Lock`` is ``gevent.thread.LockType``, whose ``acquire`` adds a layer of Python to
+gevent's compiled semaphore: a ``with`` costs about 420 ns against 165 for the compiled
+``BoundedSemaphore`` (which waits cooperatively all the same).
 """
 
 from __future__ import annotations
@@ -158,3 +163,17 @@ def start_background(target: Callable[[], None], name: str) -> None:
         gevent.spawn(target).name = name
     else:
         threading.Thread(target=target, name=name, daemon=True).start()
+
+
+def fast_lock() -> Any:
+    """A new lock with ``threading.Lock``'s behaviour (``acquire(blocking, timeout)``,
+    ``release``, ``locked``, a context manager; not reentrant): gevent's compiled
+    ``BoundedSemaphore`` when ``threading`` is patched, else ``threading.Lock()``."""
+    try:
+        import gevent.lock
+        import gevent.monkey
+    except ImportError:  # pragma: no cover - a dependency
+        return threading.Lock()
+    if gevent.monkey.is_module_patched("threading"):
+        return gevent.lock.BoundedSemaphore()
+    return threading.Lock()

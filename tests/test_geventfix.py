@@ -1,6 +1,7 @@
 """gevent's repairs (ops/geventfix.py): nothing kombu uses to wait may block the worker;
 the readiness checks of redis-py's pooled connections and of urllib3's kept-alive upstream
-connections do not turn the event loop; a background greenlet starts without a turn."""
+connections do not turn the event loop; a background greenlet starts without a turn; a
+lock for hot paths behaves as a lock with and without gevent."""
 
 from __future__ import annotations
 
@@ -176,3 +177,45 @@ def test_a_background_task_starts_without_a_switch_under_gevent() -> None:
     # No switch to start it under gevent; it ran once we waited. A thread ran without.
     assert run_snippet(BACKGROUND, "gevent").split() == ["0", "True"]
     assert run_snippet(BACKGROUND, "threads").split() == ["0", "True"]
+
+
+# fast_lock: a lock with threading.Lock's behaviour; under gevent the compiled semaphore,
+# which a greenlet that waits for it yields to the others (held across a switch, it still
+# excludes them), without gevent a real lock.
+FAST_LOCK = """
+import sys
+if sys.argv[1] == "gevent":
+    import gevent.monkey
+    gevent.monkey.patch_all()
+import threading, time
+from ops.geventfix import fast_lock
+
+lock = fast_lock()
+print(type(lock).__name__)
+with lock:
+    held = not lock.acquire(False) and not lock.acquire(timeout=0.05) and lock.locked()
+order = []
+
+def holder():
+    with lock:
+        order.append("holder in")
+        time.sleep(0.1)  # a switch under gevent: the lock stays held
+        order.append("holder out")
+
+def waiter():
+    time.sleep(0.02)
+    with lock:
+        order.append("waiter in")
+
+threads = [threading.Thread(target=holder), threading.Thread(target=waiter)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join(5)
+print(held, not lock.locked(), order == ["holder in", "holder out", "waiter in"])
+"""
+
+
+def test_a_fast_lock_is_a_lock_with_and_without_gevent() -> None:
+    assert run_snippet(FAST_LOCK, "gevent").split() == ["BoundedSemaphore", "True", "True", "True"]
+    assert run_snippet(FAST_LOCK, "threads").split() == ["lock", "True", "True", "True"]

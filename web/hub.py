@@ -46,6 +46,7 @@ from models.redisconn import (
     sharded_pubsub,
     subscriber_pool,
 )
+from ops.geventfix import fast_lock
 from web.errors import UNAVAILABLE_ERRORS
 from web.frames import Batch, Notice
 from web.instruments import HUB_DISPATCH, HUB_LAGGED
@@ -59,6 +60,9 @@ FINISHED = frozenset({"done", "cancelled", "failed"})
 class Subscription:
     """A viewer's mailbox for one stream."""
 
+    __slots__ = ("_batches", "_check", "_lock", "_notice", "_parked_at", "_pending", "_reread",
+                 "_told", "direct", "limit", "stream_id", "wake")  # fmt: skip
+
     def __init__(self, stream_id: str, wake: threading.Event, limit: int) -> None:
         self.stream_id = stream_id
         self.wake = wake
@@ -67,7 +71,7 @@ class Subscription:
         self._pending = 0
         self._reread = False  # read the log: something may not have been offered
         self._check = False  # also ask whether the writer is still there
-        self._lock = threading.Lock()
+        self._lock = fast_lock()  # taken for every batch the hub writes to a waiting viewer
         # Set by a viewer that lets the hub write to its socket directly while it waits.
         self.direct: DirectWrite | None = None
         self._parked_at: int | None = None  # the viewer's cursor while it waits
