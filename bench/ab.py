@@ -51,6 +51,9 @@ def figures(name: str, out: dict[str, Any]) -> Figures:
     harness = harness_cpu_s(results.get("processes"))
     if harness is not None:
         found[HARNESS] = harness
+        relay_cpu = found.get("relay CPU-s")
+        if relay_cpu is not None and harness > 0:
+            found[RELATIVE] = round(relay_cpu / harness, 4)
     streamed = results.get("streamed", {}).get("breakdown_ms")
     for where, steps in (("", results.get("breakdown_ms")), ("streamed ", streamed)):
         for step, value in (steps or {}).items():
@@ -64,6 +67,10 @@ def figures(name: str, out: dict[str, Any]) -> Figures:
 # a round where B's is well above A's (or below) ran in a slower (or faster) spell of the
 # machine, and its other differences say as much about the machine as about the change.
 HARNESS = "harness CPU-s (same work in both arms)"
+# relay's CPU seconds per CPU second of the harness: a change in relay's CPU for the same work
+# shows here even when a spell of the machine moves both (fanout, 2026-12-04: relay's CPU-s
+# 1.94-3.21 and the harness's 2.81-4.03 over eight runs; this ratio 0.67-0.80).
+RELATIVE = "relay CPU-s per harness CPU-s"
 
 
 def harness_cpu_s(processes: Any) -> float | None:
