@@ -90,32 +90,6 @@ class _WholeWrites:
         finally:
             self._lock.release()
 
-    def direct(
-        self, batched: bool, deflate: Deflate | None, on_backlog: Callable[[], None]
-    ) -> Callable[[Batch], bool]:
-        """``try_send`` of a batch's frames, as the one function the hub calls for each
-        waiting viewer of a stream (``on_backlog`` runs when the kernel took only a part).
-        The hub writes every chunk to every waiting viewer: the calls and the lock's
-        layers around the system call were about half of that loop's CPU."""
-        acquire, release = self._lock.acquire, self._lock.release
-
-        def write(batch: Batch) -> bool:
-            if self.backlog or not acquire(False):
-                return False
-            try:
-                data = batch.ws_bytes(batched, deflate)
-                sent: int = self._raw.send(data, socket.MSG_DONTWAIT)
-            except OSError:  # would block (BlockingIOError), or the viewer's own write reports it
-                return False
-            finally:
-                release()
-            if 0 < sent < len(data):
-                self.backlog = data[sent:]
-                on_backlog()  # the viewer writes the rest
-            return sent > 0
-
-        return write
-
     def adopt_dup(self) -> None:
         """Write to (and read from) a duplicate of the socket from now on."""
         with self._lock:
@@ -493,7 +467,16 @@ class RelayServer(Server):  # type: ignore[misc]
         sock = self.sock
         if not isinstance(sock, _WholeWrites) or not self.connected:
             return None
-        return sock.direct(batched, self.deflate, self.event.set)
+        deflate = self.deflate
+
+        def write(batch: Batch) -> bool:
+            if not sock.try_send(batch.ws_bytes(batched, deflate)):
+                return False
+            if sock.backlog:
+                self.event.set()  # the viewer writes the rest
+            return True
+
+        return write
 
 
 Handler = Callable[..., None]
