@@ -42,6 +42,7 @@ class Knobs:
     dispatch_n: int = 200
     dispatch_chunks: int = 5
     dispatch_warmup: int = 5
+    dispatch_ttft_ms: float = 0.0  # the model's time to its first delta (0: at once)
     attach_conc: int = 100
     attach_settle_s: float = 1.0
     viewers_per_proc: int = 5_000

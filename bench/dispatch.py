@@ -24,6 +24,7 @@ from bench.stack import Sizing
 from bench.stats import summarize
 from bench.upstream_stream import plan_message
 
+TTFT_RATE = 10_000.0  # deltas/s after the first, when DISPATCH_TTFT_MS delays it
 WHAT = "(first chunk at the viewer - POST start) - (upstream first delta - its request arrival)"
 PARTS = {
     "post_ms": ("post_end_us", "post_start_us"),
@@ -46,9 +47,13 @@ async def run(ctx: Ctx) -> dict[str, np.ndarray]:
     total = 2 * (k.dispatch_n + k.dispatch_warmup)  # each way, alternating
     ctx.out["config"] = {"chats": k.dispatch_n, "warmup": k.dispatch_warmup,
                          "chunks_per_chat": k.dispatch_chunks, "sequential": True,
+                         "ttft_ms": k.dispatch_ttft_ms,
                          "ways": ["post, then attach", "streamed post"]}  # fmt: skip
+    # At once: every delta in one write. With a time to the first delta: then 10,000/s.
+    rate = TTFT_RATE if k.dispatch_ttft_ms > 0 else 0
     items = [{"s": s, "n": k.dispatch_chunks, "flow": STREAMED if s % 2 else "ws",
-              "message": plan_message(s, k.dispatch_chunks, 0, 0, False, False)}
+              "message": plan_message(s, k.dispatch_chunks, rate, k.dispatch_ttft_ms,
+                                      False, False)}
              for s in range(total)]  # fmt: skip
     async with relay_stack(ctx, Sizing(16, 1, 1)) as stack:
         assert stack.api is not None and stack.upstream is not None and stack.meter is not None

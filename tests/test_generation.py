@@ -4,19 +4,23 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import redis
 
-from models import feed
+from models import feed, store
 from models.chunklog import ChunkLog
+from models.settings import Settings
+from models.tables import Chat, Stream
 from tests.client import Client, wait_for
 from tests.conftest import Stack
+from tests.inproc import Worker, in_process_worker
 from tests.test_appender import _LosesOneReply
 from workers.appender import GroupAppender
-from workers.generation import News, StorableText
+from workers.generation import News, StorableText, run_generation
 
 LONG = "[demo:words=400]"
 
@@ -178,3 +182,80 @@ def test_feed_news_whose_reply_was_lost_is_sent_again_so_it_may_repeat_but_not_g
     News(rt, "u2", feed.event_of(feed.ANSWER_STARTED, streamId="c")).wait()
     page = feed.Feed(redis_client).read("u2", 2)
     assert [json.loads(e)["type"] for _, e in page.events] == ["answer.started"]
+
+
+# -- the attempt's start, in process (tests/inproc.py): SQL's running write beside the request
+
+
+def _owner(w: Worker, stream_id: str) -> str:
+    with w.rt.sessions() as db:
+        stream = db.get(Stream, stream_id)
+        assert stream is not None
+        chat = db.get(Chat, stream.chat_id)
+        assert chat is not None
+        return chat.user_id
+
+
+def _feed_types(w: Worker, user_id: str) -> list[str]:
+    page = feed.Feed(w.rt.log.redis).read(user_id, 0)
+    return [json.loads(e)["type"] for _, e in page.events]
+
+
+def test_the_running_write_goes_beside_the_request_and_lands_before_the_first_piece(
+    fresh_database_url: str, redis_client: redis.Redis
+) -> None:
+    """The model is asked while SQL's running write is still in progress (held here at a
+    fault point), and the first piece waits for it: by the time the generator is asked for
+    the second piece, SQL has the attempt running. The feed has ``answer.started`` (sent
+    once the write is stored) before ``answer.finished``."""
+    settings = Settings(database_url=fresh_database_url, redis_url="",
+                        fault_pause=("before-running=0.3",))  # fmt: skip
+    seen: list[str] = []
+    with in_process_worker(fresh_database_url, redis_client, settings) as w:
+        sid = w.new_stream("beside the request").id
+        owner = _owner(w, sid)
+
+        def script() -> Iterator[str]:
+            seen.append(w.stored(sid)[0].status)  # the request is out
+            yield "first "
+            seen.append(w.stored(sid)[0].status)  # the first piece was handed to the log
+            yield "second"
+
+        w.generator.script = script
+        assert run_generation(w.rt, sid, "task") == "done"
+        stream, message = w.stored(sid)
+        assert seen == ["queued", "running"]
+        assert (stream.status, message.content) == ("done", "first second")
+        assert [e.type for e in w.rt.log.read(sid, 0, 10)] == ["chunk", "chunk", "done"]
+        assert _feed_types(w, owner) == ["answer.started", "answer.finished"]
+
+
+def test_a_claim_sql_voids_while_the_request_is_out_closes_it_and_writes_nothing(
+    fresh_database_url: str, redis_client: redis.Redis
+) -> None:
+    """SQL ends the stream (a cancel that reached only SQL) after the claim and before the
+    running write: the write is refused, the model's request is closed at its first piece,
+    nothing of the attempt reaches the log or the feed, and the log is sealed from SQL."""
+    settings = Settings(database_url=fresh_database_url, redis_url="",
+                        fault_pause=("before-running=0.3",))  # fmt: skip
+    closed: list[bool] = []
+    with in_process_worker(fresh_database_url, redis_client, settings) as w:
+        sid = w.new_stream("voided").id
+        owner = _owner(w, sid)
+
+        def script() -> Iterator[str]:
+            with w.rt.sessions() as db:
+                assert store.finalize(db, sid, status="cancelled", text="", layout=[],
+                                      attempt=None)  # fmt: skip
+            try:
+                for n in range(100):
+                    yield f"w{n} "
+            finally:
+                closed.append(True)
+
+        w.generator.script = script
+        assert run_generation(w.rt, sid, "task") == "finished"
+        assert w.generator.sent == ["w0 "] and closed == [True]
+        assert [e.type for e in w.rt.log.read(sid, 0, 10)] == ["cancelled"]
+        assert w.stored(sid)[0].status == "cancelled"
+        assert "answer.started" not in _feed_types(w, owner)
