@@ -29,6 +29,7 @@ class Knobs:
     catchup_chunks: int = 10_000
     catchup_readers: str = "1,100,1000"
     catchup_reps: int = 20
+    catchup_warmup: int = 300  # viewers that catch up once before the cases, not counted
     catchup_read_timeout_s: float = 120.0
     tp_streams: int = 20
     tp_chunks: int = 5_000
