@@ -201,10 +201,7 @@ def run_attempt(rt: WorkerRuntime, job: Job, claim: Claim, task_id: str) -> str:
         with watch(rt, writer):
             return writer.begin(claim)
     except NotStarted as exc:
-        if exc.cause is not None:  # SQL stayed unreachable: Celery tries the task again later
-            raise exc.cause from None
-        with rt.sessions() as db:
-            return _claim_void(rt, db, stream_id, claim.attempt)
+        return _not_started(rt, stream_id, claim.attempt, exc)
     except StaleAttempt:
         log.warning("stream=%s attempt=%d was superseded; stopping", stream_id, claim.attempt)
         return "superseded"
@@ -224,7 +221,17 @@ def run_attempt(rt: WorkerRuntime, job: Job, claim: Claim, task_id: str) -> str:
         log.warning("stream=%s attempt=%d terminated; ending it cancelled", stream_id,
                     claim.attempt)  # fmt: skip
         writer.settle()
-        return writer.finish("cancelled")
+        try:
+            return writer.finish("cancelled")
+        except NotStarted as exc:
+            return _not_started(rt, stream_id, claim.attempt, exc)
+
+
+def _not_started(rt: WorkerRuntime, stream_id: str, attempt: int, exc: NotStarted) -> str:
+    if exc.cause is not None:  # SQL stayed unreachable: Celery tries the task again later
+        raise exc.cause from None
+    with rt.sessions() as db:
+        return _claim_void(rt, db, stream_id, attempt)
 
 
 class NotStarted(Exception):
