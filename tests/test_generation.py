@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from types import SimpleNamespace
 from typing import Any
 
@@ -196,6 +197,19 @@ def _owner(w: Worker, stream_id: str) -> str:
         return chat.user_id
 
 
+@contextmanager
+def _running_held(
+    database_url: str, client: redis.Redis, prompt: str
+) -> Iterator[tuple[Worker, str, str]]:
+    """An in-process worker whose SQL running write waits 0.3 s at its fault point, a new
+    stream of its own, and the stream's owner."""
+    settings = Settings(database_url=database_url, redis_url="",
+                        fault_pause=("before-running=0.3",))  # fmt: skip
+    with in_process_worker(database_url, client, settings) as w:
+        sid = w.new_stream(prompt).id
+        yield w, sid, _owner(w, sid)
+
+
 def _feed_types(w: Worker, user_id: str) -> list[str]:
     page = feed.Feed(w.rt.log.redis).read(user_id, 0)
     return [json.loads(e)["type"] for _, e in page.events]
@@ -208,12 +222,8 @@ def test_the_running_write_goes_beside_the_request_and_lands_before_the_first_pi
     fault point), and the first piece waits for it: by the time the generator is asked for
     the second piece, SQL has the attempt running. The feed has ``answer.started`` (sent
     once the write is stored) before ``answer.finished``."""
-    settings = Settings(database_url=fresh_database_url, redis_url="",
-                        fault_pause=("before-running=0.3",))  # fmt: skip
     seen: list[str] = []
-    with in_process_worker(fresh_database_url, redis_client, settings) as w:
-        sid = w.new_stream("beside the request").id
-        owner = _owner(w, sid)
+    with _running_held(fresh_database_url, redis_client, "beside the request") as (w, sid, owner):
 
         def script() -> Iterator[str]:
             seen.append(w.stored(sid)[0].status)  # the request is out
@@ -236,12 +246,8 @@ def test_a_claim_sql_voids_while_the_request_is_out_closes_it_and_writes_nothing
     """SQL ends the stream (a cancel that reached only SQL) after the claim and before the
     running write: the write is refused, the model's request is closed at its first piece,
     nothing of the attempt reaches the log or the feed, and the log is sealed from SQL."""
-    settings = Settings(database_url=fresh_database_url, redis_url="",
-                        fault_pause=("before-running=0.3",))  # fmt: skip
     closed: list[bool] = []
-    with in_process_worker(fresh_database_url, redis_client, settings) as w:
-        sid = w.new_stream("voided").id
-        owner = _owner(w, sid)
+    with _running_held(fresh_database_url, redis_client, "voided") as (w, sid, owner):
 
         def script() -> Iterator[str]:
             with w.rt.sessions() as db:
