@@ -247,12 +247,12 @@ class RunningMark:
     """SQL's ``running`` write for a claimed attempt, made while the upstream request is out.
 
     Nothing the model is asked depends on it, and it is on the path from a post to its
-    first chunk (0.3-0.5 ms on SQLite, a round trip and a commit on PostgreSQL). So it runs
+    first chunk (0.25-0.5 ms on SQLite, a round trip and a commit on PostgreSQL). So it runs
     in the background: under gevent it begins at the task's first wait, which is the
     upstream's reply (nothing between the claim and the request yields), and otherwise in a
     thread. The writer waits for it (``confirm``) before anything of the attempt reaches the
-    log or SQL: the first piece, a checkpoint, the end. A void claim costs a request that
-    is closed at once."""
+    log or SQL: the first piece, a checkpoint, the end. A void claim costs a request, closed
+    at its first piece."""
 
     def __init__(self, rt: WorkerRuntime, job: Job, claim: Claim, task_id: str) -> None:
         self.rt, self.job, self.claim, self.task_id = rt, job, claim, task_id
