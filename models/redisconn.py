@@ -35,6 +35,7 @@ from urllib.parse import parse_qs, quote, unquote
 
 import redis
 import redis.utils
+from hiredis import pack_command as _pack_command
 from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
 from redis.exceptions import (
@@ -385,6 +386,24 @@ def make_blocking_client(url: str, block_s: float) -> redis.Redis:
     return redis.Redis(connection_pool=pool, single_connection_client=True)
 
 
+def pack_commands(conn: Any, commands: Sequence[Sequence[Any]]) -> bytes:
+    """``commands`` in Redis's protocol, the bytes redis-py's ``pack_commands`` writes, each
+    packed by hiredis in C as it is given. redis-py's packer first runs its encoder over every
+    argument in Python: 19.7 us for an append of three streams, against 2.9 here (the
+    worker's every round trip). An argument hiredis does not take (None, a bool) or a
+    command name of several words goes to redis-py's packer, which says what is wrong or
+    splits the name."""
+    try:
+        parts = []
+        for command in commands:
+            if " " in command[0]:
+                raise TypeError("a command name of several words")
+            parts.append(_pack_command(tuple(command)))
+    except TypeError:
+        return b"".join(conn.pack_commands(commands))
+    return b"".join(parts)
+
+
 class PinnedConnection:
     """One connection of a client's kind, held by one owner that sends a pipeline many times
     a second (the worker's appender): no pool checkout, pid check or lock per round trip
@@ -422,7 +441,19 @@ class PinnedConnection:
                 # without it, and so without asking the sentinels for the master (redis-py's
                 # SentinelManagedConnection only overrides connect()).
                 conn.connect()
-            conn.send_packed_command(conn.pack_commands(commands))
+            packed = pack_commands(conn, commands)
+            # One send() writes a round trip whole nearly always, where gevent's sendall()
+            # also asks the kernel for SO_SNDBUF and arms a timer every time. The rest of a
+            # partial write, or a write that failed, goes through redis-py's own, which
+            # reports a failure as it always has (no health check halfway through a command).
+            try:
+                sent = conn._sock.send(packed)
+            except TimeoutError:
+                raise RedisTimeoutError("Timeout writing to socket") from None
+            except OSError:
+                sent = 0
+            if sent < len(packed):
+                conn.send_packed_command([packed[sent:]], check_health=False)
         except Exception:
             conn.disconnect()  # never send on a connection left mid-reply
             raise
