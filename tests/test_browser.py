@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from playwright.sync_api import (
     Browser,
     Locator,
     Page,
+    Route,
     WebSocket,
     expect,
 )
@@ -494,13 +496,27 @@ def test_page_reads_the_batch_form_and_reloads_show_the_stored_text_once(
     open_app(page, stack.base_url)
     chat_id = send(page, "A long answer in batches [demo:words=900] [demo:rate=250]")
     wait_text(page, 600)
-    # Right after a checkpoint: the next one is at least 0.8 interval away, so the page reads
-    # this one and the log has many events past it when the page attaches. (A checkpoint just
-    # before the page's read of the chat would leave a catch-up of one event: a plain chunk.)
+    # Right after a checkpoint, and the chat's history handed to the page 0.3 s after the
+    # server read it: the log is many events past the stored text when the page attaches,
+    # however the next checkpoints fall. (A catch-up of one event comes as a plain chunk: a
+    # reload that took longer than a checkpoint interval, on a busy machine, read a checkpoint
+    # made just before the page attached.)
     wait_checkpoint(page, stack.base_url, chat_id)
     live = len(sockets.opened)
+    history = f"**/api/v1/chats/{chat_id}"
+    held: list[str] = []
+
+    def hold(route: Route) -> None:
+        response = route.fetch()  # the server reads the stored text now
+        time.sleep(0.3)  # the worker goes on meanwhile (about 75 events at this rate)
+        held.append(route.request.url)
+        route.fulfill(response=response)
+
+    page.route(history, hold)
     page.reload()  # mid-stream: history, then the rest after its streamSeq
     expect(page.locator("html")).to_have_attribute("data-ready", "true", timeout=T)
+    page.unroute(history, hold)
+    assert held  # the page's read of the chat was the one held
     expect(page.locator(".msg.assistant")).to_have_count(1)
     wait_status(page, "done")
     assert_exact(page, stack.base_url, chat_id)
