@@ -394,14 +394,11 @@ def pack_commands(conn: Any, commands: Sequence[Sequence[Any]]) -> bytes:
     command name of several words goes to redis-py's packer, which says what is wrong or
     splits the name."""
     try:
-        parts = []
-        for command in commands:
-            if " " in command[0]:
-                raise TypeError("a command name of several words")
-            parts.append(_pack_command(tuple(command)))
+        if all(" " not in command[0] for command in commands):
+            return b"".join([_pack_command(tuple(command)) for command in commands])
     except TypeError:
-        return b"".join(conn.pack_commands(commands))
-    return b"".join(parts)
+        pass
+    return b"".join(conn.pack_commands(commands))
 
 
 class PinnedConnection:
