@@ -11,8 +11,9 @@ from typing import Any
 BENCH_DIR = Path(__file__).resolve().parent
 PROJECT_ROOT = BENCH_DIR.parent
 WORKLOADS = ("latency", "fanout", "catchup", "throughput", "throughput10", "idle", "dispatch")
-# Micro-benchmarks (the chunk log, the sweeper at scale); run only when named.
-EXTRA_WORKLOADS = ("log", "sweep")
+# Micro-benchmarks (the chunk log, the sweeper at scale, a client's floor for a catch-up); run
+# only when named.
+EXTRA_WORKLOADS = ("log", "sweep", "clientfloor")
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,8 @@ class Knobs:
             return self.timeout_s
         own = {"latency": self.d + 150, "fanout": self.d + 150, "catchup": 1200,
                "throughput": 400, "throughput10": 400, "idle": self.idle_wait_s + 400,
-               "dispatch": 120 + 6 * self.dispatch_n, "log": 300, "sweep": 300}  # fmt: skip
+               "dispatch": 120 + 6 * self.dispatch_n, "log": 300, "sweep": 300,
+               "clientfloor": 300}  # fmt: skip
         return own[workload]
 
     def public(self) -> dict[str, Any]:

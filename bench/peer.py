@@ -38,6 +38,10 @@ def peer_env(name: str, k: Knobs, redis_url: str) -> dict[str, str]:
         "TP_READERS": k.tp10_readers if name == "throughput10" else k.tp_readers,
         "STAGGER": k.stagger, "CHUNK_CHARS": k.chunk_chars, "TIMEOUT_S": k.timeout(name),
     }  # fmt: skip
+    if k.loadgen_procs:
+        # relay's viewers over that many load generators: the peer's readers over as many
+        # processes (its default, like relay's below VIEWERS_PER_PROC viewers, is one).
+        knobs["READER_PROCS"] = k.loadgen_procs
     return {**os.environ, **{key: f"{v:g}" if isinstance(v, float) else str(v)
                              for key, v in knobs.items()}}  # fmt: skip
 

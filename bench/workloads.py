@@ -1,7 +1,8 @@
 """The workloads by name: their sizes (from the knobs) and the runner each uses.
 
-``log`` and ``sweep`` (not in the default suite) run bench/log.py (the chunk log's
-micro-benchmarks) and bench/sweep.py (one sweeper pass over 5,000 active streams) under
+``log``, ``sweep`` and ``clientfloor`` (not in the default suite) run bench/log.py (the chunk
+log's micro-benchmarks), bench/sweep.py (one sweeper pass over 5,000 active streams) and
+bench/clientfloor.py (what a client pays to read one catch-up, without relay) under
 BENCH_RELAY_ROOT's interpreter with that checkout as working directory, so that its
 ``models`` are the ones under test.
 """
@@ -53,7 +54,8 @@ def live(name: str) -> Workload:
 
 
 def micro(script: str) -> Workload:
-    """A micro-benchmark script of bench/ (log.py, sweep.py), run on the run's Redis."""
+    """A micro-benchmark script of bench/ (log.py, sweep.py, clientfloor.py), run on the
+    run's Redis."""
 
     async def run(ctx: Ctx) -> dict[str, np.ndarray]:
         return await run_script(ctx, script)
@@ -99,4 +101,5 @@ REGISTRY: dict[str, Workload] = {
     "dispatch": dispatch.run,
     "log": micro("log.py"),
     "sweep": micro("sweep.py"),
+    "clientfloor": micro("clientfloor.py"),
 }
