@@ -1,8 +1,8 @@
 """What any client pays to read one catch-up: the floor under the ``catchup`` crowds.
 
 Run by ``python -m bench clientfloor`` (not in the default suite) with the code under test's
-own interpreter (``python bench/clientfloor.py <redis url, unused>`` from that checkout's
-root); prints one JSON object.
+own interpreter (``python -m bench.clientfloor`` from that checkout's root); prints one JSON
+object.
 
 relay's own encoder (``web.frames``) builds the WebSocket frames a viewer that negotiated
 permessage-deflate receives for a catch-up of CATCHUP_CHUNKS events in blocks of
@@ -26,17 +26,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from bench.upstream_stream import line
 from models.events import CHUNK
 from web.frames import Batch, Deflate
 
 NODE_SCRIPT = Path(__file__).resolve().parent / "node" / "clientfloor.mjs"
-
-
-def line(i: int, stamp: int, width: int) -> str:
-    """Chunk ``i`` of stream 0, as bench/node/upstream.mjs writes it."""
-    base = f"0|{i}|{stamp}"
-    room = width - len(base) - 1
-    return base + "\n" if room <= 0 else base + "|" + "x" * (room - 1) + "\n"
 
 
 def catchup_frames(chunks: int, block: int, width: int, deflate: Deflate | None) -> bytes:
@@ -45,7 +39,7 @@ def catchup_frames(chunks: int, block: int, width: int, deflate: Deflate | None)
     out = []
     for first in range(1, chunks + 1, block):
         seqs = range(first, min(first + block, chunks + 1))
-        texts = [line(seq - 1, stamp + 37 * seq, width) for seq in seqs]
+        texts = [line(0, seq - 1, stamp + 37 * seq, width) for seq in seqs]
         out.append(Batch(first, [CHUNK] * len(texts), texts).ws_bytes(True, deflate))
     return b"".join(out)
 
