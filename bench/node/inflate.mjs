@@ -34,16 +34,19 @@ function decompress(data, fin, callback) {
   try {
     const windowBits =
       typeof params.server_max_window_bits === "number" ? params.server_max_window_bits : zlib.constants.Z_DEFAULT_WINDOWBITS;
-    const options = {
-      windowBits,
-      finishFlush: zlib.constants.Z_SYNC_FLUSH, // a message ends with a sync flush, not a final block
-    };
-    if (this._maxPayload > 0) options.maxOutputLength = this._maxPayload; // over it: ws's 1009
-    out = zlib.inflateRawSync(Buffer.concat([data, TRAILER]), options);
+    out = inflateMessage(data, windowBits, this._maxPayload); // over maxPayload: ws's 1009
   } catch {
     return wsDecompress.call(this, data, fin, callback);
   }
   queueMicrotask(() => callback(null, out));
+}
+
+// One compressed message of a connection without context takeover, inflated alone (a
+// message ends with a sync flush, not a final block; RFC 7692 drops its 00 00 ff ff tail).
+export function inflateMessage(data, windowBits = zlib.constants.Z_DEFAULT_WINDOWBITS, maxOutput = 0) {
+  const options = { windowBits, finishFlush: zlib.constants.Z_SYNC_FLUSH };
+  if (maxOutput > 0) options.maxOutputLength = maxOutput;
+  return zlib.inflateRawSync(Buffer.concat([data, TRAILER]), options);
 }
 
 export function inflateOnMainThread() {
